@@ -1,0 +1,331 @@
+//! The [`Communicator`] trait and what every backend shares.
+//!
+//! # Contract
+//!
+//! These rules hold for every backend; each backend's docs add its own.
+//!
+//! 1. **Same calls, same order.** Every rank of a communicator issues the same collectives in
+//!    the same order, with the same root and (except for [`Communicator::all_gather_bytes`] and
+//!    [`Communicator::broadcast_bytes`]) the same number of elements. Backends check this: each
+//!    collective starts with a small *arrival handshake* that carries the operation, its sequence
+//!    number, the root and the length. A mismatch becomes [`Error::ShapeMismatch`] or
+//!    [`Error::OrderMismatch`] on **every** rank, never a hang or a silently wrong sum.
+//! 2. **Timeouts.** Every blocking call waits at most [`CommOptions::timeout`] for the other ranks
+//!    to arrive. Ranks that did not arrive are named in [`Error::Timeout`]. After any error the
+//!    communicator is poisoned: later calls return [`Error::Poisoned`] at once.
+//! 3. **Threads.** A communicator is `Send` but not `Sync`: one thread drives it (`&mut self`).
+//!    The MPI backend requires only `MPI_THREAD_FUNNELED`.
+//! 4. **Results are identical on every rank.** A sum is reduced in one order and the same bits are
+//!    delivered everywhere, so replicas that apply the same update stay bit-identical.
+
+use std::time::Duration;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{Error, Result};
+
+/// Default time a collective waits for the other ranks.
+///
+/// Thirty seconds: long enough for a rank to finish a slow micro-batch, short enough that an
+/// operator learns about a dead or stalled rank within half a minute. Raise it with
+/// [`crate::env::TIMEOUT_SECS`] for steps that take longer.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Options shared by all backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommOptions {
+    /// How long a blocking collective waits for every rank to arrive (default [`DEFAULT_TIMEOUT`]).
+    pub timeout: Duration,
+}
+
+impl Default for CommOptions {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+impl CommOptions {
+    /// Options from the environment: [`crate::env::TIMEOUT_SECS`] overrides the timeout.
+    ///
+    /// # Errors
+    /// A value that is not a positive number of seconds.
+    pub fn from_env() -> Result<Self> {
+        let mut options = Self::default();
+        if let Ok(raw) = std::env::var(crate::env::TIMEOUT_SECS) {
+            let secs: f64 = raw.trim().parse().map_err(|_| Error::InvalidArgument {
+                op: "options",
+                rank: 0,
+                reason: format!(
+                    "{}={raw:?} is not a number of seconds (e.g. {}=60)",
+                    crate::env::TIMEOUT_SECS,
+                    crate::env::TIMEOUT_SECS
+                ),
+            })?;
+            if !(secs > 0.0 && secs.is_finite()) {
+                return Err(Error::InvalidArgument {
+                    op: "options",
+                    rank: 0,
+                    reason: format!("{} must be positive, got {raw}", crate::env::TIMEOUT_SECS),
+                });
+            }
+            options.timeout = Duration::from_secs_f64(secs);
+        }
+        Ok(options)
+    }
+
+    /// Sets the timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+/// A process group: a fixed set of ranks that run collectives together.
+///
+/// See the [module docs](self) for the contract every implementation keeps.
+pub trait Communicator: Send {
+    /// This rank, in `0..world_size()`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+    /// Short backend name: `local`, `mpi` or `nccl`.
+    fn backend(&self) -> &'static str;
+    /// The timeout each blocking call honours.
+    fn timeout(&self) -> Duration;
+
+    /// Returns once every rank has called `barrier`.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] naming the ranks that did not arrive; order errors.
+    fn barrier(&mut self) -> Result<()>;
+
+    /// Copies `root`'s buffer into every other rank's buffer; lengths must match.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`], [`Error::Timeout`], backend errors.
+    fn broadcast_f32(&mut self, root: usize, buf: &mut [f32]) -> Result<()>;
+
+    /// Replaces every rank's `buf` with `root`'s; lengths may differ (non-roots are resized).
+    ///
+    /// # Errors
+    /// [`Error::Timeout`], backend errors.
+    fn broadcast_bytes(&mut self, root: usize, buf: &mut Vec<u8>) -> Result<()>;
+
+    /// Element-wise sum over ranks, in place.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`], [`Error::Timeout`], backend errors.
+    fn all_reduce_sum_f32(&mut self, buf: &mut [f32]) -> Result<()>;
+
+    /// Element-wise sum over ranks, in place (for counters and checksums).
+    ///
+    /// # Errors
+    /// As [`Communicator::all_reduce_sum_f32`].
+    fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<()>;
+
+    /// Element-wise sum over ranks, in place (for sample counts).
+    ///
+    /// # Errors
+    /// As [`Communicator::all_reduce_sum_f32`].
+    fn all_reduce_sum_u64(&mut self, buf: &mut [u64]) -> Result<()>;
+
+    /// Every rank's bytes, indexed by rank; lengths may differ.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`], backend errors.
+    fn all_gather_bytes(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>>;
+}
+
+/// Typed helpers over the byte-level operations.
+pub trait CommunicatorExt: Communicator {
+    /// Every rank's `value`, indexed by rank (small control-plane values: reports, plans).
+    ///
+    /// # Errors
+    /// Those of [`Communicator::all_gather_bytes`], and [`Error::Codec`].
+    fn all_gather<T: Serialize + DeserializeOwned>(&mut self, value: &T) -> Result<Vec<T>> {
+        let rank = self.rank();
+        let bytes = serde_json::to_vec(value).map_err(|e| codec("all_gather", rank, &e))?;
+        self.all_gather_bytes(&bytes)?
+            .iter()
+            .map(|b| serde_json::from_slice(b).map_err(|e| codec("all_gather", rank, &e)))
+            .collect()
+    }
+
+    /// `root`'s `value` on every rank.
+    ///
+    /// # Errors
+    /// Those of [`Communicator::broadcast_bytes`], and [`Error::Codec`].
+    fn broadcast_value<T: Serialize + DeserializeOwned>(&mut self, root: usize, value: &T) -> Result<T> {
+        let rank = self.rank();
+        let mut bytes = if rank == root {
+            serde_json::to_vec(value).map_err(|e| codec("broadcast_value", rank, &e))?
+        } else {
+            Vec::new()
+        };
+        self.broadcast_bytes(root, &mut bytes)?;
+        serde_json::from_slice(&bytes).map_err(|e| codec("broadcast_value", rank, &e))
+    }
+}
+
+impl<C: Communicator + ?Sized> CommunicatorExt for C {}
+
+fn codec(op: &'static str, rank: usize, e: &serde_json::Error) -> Error {
+    Error::Codec {
+        op,
+        rank,
+        message: e.to_string(),
+    }
+}
+
+/// The collectives, as carried in the arrival handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub(crate) enum OpKind {
+    Barrier = 1,
+    BroadcastF32 = 2,
+    BroadcastBytes = 3,
+    AllReduceF32 = 4,
+    AllReduceF64 = 5,
+    AllReduceU64 = 6,
+    AllGatherBytes = 7,
+}
+
+impl OpKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            OpKind::Barrier => "barrier",
+            OpKind::BroadcastF32 => "broadcast_f32",
+            OpKind::BroadcastBytes => "broadcast_bytes",
+            OpKind::AllReduceF32 => "all_reduce_sum_f32",
+            OpKind::AllReduceF64 => "all_reduce_sum_f64",
+            OpKind::AllReduceU64 => "all_reduce_sum_u64",
+            OpKind::AllGatherBytes => "all_gather_bytes",
+        }
+    }
+
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    fn from_code(code: u64) -> Option<Self> {
+        Some(match code {
+            1 => OpKind::Barrier,
+            2 => OpKind::BroadcastF32,
+            3 => OpKind::BroadcastBytes,
+            4 => OpKind::AllReduceF32,
+            5 => OpKind::AllReduceF64,
+            6 => OpKind::AllReduceU64,
+            7 => OpKind::AllGatherBytes,
+            _ => return None,
+        })
+    }
+
+    /// Whether every rank must pass the same length.
+    pub(crate) fn lengths_must_match(self) -> bool {
+        !matches!(self, OpKind::BroadcastBytes | OpKind::AllGatherBytes)
+    }
+}
+
+/// What one rank announces when it enters a collective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub seq: u64,
+    pub op: OpKind,
+    pub root: u64,
+    pub len: u64,
+}
+
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+impl Header {
+    pub(crate) const WORDS: usize = 4;
+
+    pub(crate) fn encode(&self) -> [u64; Self::WORDS] {
+        [self.seq, self.op as u64, self.root, self.len]
+    }
+
+    pub(crate) fn decode(words: &[u64; Self::WORDS]) -> Option<Self> {
+        Some(Self {
+            seq: words[0],
+            op: OpKind::from_code(words[1])?,
+            root: words[2],
+            len: words[3],
+        })
+    }
+
+    fn describe(&self) -> String {
+        if matches!(self.op, OpKind::BroadcastF32 | OpKind::BroadcastBytes) {
+            format!("{}(root {}) #{}", self.op.name(), self.root, self.seq)
+        } else {
+            format!("{} #{}", self.op.name(), self.seq)
+        }
+    }
+}
+
+/// Checks the headers every rank announced (indexed by rank) against this rank's.
+///
+/// Every rank runs this on the same headers, so every rank reaches the same verdict.
+pub(crate) fn verify_headers(rank: usize, mine: &Header, all: &[Header]) -> Result<()> {
+    let first = &all[0];
+    if let Some((other_rank, other)) = all
+        .iter()
+        .enumerate()
+        .find(|(_, h)| h.seq != first.seq || h.op != first.op || h.root != first.root)
+    {
+        return Err(Error::OrderMismatch {
+            seq: mine.seq,
+            rank,
+            op: first.describe(),
+            other_rank,
+            other_op: other.describe(),
+        });
+    }
+    if mine.op.lengths_must_match() && all.iter().any(|h| h.len != mine.len) {
+        return Err(Error::ShapeMismatch {
+            op: mine.op.name(),
+            seq: mine.seq,
+            rank,
+            lengths: all.iter().map(|h| h.len).collect(),
+        });
+    }
+    Ok(())
+}
+
+/// Element types that can be summed by a collective.
+pub trait Element: Copy + Default + Send + Sync + std::ops::AddAssign + std::fmt::Debug + 'static {
+    /// Name used in messages.
+    const NAME: &'static str;
+}
+
+impl Element for f32 {
+    const NAME: &'static str = "f32";
+}
+impl Element for f64 {
+    const NAME: &'static str = "f64";
+}
+impl Element for u64 {
+    const NAME: &'static str = "u64";
+}
+
+/// Sums an element type through the matching [`Communicator`] method.
+pub trait AllReduceSum: Element {
+    /// Calls the `all_reduce_sum_*` method for `Self`.
+    ///
+    /// # Errors
+    /// Those of the method called.
+    fn all_reduce_sum(comm: &mut dyn Communicator, buf: &mut [Self]) -> Result<()>;
+}
+
+impl AllReduceSum for f32 {
+    fn all_reduce_sum(comm: &mut dyn Communicator, buf: &mut [Self]) -> Result<()> {
+        comm.all_reduce_sum_f32(buf)
+    }
+}
+impl AllReduceSum for f64 {
+    fn all_reduce_sum(comm: &mut dyn Communicator, buf: &mut [Self]) -> Result<()> {
+        comm.all_reduce_sum_f64(buf)
+    }
+}
+impl AllReduceSum for u64 {
+    fn all_reduce_sum(comm: &mut dyn Communicator, buf: &mut [Self]) -> Result<()> {
+        comm.all_reduce_sum_u64(buf)
+    }
+}

@@ -1,0 +1,218 @@
+//! Exact checks every backend must pass, shared by the thread tests, the `mpirun` tests and
+//! `ballast selftest`.
+//!
+//! Inputs are integers, chosen so every partial sum is exactly representable, and each rank
+//! computes the serial reference for all ranks itself. A check returns `Err` with a message
+//! naming the operation, rank and first wrong element; nothing is compared with a tolerance.
+
+use std::time::Duration;
+
+use crate::{bucket::FusedBuffer, CommOptions, Communicator, CommunicatorExt, Error};
+
+/// Tensor lengths the bucket checks use (empty, single, odd, and over a million, which
+/// spans several buckets at small caps).
+pub const BUCKET_TEST_LENGTHS: [usize; 4] = [0, 1, 7, 1_000_003];
+
+/// The value rank `rank` contributes at index `i`: a small integer, exact in f32 when summed
+/// over up to 64 ranks.
+pub fn contribution(rank: usize, i: usize) -> u64 {
+    (rank as u64 + 1) * (i as u64 % 1021) + (i as u64 % 7)
+}
+
+fn expected_sum(world: usize, i: usize) -> u64 {
+    (0..world).map(|r| contribution(r, i)).sum()
+}
+
+fn check_eq<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    rank: usize,
+    got: &[T],
+    want: impl Fn(usize) -> T,
+) -> Result<(), String> {
+    for (i, g) in got.iter().enumerate() {
+        let w = want(i);
+        if *g != w {
+            return Err(format!("{what}: rank {rank} element {i}: got {g:?}, expected {w:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Runs every collective with exact inputs and checks the results; returns the names of the
+/// checks that passed.
+///
+/// # Errors
+/// A message describing the first wrong result or collective error.
+pub fn check_all(comm: &mut dyn Communicator) -> Result<Vec<String>, String> {
+    let rank = comm.rank();
+    let n = comm.world_size();
+    let mut passed = Vec::new();
+    let e = |op: &str, err: Error| format!("{op} failed on rank {rank}: {err}");
+
+    comm.barrier().map_err(|x| e("barrier", x))?;
+    passed.push("barrier".to_string());
+
+    for root in 0..n {
+        let mut buf: Vec<f32> = (0..1000)
+            .map(|i| if rank == root { (root * 1000 + i) as f32 } else { -1.0 })
+            .collect();
+        comm.broadcast_f32(root, &mut buf).map_err(|x| e("broadcast_f32", x))?;
+        check_eq("broadcast_f32", rank, &buf, |i| (root * 1000 + i) as f32)?;
+
+        let root_bytes: Vec<u8> = (0..10 + 3 * root).map(|i| (i * 7 + root) as u8).collect();
+        let mut bytes = if rank == root {
+            root_bytes.clone()
+        } else {
+            vec![0xee; 2]
+        };
+        comm.broadcast_bytes(root, &mut bytes)
+            .map_err(|x| e("broadcast_bytes", x))?;
+        if bytes != root_bytes {
+            return Err(format!(
+                "broadcast_bytes: rank {rank} got {bytes:?}, expected {root_bytes:?}"
+            ));
+        }
+    }
+    passed.push(format!("broadcast from each of {n} roots"));
+
+    for &len in &BUCKET_TEST_LENGTHS {
+        let mut f: Vec<f32> = (0..len).map(|i| contribution(rank, i) as f32).collect();
+        comm.all_reduce_sum_f32(&mut f)
+            .map_err(|x| e("all_reduce_sum_f32", x))?;
+        check_eq("all_reduce_sum_f32", rank, &f, |i| expected_sum(n, i) as f32)?;
+
+        let mut d: Vec<f64> = (0..len).map(|i| contribution(rank, i) as f64 * 0.5).collect();
+        comm.all_reduce_sum_f64(&mut d)
+            .map_err(|x| e("all_reduce_sum_f64", x))?;
+        check_eq("all_reduce_sum_f64", rank, &d, |i| expected_sum(n, i) as f64 * 0.5)?;
+
+        // Large integers: exact in u64, not in f64, so a float detour would be caught.
+        let big = 1u64 << 60;
+        let mut u: Vec<u64> = (0..len).map(|i| big / 64 + contribution(rank, i) * 3).collect();
+        comm.all_reduce_sum_u64(&mut u)
+            .map_err(|x| e("all_reduce_sum_u64", x))?;
+        check_eq("all_reduce_sum_u64", rank, &u, |i| {
+            (big / 64) * n as u64 + expected_sum(n, i) * 3
+        })?;
+    }
+    passed.push(format!("all_reduce f32/f64/u64 over lengths {BUCKET_TEST_LENGTHS:?}"));
+
+    let mine: Vec<u8> = (0..rank * 5 + 1).map(|i| (i + rank) as u8).collect();
+    let gathered = comm.all_gather_bytes(&mine).map_err(|x| e("all_gather_bytes", x))?;
+    for (r, got) in gathered.iter().enumerate() {
+        let want: Vec<u8> = (0..r * 5 + 1).map(|i| (i + r) as u8).collect();
+        if *got != want {
+            return Err(format!(
+                "all_gather_bytes: rank {rank} slot {r}: got {got:?}, expected {want:?}"
+            ));
+        }
+    }
+    let values = comm
+        .all_gather(&(rank, format!("rank-{rank}")))
+        .map_err(|x| e("all_gather", x))?;
+    if values != (0..n).map(|r| (r, format!("rank-{r}"))).collect::<Vec<_>>() {
+        return Err(format!("all_gather: rank {rank} got {values:?}"));
+    }
+    passed.push("all_gather bytes and values".to_string());
+
+    // Fused buckets: the default cap, a 1 MiB cap (the big tensor spans several buckets) and a
+    // 28-byte cap on small tensors (tensors straddle bucket boundaries).
+    for (lens, cap) in [
+        (&BUCKET_TEST_LENGTHS[..], crate::bucket::DEFAULT_BUCKET_CAP_BYTES),
+        (&BUCKET_TEST_LENGTHS[..], 1 << 20),
+        (&[0usize, 1, 7, 20][..], 28),
+    ] {
+        let mut fused = FusedBuffer::<f32>::new(lens, cap).map_err(|x| e("bucket layout", x))?;
+        for (t, &len) in lens.iter().enumerate() {
+            let vals: Vec<f32> = (0..len).map(|i| contribution(rank, i + t) as f32).collect();
+            fused.pack(t, &vals).map_err(|x| e("pack", x))?;
+        }
+        fused.all_reduce_sum(comm).map_err(|x| e("fused all_reduce", x))?;
+        for t in 0..lens.len() {
+            check_eq(
+                &format!("fused bucket (cap {cap} B) tensor {t}"),
+                rank,
+                fused.tensor(t),
+                |i| expected_sum(n, i + t) as f32,
+            )?;
+        }
+        passed.push(format!(
+            "fused buckets: lengths {lens:?}, cap {cap} B, {} buckets",
+            fused.layout().num_buckets()
+        ));
+    }
+    Ok(passed)
+}
+
+/// The last rank passes one element too many; every rank must get [`Error::ShapeMismatch`].
+///
+/// # Errors
+/// A message when any rank succeeds or gets another error.
+pub fn check_wrong_length(comm: &mut dyn Communicator) -> Result<String, String> {
+    let rank = comm.rank();
+    let n = comm.world_size();
+    let len = if rank == n - 1 { 11 } else { 10 };
+    let mut buf = vec![1.0f32; len];
+    match comm.all_reduce_sum_f32(&mut buf) {
+        Err(err @ Error::ShapeMismatch { .. }) => {
+            let Error::ShapeMismatch { lengths, .. } = &err else {
+                unreachable!()
+            };
+            let want: Vec<u64> = (0..n).map(|r| if r == n - 1 { 11 } else { 10 }).collect();
+            if *lengths != want {
+                return Err(format!("rank {rank}: lengths {lengths:?}, expected {want:?}"));
+            }
+            Ok(err.to_string())
+        }
+        Err(other) => Err(format!("rank {rank}: expected a shape mismatch, got: {other}")),
+        Ok(()) => Err(format!("rank {rank}: all_reduce with mismatched lengths succeeded")),
+    }
+}
+
+/// Rank `missing` never joins an all-reduce; every other rank must get [`Error::Timeout`]
+/// naming it within about the communicator's timeout. The missing rank sleeps past the
+/// deadline and returns `Ok("skipped")`.
+///
+/// # Errors
+/// A message when a rank succeeds, gets another error, or waits far longer than the timeout.
+pub fn check_missing_rank(comm: &mut dyn Communicator, missing: usize) -> Result<String, String> {
+    let rank = comm.rank();
+    let timeout = comm.timeout();
+    if rank == missing {
+        std::thread::sleep(timeout * 2 + Duration::from_millis(200));
+        return Ok("skipped".into());
+    }
+    let started = std::time::Instant::now();
+    let mut buf = vec![1.0f32; 16];
+    let result = comm.all_reduce_sum_f32(&mut buf);
+    let waited = started.elapsed();
+    match result {
+        Err(err @ Error::Timeout { .. }) => {
+            let Error::Timeout { missing: named, .. } = &err else {
+                unreachable!()
+            };
+            if *named != vec![missing] {
+                return Err(format!("rank {rank}: timeout named {named:?}, expected [{missing}]"));
+            }
+            if waited > timeout * 3 + Duration::from_secs(1) {
+                return Err(format!(
+                    "rank {rank}: timed out only after {waited:?} (timeout {timeout:?})"
+                ));
+            }
+            // The communicator is poisoned from now on.
+            match comm.barrier() {
+                Err(Error::Poisoned { .. }) => Ok(err.to_string()),
+                other => Err(format!(
+                    "rank {rank}: a call after a timeout returned {other:?}, expected Poisoned"
+                )),
+            }
+        }
+        Err(other) => Err(format!("rank {rank}: expected a timeout, got: {other}")),
+        Ok(()) => Err(format!("rank {rank}: all_reduce without rank {missing} succeeded")),
+    }
+}
+
+/// Options with a short timeout for the failure checks.
+pub fn short_timeout_options() -> CommOptions {
+    CommOptions::default().with_timeout(Duration::from_millis(1500))
+}

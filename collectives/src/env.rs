@@ -1,0 +1,7 @@
+//! Environment variables read by ballast's collectives, defined once.
+
+/// Seconds a blocking collective waits for every rank (default 30).
+pub const TIMEOUT_SECS: &str = "BALLAST_TIMEOUT_SECS";
+
+/// Largest fused bucket in MiB (default 25).
+pub const BUCKET_CAP_MB: &str = "BALLAST_BUCKET_CAP_MB";

@@ -1,0 +1,553 @@
+//! Ranks as processes, over MPI (Open MPI or MPICH), for CPU ranks and the control plane.
+//!
+//! # How a collective runs
+//!
+//! 1. **Arrival handshake** on a private duplicate of `MPI_COMM_WORLD`: each rank posts a
+//!    nonblocking send of its [header](crate::communicator) (sequence number, operation, root,
+//!    length) to every peer and a nonblocking receive from every peer, then polls with
+//!    `MPI_Test` until all arrive or the timeout expires. A timeout names exactly the peers whose
+//!    header never came; the receives are cancelled. Headers that disagree become
+//!    [`Error::ShapeMismatch`] / [`Error::OrderMismatch`] on every rank, because every rank
+//!    checks the same set of headers.
+//! 2. **Data phase** on a second duplicate: the blocking MPI collective (`MPI_Allreduce` with
+//!    `MPI_IN_PLACE`, `MPI_Bcast`, `MPI_Allgatherv`), so the data moves with the library's tuned
+//!    algorithms. Every rank is known to be inside the call. If a peer stalls *during* the data
+//!    phase (it was stopped after announcing itself), a watchdog thread prints which operation
+//!    stalled and ends the process with exit code [`EXIT_STALLED`]; the launcher then tears the
+//!    job down. Returning an error instead is impossible there: MPI may still write into the
+//!    caller's buffer.
+//!
+//! # Thread level
+//!
+//! `MPI_THREAD_FUNNELED`: only the thread that created the communicator calls MPI. The watchdog
+//! never calls MPI.
+//!
+//! # Standard sections
+//! MPI 4.0 §3.7 (nonblocking point-to-point), §3.8.4 (cancel), §6.4 (`MPI_Bcast`), §6.7
+//! (`MPI_Allgatherv`), §6.9.6 (`MPI_Allreduce`, `MPI_IN_PLACE`).
+
+use std::{
+    ffi::{c_int, c_void},
+    mem::MaybeUninit,
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use mpi::{ffi, raw::AsRaw, Threading};
+
+use crate::{
+    communicator::{verify_headers, Header, OpKind},
+    CommOptions, Communicator, Error, Result,
+};
+
+/// Exit code of a process ended by the data-phase watchdog.
+pub const EXIT_STALLED: i32 = 75;
+
+/// Tag of handshake messages on the control communicator.
+const HANDSHAKE_TAG: c_int = 0x0ba1;
+
+extern "C" {
+    fn ballast_mpi_in_place() -> *mut c_void;
+}
+
+/// One rank of `MPI_COMM_WORLD`. Create it once per process with [`MpiCommunicator::init`].
+pub struct MpiCommunicator {
+    rank: usize,
+    size: usize,
+    seq: u64,
+    options: CommOptions,
+    poisoned: Option<String>,
+    control: ffi::MPI_Comm,
+    data: ffi::MPI_Comm,
+    watchdog: Watchdog,
+    /// Dropped last: finalises MPI.
+    _universe: mpi::environment::Universe,
+}
+
+// SAFETY: the raw communicator handles are plain values that MPI lets any thread use under
+// MPI_THREAD_FUNNELED as long as one thread at a time does; `&mut self` on every call ensures
+// that. The struct is not `Sync`.
+unsafe impl Send for MpiCommunicator {}
+
+impl MpiCommunicator {
+    /// Initialises MPI (`MPI_THREAD_FUNNELED`) and returns this process's rank of the world.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when MPI was already initialised in this process;
+    /// [`Error::Mpi`] when duplicating the world communicator fails.
+    pub fn init(options: CommOptions) -> Result<Self> {
+        let (universe, _level) =
+            mpi::initialize_with_threading(Threading::Funneled).ok_or_else(|| Error::InvalidArgument {
+                op: "mpi init",
+                rank: 0,
+                reason: "MPI is already initialised in this process; create one MpiCommunicator per process".into(),
+            })?;
+        let world = universe.world();
+        let world_raw = world.as_raw();
+        let mut rank: c_int = 0;
+        let mut size: c_int = 0;
+        // SAFETY: MPI is initialised; the out-pointers are valid.
+        unsafe {
+            ffi::MPI_Comm_rank(world_raw, &mut rank);
+            ffi::MPI_Comm_size(world_raw, &mut size);
+        }
+        let rank = rank as usize;
+        let control = dup(world_raw, rank)?;
+        let data = dup(world_raw, rank)?;
+        Ok(Self {
+            rank,
+            size: size as usize,
+            seq: 0,
+            options,
+            poisoned: None,
+            control,
+            data,
+            watchdog: Watchdog::spawn(rank),
+            _universe: universe,
+        })
+    }
+
+    /// The MPI library's own version string (`MPI_Get_library_version`).
+    pub fn library_version() -> String {
+        mpi::environment::library_version().unwrap_or_else(|_| "unknown".into())
+    }
+
+    /// Announces this rank's header to every peer and collects theirs.
+    fn handshake(&mut self, op: OpKind, root: usize, len: usize) -> Result<Vec<Header>> {
+        if let Some(reason) = &self.poisoned {
+            return Err(Error::Poisoned {
+                rank: self.rank,
+                reason: reason.clone(),
+            });
+        }
+        if root >= self.size {
+            return Err(self.poison(Error::InvalidArgument {
+                op: op.name(),
+                rank: self.rank,
+                reason: format!("root {root} is not a rank of a world of {}", self.size),
+            }));
+        }
+        let mine = Header {
+            seq: self.seq,
+            op,
+            root: root as u64,
+            len: len as u64,
+        };
+        self.seq += 1;
+        let n = self.size;
+        let me = self.rank;
+        // Buffers live on the heap so they can be leaked if a request never completes.
+        let send: Box<[u64; Header::WORDS]> = Box::new(mine.encode());
+        let mut recv: Box<[[u64; Header::WORDS]]> = vec![[0u64; Header::WORDS]; n].into_boxed_slice();
+        recv[self.rank] = mine.encode();
+        let null = unsafe { ffi::RSMPI_REQUEST_NULL };
+        let mut recv_req = vec![null; n];
+        let mut send_req = vec![null; n];
+        let dtype = unsafe { ffi::RSMPI_UINT64_T };
+        for peer in (0..n).filter(|&p| p != me) {
+            // SAFETY: buffers outlive the requests (they are leaked if a request is abandoned).
+            let rc = unsafe {
+                ffi::MPI_Irecv(
+                    recv[peer].as_mut_ptr().cast(),
+                    Header::WORDS as c_int,
+                    dtype,
+                    peer as c_int,
+                    HANDSHAKE_TAG,
+                    self.control,
+                    &mut recv_req[peer],
+                )
+            };
+            self.check(rc, "MPI_Irecv")?;
+        }
+        for peer in (0..n).filter(|&p| p != me) {
+            // SAFETY: as above.
+            let rc = unsafe {
+                ffi::MPI_Isend(
+                    send.as_ptr().cast(),
+                    Header::WORDS as c_int,
+                    dtype,
+                    peer as c_int,
+                    HANDSHAKE_TAG,
+                    self.control,
+                    &mut send_req[peer],
+                )
+            };
+            self.check(rc, "MPI_Isend")?;
+        }
+        let deadline = Instant::now() + self.options.timeout;
+        let started = Instant::now();
+        loop {
+            let mut pending_recv = false;
+            let mut pending_send = false;
+            for (reqs, pending) in [(&mut recv_req, &mut pending_recv), (&mut send_req, &mut pending_send)] {
+                for req in reqs.iter_mut().filter(|r| **r != null) {
+                    let mut flag: c_int = 0;
+                    // SAFETY: `req` is an active request created above.
+                    let rc = unsafe { ffi::MPI_Test(req, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+                    if rc != 0 {
+                        let err = mpi_error("MPI_Test", self.rank, rc);
+                        Box::leak(send);
+                        Box::leak(recv);
+                        return Err(self.poison(err));
+                    }
+                    if flag == 0 {
+                        *pending = true;
+                    }
+                }
+            }
+            if !pending_recv && !pending_send {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let missing: Vec<usize> = (0..n).filter(|&p| recv_req[p] != null).collect();
+                for req in recv_req.iter_mut().filter(|r| **r != null) {
+                    // SAFETY: cancelling and completing an unmatched receive is always allowed.
+                    unsafe {
+                        ffi::MPI_Cancel(req);
+                        ffi::MPI_Wait(req, ffi::RSMPI_STATUS_IGNORE);
+                    }
+                }
+                for req in send_req.iter_mut().filter(|r| **r != null) {
+                    // SAFETY: the send completes in the background; its buffer is leaked below.
+                    unsafe { ffi::MPI_Request_free(req) };
+                }
+                Box::leak(send);
+                Box::leak(recv);
+                let err = Error::Timeout {
+                    op: op.name(),
+                    seq: mine.seq,
+                    rank: self.rank,
+                    missing,
+                    timeout: self.options.timeout,
+                };
+                return Err(self.poison(err));
+            }
+            // Spin briefly for latency, then yield so oversubscribed ranks can run.
+            if started.elapsed() < Duration::from_micros(50) {
+                std::hint::spin_loop();
+            } else if started.elapsed() < Duration::from_millis(2) {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        let headers: Option<Vec<Header>> = recv.iter().map(Header::decode).collect();
+        let Some(headers) = headers else {
+            return Err(self.poison(Error::OrderMismatch {
+                seq: mine.seq,
+                rank: self.rank,
+                op: mine.op.name().into(),
+                other_rank: 0,
+                other_op: "a message that is not a ballast handshake".into(),
+            }));
+        };
+        verify_headers(self.rank, &mine, &headers).map_err(|e| self.poison(e))?;
+        Ok(headers)
+    }
+
+    /// Runs a blocking data-phase call under the watchdog.
+    fn guarded(
+        &mut self,
+        op: OpKind,
+        seq: u64,
+        call: &'static str,
+        f: impl FnOnce(ffi::MPI_Comm) -> c_int,
+    ) -> Result<()> {
+        self.watchdog.arm(op.name(), seq, self.options.timeout);
+        let rc = f(self.data);
+        self.watchdog.disarm();
+        self.check(rc, call)
+    }
+
+    fn all_reduce<T>(&mut self, op: OpKind, buf: &mut [T], dtype: ffi::MPI_Datatype) -> Result<()> {
+        self.handshake(op, 0, buf.len())?;
+        let seq = self.seq - 1;
+        // Counts are C ints: reduce in chunks below 2^31 elements.
+        for chunk in buf.chunks_mut(c_int::MAX as usize) {
+            // SAFETY: `chunk` is valid for `len` elements of `dtype`; every rank passes the same
+            // length (checked by the handshake).
+            self.guarded(op, seq, "MPI_Allreduce", |comm| unsafe {
+                ffi::MPI_Allreduce(
+                    ballast_mpi_in_place(),
+                    chunk.as_mut_ptr().cast(),
+                    chunk.len() as c_int,
+                    dtype,
+                    ffi::RSMPI_SUM,
+                    comm,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn bcast_raw(&mut self, op: OpKind, seq: u64, root: usize, ptr: *mut c_void, bytes: usize) -> Result<()> {
+        let dtype = unsafe { ffi::RSMPI_UINT8_T };
+        let mut offset = 0;
+        while offset < bytes {
+            let n = (bytes - offset).min(c_int::MAX as usize);
+            // SAFETY: `ptr` is valid for `bytes` bytes on every rank (lengths checked or resized).
+            self.guarded(op, seq, "MPI_Bcast", |comm| unsafe {
+                ffi::MPI_Bcast(
+                    ptr.cast::<u8>().add(offset).cast(),
+                    n as c_int,
+                    dtype,
+                    root as c_int,
+                    comm,
+                )
+            })?;
+            offset += n;
+        }
+        Ok(())
+    }
+
+    fn check(&mut self, rc: c_int, call: &'static str) -> Result<()> {
+        if rc == 0 {
+            Ok(())
+        } else {
+            let err = mpi_error(call, self.rank, rc);
+            Err(self.poison(err))
+        }
+    }
+
+    fn poison(&mut self, err: Error) -> Error {
+        if self.poisoned.is_none() {
+            self.poisoned = Some(err.to_string());
+        }
+        err
+    }
+}
+
+impl Communicator for MpiCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.size
+    }
+
+    fn backend(&self) -> &'static str {
+        "mpi"
+    }
+
+    fn timeout(&self) -> Duration {
+        self.options.timeout
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        // Every rank has announced itself once the handshake completes: that is a barrier.
+        self.handshake(OpKind::Barrier, 0, 0).map(drop)
+    }
+
+    fn broadcast_f32(&mut self, root: usize, buf: &mut [f32]) -> Result<()> {
+        self.handshake(OpKind::BroadcastF32, root, buf.len())?;
+        let seq = self.seq - 1;
+        self.bcast_raw(
+            OpKind::BroadcastF32,
+            seq,
+            root,
+            buf.as_mut_ptr().cast(),
+            std::mem::size_of_val(buf),
+        )
+    }
+
+    fn broadcast_bytes(&mut self, root: usize, buf: &mut Vec<u8>) -> Result<()> {
+        let headers = self.handshake(OpKind::BroadcastBytes, root, buf.len())?;
+        let seq = self.seq - 1;
+        buf.resize(headers[root].len as usize, 0);
+        self.bcast_raw(OpKind::BroadcastBytes, seq, root, buf.as_mut_ptr().cast(), buf.len())
+    }
+
+    fn all_reduce_sum_f32(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.all_reduce(OpKind::AllReduceF32, buf, unsafe { ffi::RSMPI_FLOAT })
+    }
+
+    fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<()> {
+        self.all_reduce(OpKind::AllReduceF64, buf, unsafe { ffi::RSMPI_DOUBLE })
+    }
+
+    fn all_reduce_sum_u64(&mut self, buf: &mut [u64]) -> Result<()> {
+        self.all_reduce(OpKind::AllReduceU64, buf, unsafe { ffi::RSMPI_UINT64_T })
+    }
+
+    fn all_gather_bytes(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let headers = self.handshake(OpKind::AllGatherBytes, 0, data.len())?;
+        let seq = self.seq - 1;
+        let lens: Vec<usize> = headers.iter().map(|h| h.len as usize).collect();
+        let total: usize = lens.iter().sum();
+        if total > c_int::MAX as usize {
+            return Err(self.poison(Error::InvalidArgument {
+                op: "all_gather_bytes",
+                rank: self.rank,
+                reason: format!("{total} bytes in all exceed what one MPI call can gather; send less"),
+            }));
+        }
+        let counts: Vec<c_int> = lens.iter().map(|&l| l as c_int).collect();
+        let mut displs = Vec::with_capacity(lens.len());
+        let mut off = 0;
+        for &l in &lens {
+            displs.push(off as c_int);
+            off += l;
+        }
+        let mut out = vec![0u8; total];
+        let dtype = unsafe { ffi::RSMPI_UINT8_T };
+        // SAFETY: `data`, `out`, `counts` and `displs` are valid for the sizes given, which every
+        // rank computed from the same headers.
+        self.guarded(OpKind::AllGatherBytes, seq, "MPI_Allgatherv", |comm| unsafe {
+            ffi::MPI_Allgatherv(
+                data.as_ptr().cast(),
+                data.len() as c_int,
+                dtype,
+                out.as_mut_ptr().cast(),
+                counts.as_ptr(),
+                displs.as_ptr(),
+                dtype,
+                comm,
+            )
+        })?;
+        let mut result = Vec::with_capacity(lens.len());
+        let mut off = 0;
+        for l in lens {
+            result.push(out[off..off + l].to_vec());
+            off += l;
+        }
+        Ok(result)
+    }
+}
+
+impl Drop for MpiCommunicator {
+    fn drop(&mut self) {
+        self.watchdog.stop();
+        // SAFETY: the handles were created by MPI_Comm_dup and are freed once.
+        unsafe {
+            ffi::MPI_Comm_free(&mut self.control);
+            ffi::MPI_Comm_free(&mut self.data);
+        }
+    }
+}
+
+/// Raw MPI all-reduce (sum, in place) on `MPI_COMM_WORLD`, with no handshake and no timeout: the
+/// baseline `ballast bench allreduce` compares against.
+///
+/// # Errors
+/// [`Error::Mpi`] when MPI fails.
+pub fn raw_all_reduce_sum_f32(comm: &MpiCommunicator, buf: &mut [f32]) -> Result<()> {
+    // SAFETY: as in `MpiCommunicator::all_reduce`, minus the length check (a benchmark).
+    let rc = unsafe {
+        ffi::MPI_Allreduce(
+            ballast_mpi_in_place(),
+            buf.as_mut_ptr().cast(),
+            buf.len() as c_int,
+            ffi::RSMPI_FLOAT,
+            ffi::RSMPI_SUM,
+            comm.data,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(mpi_error("MPI_Allreduce", comm.rank, rc))
+    }
+}
+
+fn dup(comm: ffi::MPI_Comm, rank: usize) -> Result<ffi::MPI_Comm> {
+    let mut out = MaybeUninit::<ffi::MPI_Comm>::uninit();
+    // SAFETY: MPI is initialised and `comm` is valid.
+    let rc = unsafe { ffi::MPI_Comm_dup(comm, out.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(mpi_error("MPI_Comm_dup", rank, rc));
+    }
+    // SAFETY: initialised by a successful MPI_Comm_dup.
+    let out = unsafe { out.assume_init() };
+    // Errors come back as codes instead of aborting the job, so they become typed errors.
+    unsafe { ffi::MPI_Comm_set_errhandler(out, ffi::RSMPI_ERRORS_RETURN) };
+    Ok(out)
+}
+
+fn mpi_error(call: &'static str, rank: usize, code: c_int) -> Error {
+    let mut buf = vec![0u8; 1024];
+    let mut len: c_int = 0;
+    // SAFETY: MPI_MAX_ERROR_STRING is at most 512 in Open MPI and MPICH; the buffer is larger.
+    unsafe { ffi::MPI_Error_string(code, buf.as_mut_ptr().cast(), &mut len) };
+    buf.truncate(len.max(0) as usize);
+    Error::Mpi {
+        call,
+        rank,
+        code,
+        message: String::from_utf8_lossy(&buf).into_owned(),
+    }
+}
+
+/// Ends the process if a data-phase call outlives its deadline (see the module docs).
+struct Watchdog {
+    shared: Arc<(Mutex<WatchState>, Condvar)>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    armed: Option<(&'static str, u64, Instant, Duration)>,
+    stop: bool,
+}
+
+impl Watchdog {
+    fn spawn(rank: usize) -> Self {
+        let shared = Arc::new((Mutex::new(WatchState::default()), Condvar::new()));
+        let theirs = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("ballast-mpi-watchdog".into())
+            .spawn(move || {
+                let (lock, cv) = &*theirs;
+                let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if state.stop {
+                        return;
+                    }
+                    state = match state.armed {
+                        None => cv.wait(state).unwrap_or_else(|e| e.into_inner()),
+                        Some((op, seq, deadline, timeout)) => {
+                            let now = Instant::now();
+                            if now >= deadline {
+                                eprintln!(
+                                    "ballast: fatal: {op} #{seq} stalled in its data phase for {timeout:?} on rank \
+                                     {rank} (host {}); a peer stopped after entering it. Ending this process so \
+                                     the launcher stops the job (exit {EXIT_STALLED})",
+                                    hostname()
+                                );
+                                // SAFETY: _exit ends the process without running destructors that
+                                // could block in MPI.
+                                unsafe { libc::_exit(EXIT_STALLED) };
+                            }
+                            cv.wait_timeout(state, deadline - now)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0
+                        }
+                    };
+                }
+            })
+            .expect("spawning the MPI watchdog thread");
+        Self { shared }
+    }
+
+    fn arm(&self, op: &'static str, seq: u64, timeout: Duration) {
+        let (lock, cv) = &*self.shared;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).armed = Some((op, seq, Instant::now() + timeout, timeout));
+        cv.notify_one();
+    }
+
+    fn disarm(&self) {
+        let (lock, _) = &*self.shared;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).armed = None;
+    }
+
+    fn stop(&self) {
+        let (lock, cv) = &*self.shared;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        cv.notify_one();
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}

@@ -1,0 +1,235 @@
+//! GPU ranks over NCCL, through `cudarc::nccl` (not yet verified on a GPU).
+//!
+//! # Bootstrap
+//! NCCL needs every rank to hold the same 128-byte unique id. Rank 0 creates it
+//! (`ncclGetUniqueId`) and sends it over the **control plane**, any [`Communicator`] spanning
+//! the same ranks (in practice the MPI one); every rank then calls `ncclCommInitRank`. The control
+//! communicator stays in charge of small metadata, handshakes and agreement; NCCL carries only
+//! gradient bytes.
+//!
+//! # Streams
+//! Collectives are enqueued on this communicator's own CUDA stream. [`NcclCommunicator::all_reduce_sum_device`]
+//! synchronises that stream before returning, so the caller may touch the buffer at once. The
+//! caller must have finished writing the buffer on *its* streams before the call (burn: sync the
+//! device).
+//!
+//! # Thread safety
+//! An NCCL communicator must not be used from two threads at once; `&mut self` enforces it.
+//!
+//! # Missing libraries
+//! With no `libcuda` or `libnccl` on the machine, [`NcclCommunicator::new`] returns
+//! [`Error::LibraryMissing`] instead of panicking (cudarc panics on first use otherwise).
+//!
+//! # Timeouts
+//! Before launching a collective the control plane runs the arrival handshake (a barrier with
+//! the [contract](crate::communicator)'s checks), so a missing rank is named there and the GPU
+//! never waits on it.
+
+use std::{sync::Arc, time::Duration};
+
+use cudarc::{
+    driver::{CudaContext, CudaSlice, CudaStream},
+    nccl::{Comm, Id, ReduceOp},
+};
+
+use crate::{Communicator, Error, Result};
+
+/// Whether the CUDA driver library can be loaded on this machine.
+pub fn cuda_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether the NCCL library can be loaded on this machine.
+pub fn nccl_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
+/// Checks both libraries, as a typed error.
+///
+/// # Errors
+/// [`Error::LibraryMissing`] naming the library that is absent.
+pub fn require_libraries() -> Result<()> {
+    if !cuda_present() {
+        return Err(Error::LibraryMissing {
+            lib: "libcuda.so (CUDA driver)",
+            fix: "install an NVIDIA driver, or run CPU ranks (build without --features cuda)",
+        });
+    }
+    if !nccl_present() {
+        return Err(Error::LibraryMissing {
+            lib: "libnccl.so",
+            fix: "install NCCL (e.g. apt-get install libnccl2) or add its directory to LD_LIBRARY_PATH",
+        });
+    }
+    Ok(())
+}
+
+/// One GPU rank of an NCCL communicator.
+pub struct NcclCommunicator {
+    control: Box<dyn Communicator>,
+    comm: Comm,
+    stream: Arc<CudaStream>,
+}
+
+// SAFETY: the NCCL communicator and CUDA stream are only used through `&mut self`, one thread at
+// a time; NCCL allows a communicator to move between threads.
+unsafe impl Send for NcclCommunicator {}
+
+impl NcclCommunicator {
+    /// Creates the NCCL communicator on CUDA device `ordinal`, exchanging the unique id over
+    /// `control` (which must span the same ranks).
+    ///
+    /// # Errors
+    /// [`Error::LibraryMissing`] without CUDA or NCCL; [`Error::Gpu`] when CUDA or NCCL fail;
+    /// control-plane errors.
+    pub fn new(mut control: Box<dyn Communicator>, ordinal: usize) -> Result<Self> {
+        require_libraries()?;
+        let rank = control.rank();
+        let world = control.world_size();
+        let ctx = CudaContext::new(ordinal).map_err(|e| gpu("cuCtxCreate", rank, e))?;
+        let stream = ctx.new_stream().map_err(|e| gpu("cuStreamCreate", rank, e))?;
+        let mut id_bytes = if rank == 0 {
+            let id = Id::new().map_err(|e| gpu("ncclGetUniqueId", rank, e))?;
+            id.internal().iter().map(|&c| c as u8).collect()
+        } else {
+            Vec::new()
+        };
+        control.broadcast_bytes(0, &mut id_bytes)?;
+        let mut internal = [0 as std::ffi::c_char; 128];
+        if id_bytes.len() != internal.len() {
+            return Err(Error::Gpu {
+                call: "nccl id exchange",
+                rank,
+                message: format!("received {} bytes, expected 128", id_bytes.len()),
+            });
+        }
+        for (dst, src) in internal.iter_mut().zip(&id_bytes) {
+            *dst = *src as std::ffi::c_char;
+        }
+        let comm = Comm::from_rank(Arc::clone(&stream), rank, world, Id::uninit(internal))
+            .map_err(|e| gpu("ncclCommInitRank", rank, e))?;
+        Ok(Self { control, comm, stream })
+    }
+
+    /// Sums a device buffer over all ranks in place, then waits for the result.
+    ///
+    /// # Errors
+    /// Handshake errors (timeouts naming missing ranks, length mismatches) and [`Error::Gpu`].
+    pub fn all_reduce_sum_device(&mut self, buf: &mut CudaSlice<f32>) -> Result<()> {
+        let rank = self.control.rank();
+        let mut len = vec![buf.len() as u64];
+        // The handshake: lengths and arrival, checked on the control plane before the GPU waits.
+        let lens = self.control.all_gather_bytes(&len[0].to_le_bytes())?;
+        if lens.iter().any(|l| l.as_slice() != len[0].to_le_bytes()) {
+            len = lens
+                .iter()
+                .map(|l| u64::from_le_bytes(l.as_slice().try_into().unwrap_or([0; 8])))
+                .collect();
+            return Err(Error::ShapeMismatch {
+                op: "nccl all_reduce_sum_device",
+                seq: 0,
+                rank,
+                lengths: len,
+            });
+        }
+        self.comm
+            .all_reduce_in_place(buf, &ReduceOp::Sum)
+            .map_err(|e| gpu("ncclAllReduce", rank, e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| gpu("cuStreamSynchronize", rank, e))
+    }
+
+    /// Copies a host buffer to the device, sums it over ranks and copies it back (the path the
+    /// host-side [`Communicator`] methods take).
+    fn all_reduce_host(&mut self, buf: &mut [f32]) -> Result<()> {
+        let rank = self.control.rank();
+        let mut dev = self.stream.clone_htod(buf).map_err(|e| gpu("cuMemcpyHtoD", rank, e))?;
+        self.all_reduce_sum_device(&mut dev)?;
+        self.stream
+            .memcpy_dtoh(&dev, buf)
+            .map_err(|e| gpu("cuMemcpyDtoH", rank, e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| gpu("cuStreamSynchronize", rank, e))
+    }
+}
+
+impl Communicator for NcclCommunicator {
+    fn rank(&self) -> usize {
+        self.control.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.control.world_size()
+    }
+
+    fn backend(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn timeout(&self) -> Duration {
+        self.control.timeout()
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        self.control.barrier()
+    }
+
+    fn broadcast_f32(&mut self, root: usize, buf: &mut [f32]) -> Result<()> {
+        self.control.broadcast_f32(root, buf)
+    }
+
+    fn broadcast_bytes(&mut self, root: usize, buf: &mut Vec<u8>) -> Result<()> {
+        self.control.broadcast_bytes(root, buf)
+    }
+
+    fn all_reduce_sum_f32(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.all_reduce_host(buf)
+    }
+
+    fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<()> {
+        // Counters and checksums are small: the control plane carries them.
+        self.control.all_reduce_sum_f64(buf)
+    }
+
+    fn all_reduce_sum_u64(&mut self, buf: &mut [u64]) -> Result<()> {
+        self.control.all_reduce_sum_u64(buf)
+    }
+
+    fn all_gather_bytes(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.control.all_gather_bytes(data)
+    }
+}
+
+fn gpu(call: &'static str, rank: usize, e: impl std::fmt::Debug) -> Error {
+    // cudarc's NcclError has no Display; its Debug names the result code.
+    Error::Gpu {
+        call,
+        rank,
+        message: format!("{e:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{local, CommOptions};
+
+    /// On a machine without libnccl the constructor returns a typed error, not a panic.
+    #[test]
+    fn missing_nccl_is_a_typed_error() {
+        if cuda_present() && nccl_present() {
+            eprintln!("SKIPPED missing_nccl_is_a_typed_error: CUDA and NCCL are installed here, nothing is missing");
+            return;
+        }
+        let comm = local::world(1, CommOptions::default()).pop().unwrap();
+        let err = NcclCommunicator::new(Box::new(comm), 0)
+            .err()
+            .expect("must fail without the libraries");
+        assert!(matches!(err, Error::LibraryMissing { .. }), "{err}");
+        assert!(err.to_string().contains("could not be loaded"), "{err}");
+    }
+}

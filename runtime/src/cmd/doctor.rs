@@ -1,0 +1,149 @@
+//! `ballast doctor`: what this process can see, in plain lines, never a panic.
+
+use std::{path::Path, process::ExitCode};
+
+use anyhow::Result;
+use ballast::cluster::{self, Launch};
+use serde_json::json;
+
+/// Options of `ballast doctor`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the command.
+pub fn run(args: &Args) -> Result<ExitCode> {
+    let launch = Launch::from_env();
+    let (launcher, rank, world, local_rank) = match &launch {
+        Ok(l) => (l.launcher.to_string(), l.rank, l.world_size, l.local_rank),
+        Err(e) => (format!("invalid launcher environment: {e}"), 0, 1, 0),
+    };
+    let mpi = mpi_line();
+    let (cuda, nccl, devices) = gpu_lines(local_rank);
+    let mem = cluster::host_memory(Path::new("/"));
+    let swappiness = cluster::swappiness(Path::new("/"));
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if args.json {
+        let v = json!({
+            "host": cluster::hostname(),
+            "launcher": launcher,
+            "rank": rank,
+            "world_size": world,
+            "local_rank": local_rank,
+            "mpi": mpi,
+            "cuda": cuda,
+            "nccl": nccl,
+            "devices": devices,
+            "host_memory": mem.as_ref().ok(),
+            "swappiness": swappiness,
+            "env": cluster::relevant_env(),
+        });
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("host         {}", cluster::hostname());
+    println!("launcher     {launcher}");
+    println!("rank         {rank} of {world} (local rank {local_rank})");
+    println!("mpi          {mpi}");
+    println!("cuda         {cuda}");
+    println!("nccl         {nccl}");
+    if devices.is_empty() {
+        println!("devices      no GPU: ranks run on CPU");
+    }
+    for d in &devices {
+        println!("device       {d}");
+    }
+    match &mem {
+        Ok(m) => println!(
+            "host memory  {:.1} GiB total, {:.1} GiB available; swap {:.1} GiB ({:.1} GiB free), swappiness {}",
+            gib(m.total),
+            gib(m.available),
+            gib(m.swap_total),
+            gib(m.swap_free),
+            swappiness.map_or("unknown".to_string(), |s| s.to_string())
+        ),
+        Err(e) => println!("host memory  unknown: {e}"),
+    }
+    println!(
+        "cores        {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for (k, v) in cluster::relevant_env() {
+        println!("env          {k}={v}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mpi_line() -> String {
+    #[cfg(feature = "mpi")]
+    {
+        let version = ballast::collectives::mpi::MpiCommunicator::library_version();
+        version.lines().next().unwrap_or("unknown").trim().to_string()
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        "not built in (rebuild with --features mpi to run under mpirun/srun)".to_string()
+    }
+}
+
+/// CUDA and NCCL presence and the devices with their memory.
+fn gpu_lines(local_rank: usize) -> (String, String, Vec<String>) {
+    #[cfg(feature = "cuda")]
+    {
+        use ballast::collectives::nccl;
+        let nccl_line = if nccl::nccl_present() {
+            "libnccl found".to_string()
+        } else {
+            "no NCCL: libnccl.so not found".to_string()
+        };
+        if !nccl::cuda_present() {
+            return (
+                "no GPU: libcuda.so (the NVIDIA driver) not found".into(),
+                nccl_line,
+                Vec::new(),
+            );
+        }
+        let count = match cudarc::driver::CudaContext::device_count() {
+            Ok(n) => n.max(0) as usize,
+            Err(e) => return (format!("driver present but unusable: {e:?}"), nccl_line, Vec::new()),
+        };
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        let mine = cluster::device_for_local_rank(local_rank, visible.as_deref(), Some(count));
+        let mut devices = Vec::new();
+        for i in 0..count {
+            let line = match cudarc::driver::CudaContext::new(i) {
+                Ok(ctx) => {
+                    let name = ctx.name().unwrap_or_else(|_| "unknown".into());
+                    match ctx.mem_get_info() {
+                        Ok((free, total)) => format!(
+                            "cuda:{i} {name}: {:.1} GiB free of {:.1} GiB{}",
+                            free as f64 / 1e9 * 1e9 / (1u64 << 30) as f64,
+                            total as f64 / (1u64 << 30) as f64,
+                            if matches!(mine, Ok(m) if m == i) {
+                                " (this rank's)"
+                            } else {
+                                ""
+                            }
+                        ),
+                        Err(e) => format!("cuda:{i} {name}: memory unknown ({e:?})"),
+                    }
+                }
+                Err(e) => format!("cuda:{i}: cannot open ({e:?})"),
+            };
+            devices.push(line);
+        }
+        (format!("driver found, {count} device(s)"), nccl_line, devices)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = local_rank;
+        (
+            "not built in (CPU ranks only; build with --features cuda for GPUs)".into(),
+            "not built in".into(),
+            Vec::new(),
+        )
+    }
+}

@@ -1,0 +1,6 @@
+//! One module per subcommand.
+
+pub mod bench;
+pub mod demo;
+pub mod doctor;
+pub mod selftest;

@@ -1,0 +1,47 @@
+//! The `ballast` command line: run jobs, inspect the machine, benchmark, plan.
+#![warn(missing_docs)]
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Data-parallel training of burn models on unequal devices.
+#[derive(Parser)]
+#[command(name = "ballast", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what this machine and launcher provide: ranks, MPI, CUDA, NCCL, devices, memory.
+    Doctor(cmd::doctor::Args),
+    /// Benchmarks that print JSON lines (ratios measured side by side in one run).
+    #[command(subcommand)]
+    Bench(cmd::bench::Bench),
+    /// A short demonstration on ranks as threads: fused-bucket all-reduce of "gradients".
+    Demo(cmd::demo::Args),
+    /// Conformance checks of the collectives on this world (used by the test suite).
+    #[command(hide = true)]
+    Selftest(cmd::selftest::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Doctor(args) => cmd::doctor::run(&args),
+        Command::Bench(bench) => cmd::bench::run(bench),
+        Command::Demo(args) => cmd::demo::run(&args),
+        Command::Selftest(args) => cmd::selftest::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("ballast: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

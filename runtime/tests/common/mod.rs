@@ -1,0 +1,41 @@
+//! Launching the `ballast` binary under `mpirun` from a test.
+
+#![allow(dead_code)]
+
+use std::process::{Command, Output};
+
+/// Runs `ballast <args>` on `ranks` MPI processes (oversubscribed, allowed as root) and returns
+/// the output. Panics with the full output when `mpirun` cannot be started: these tests are
+/// compiled only with the `mpi` feature, whose build already needs an MPI installation.
+pub fn mpirun(ranks: usize, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", &ranks.to_string()]);
+    for (k, v) in envs {
+        cmd.args(["-x", &format!("{k}={v}")]);
+    }
+    cmd.arg(env!("CARGO_BIN_EXE_ballast")).args(args);
+    cmd.output().unwrap_or_else(|e| {
+        panic!("cannot start mpirun ({e}); install it with: apt-get install -y openmpi-bin libopenmpi-dev")
+    })
+}
+
+/// The lines of stdout that start with `prefix`, sorted.
+pub fn lines_with(out: &Output, prefix: &str) -> Vec<String> {
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Everything the run printed, for failure messages.
+pub fn dump(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

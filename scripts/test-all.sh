@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Every test of the workspace, on a fresh machine: installs MPI, then runs unit, property,
+# thread and mpirun tests in release mode (models train in these tests; debug burn is slow).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+# mpirun refuses to run as root unless told it may; the tests oversubscribe cores themselves.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_rmaps_base_oversubscribe=1
+cargo test --release --workspace --features ballast/mpi,ballast-collectives/nccl "$@"
