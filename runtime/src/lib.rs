@@ -15,4 +15,10 @@ pub use ballast_balancer as balancer;
 pub use ballast_cluster as cluster;
 pub use ballast_collectives as collectives;
 
+pub mod ddp;
+pub mod sampler;
+pub mod testing;
 pub mod world;
+
+pub use ddp::{Averaging, DataParallel, DdpError, DdpOptions, LossReduction, StepStats};
+pub use sampler::GlobalSampler;

@@ -13,6 +13,25 @@ use anyhow::Result;
 pub enum Bench {
     /// Our fused-bucket all-reduce against raw MPI_Allreduce on the same bytes (run under mpirun).
     Allreduce(AllreduceArgs),
+    /// Step time of a 1-rank DataParallel loop against a plain burn loop, alternated.
+    Overhead(OverheadArgs),
+}
+
+/// Options of `ballast bench overhead`.
+#[derive(clap::Args)]
+pub struct OverheadArgs {
+    /// Print JSON lines (the last one is the summary).
+    #[arg(long)]
+    pub json: bool,
+    /// Timed steps per path.
+    #[arg(long, default_value_t = 40)]
+    pub steps: usize,
+    /// Samples per step; one measurement per value, the summary reports the last.
+    #[arg(long, value_delimiter = ',', default_value = "128,256,512")]
+    pub batches: Vec<usize>,
+    /// Hidden width of the benchmark MLP.
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
 }
 
 /// Options of `ballast bench allreduce`.
@@ -39,6 +58,7 @@ pub struct AllreduceArgs {
 pub fn run(bench: Bench) -> Result<ExitCode> {
     match bench {
         Bench::Allreduce(args) => allreduce(&args),
+        Bench::Overhead(args) => super::overhead::run(&args),
     }
 }
 

@@ -1,11 +1,22 @@
-//! `ballast demo`: ranks as threads with unequal shares sum fused "gradients" exactly.
+//! `ballast demo`: data-parallel training on ranks as threads standing for unequal devices.
+//!
+//! Each simulated device gets a relative speed (its share of the global batch) and a memory cap
+//! (its largest micro-batch). The demo prints the plan, trains a small regression MLP and checks
+//! at the end that every replica holds the same bits.
 
 use std::process::ExitCode;
 
 use anyhow::{ensure, Result};
 use ballast::{
     balancer::{split_proportional, StepPlan},
-    collectives::{bucket::FusedBuffer, local, CommOptions, Communicator},
+    collectives::{local, CommOptions, Communicator},
+    testing::{Mlp, Regressor, SyntheticSet},
+    DataParallel, DdpOptions, GlobalSampler,
+};
+use burn::{
+    nn::loss::{MseLoss, Reduction},
+    optim::AdamConfig,
+    tensor::Device,
 };
 
 /// Options of `ballast demo`.
@@ -14,49 +25,77 @@ pub struct Args {
     /// Relative speeds of the simulated devices, one per rank.
     #[arg(long, value_delimiter = ',', default_value = "3,2,1")]
     speeds: Vec<f64>,
+    /// Largest micro-batch of each simulated device (its memory cap).
+    #[arg(long, value_delimiter = ',', default_value = "12,8,4")]
+    caps: Vec<usize>,
     /// Samples per optimizer step over all ranks.
     #[arg(long, default_value_t = 48)]
     global_batch: usize,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    steps: u64,
 }
 
 /// Runs the command.
 pub fn run(args: &Args) -> Result<ExitCode> {
+    ensure!(
+        args.speeds.len() == args.caps.len(),
+        "--speeds has {} values but --caps has {}; give one of each per simulated device",
+        args.speeds.len(),
+        args.caps.len()
+    );
     let shares = split_proportional(args.global_batch, &args.speeds)?;
-    let caps: Vec<usize> = shares.iter().map(|&s| s.div_ceil(2).max(1)).collect();
-    let plan = StepPlan::new(args.global_batch, &shares, &caps)?;
-    println!("rank  share  micro-batches");
+    let plan = StepPlan::new(args.global_batch, &shares, &args.caps)?;
+    println!("rank  speed  share  cap  micro-batches");
     for (r, p) in plan.ranks.iter().enumerate() {
-        println!("{r:>4}  {:>5}  {:?}", p.share, p.micro_batches());
+        println!(
+            "{r:>4}  {:>5}  {:>5}  {:>3}  {:?}",
+            args.speeds[r],
+            p.share,
+            p.micro_batch_cap,
+            p.micro_batches()
+        );
     }
-    // Each sample contributes a "gradient" equal to its index; the mean over the global batch is
-    // known exactly, so the demo checks itself.
-    let lens = [7usize, 1000, 3];
     let n = plan.ranks.len();
-    let offsets = plan.offsets();
-    let results = local::run(
-        n,
-        CommOptions::default(),
-        |mut comm| -> ballast::collectives::Result<Vec<f32>> {
-            let r = comm.rank();
-            let mut grads = FusedBuffer::<f32>::new(&lens, 4096)?;
-            for sample in offsets[r]..offsets[r] + plan.ranks[r].share {
-                for t in 0..lens.len() {
-                    grads.tensor_mut(t).iter_mut().for_each(|g| *g += sample as f32);
-                }
+    let data = SyntheticSet::new(2000, 11);
+    let sampler = GlobalSampler::new(data.len(), args.global_batch, 11)?;
+    let results = local::run(n, CommOptions::default(), |comm| -> Result<Vec<f64>> {
+        let rank = comm.rank();
+        let device = Device::flex().autodiff();
+        let (mut ddp, mut model) = DataParallel::wrap(Box::new(comm), Mlp::init(&device), DdpOptions::default())?;
+        let mut optim = AdamConfig::new().init();
+        let mut losses = Vec::new();
+        for step in 0..args.steps {
+            let batch = sampler.batch(step);
+            let mine = &sampler.split(&batch, &shares)[rank];
+            let mut offset = 0;
+            let rank_plan = ballast::balancer::RankPlan::new(mine.len(), args.caps[rank])?;
+            for m in rank_plan.micro_batches() {
+                let (x, y) = data.batch(&mine[offset..offset + m], &device);
+                offset += m;
+                let loss = MseLoss::new().forward(model.forward(x), y, Reduction::Mean);
+                ddp.backward(&model, loss, m)?;
             }
-            grads.all_reduce_sum(&mut comm)?;
-            Ok(grads.as_slice().to_vec())
-        },
-    );
-    let want = (0..args.global_batch).sum::<usize>() as f32;
-    for (r, res) in results.into_iter().enumerate() {
-        let sums = res?;
-        ensure!(sums.iter().all(|&s| s == want), "rank {r} got a wrong sum");
+            let (next, stats) = ddp.finish_step(model, &mut optim, 3e-3)?;
+            model = next;
+            losses.push(stats.loss);
+            if rank == 0 && (step % 10 == 0 || step + 1 == args.steps) {
+                println!(
+                    "step {step:>4}  loss {:.5}  samples {}  rank-0 micro-batches {}",
+                    stats.loss, stats.global_samples, stats.micro_batches
+                );
+            }
+        }
+        ddp.verify_replicas(&model)?;
+        Ok(losses)
+    });
+    let mut first_last = None;
+    for r in results {
+        let losses = r?;
+        first_last = Some((losses[0], losses[losses.len() - 1]));
     }
-    println!(
-        "{n} ranks summed {} fused gradient elements exactly: mean gradient {}",
-        lens.iter().sum::<usize>(),
-        want / args.global_batch as f32
-    );
+    if let Some((first, last)) = first_last {
+        println!("{n} ranks, replicas bit-identical; loss {first:.4} -> {last:.4}");
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,4 +3,5 @@
 pub mod bench;
 pub mod demo;
 pub mod doctor;
+pub mod overhead;
 pub mod selftest;

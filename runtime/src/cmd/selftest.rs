@@ -31,6 +31,9 @@ enum Check {
     WrongLength,
     /// The last rank never joins: every other rank must get a timeout naming it.
     MissingRank,
+    /// Data-parallel training with unequal shares against one device on the whole batch
+    /// (three ranks).
+    Equivalence,
 }
 
 /// Runs the command.
@@ -43,6 +46,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             .map_or_else(|| Ok(conformance::short_timeout_options()), |_| CommOptions::from_env())?,
     };
     let check = args.check;
+    if let Check::Equivalence = check {
+        return equivalence(&launch, options, args.threads);
+    }
     let outcomes: Vec<(usize, usize, &'static str, Result<String, String>)> =
         match launched_communicator(&launch, options.clone())? {
             Some(mut comm) => vec![one(comm.as_mut(), check)],
@@ -67,6 +73,34 @@ fn one(comm: &mut dyn Communicator, check: Check) -> (usize, usize, &'static str
         Check::Collectives => conformance::check_all(comm).map(|p| p.join("; ")),
         Check::WrongLength => conformance::check_wrong_length(comm),
         Check::MissingRank => conformance::check_missing_rank(comm, last),
+        Check::Equivalence => Err("run through `selftest equivalence`".into()),
     };
     (comm.rank(), comm.world_size(), comm.backend(), result)
+}
+
+fn equivalence(launch: &Launch, options: CommOptions, threads: usize) -> Result<ExitCode> {
+    use ballast::testing::{equivalence_report, three_rank_cases};
+    let cases = three_rank_cases();
+    let reports: Vec<Result<Vec<String>, String>> = match launched_communicator(launch, options.clone())? {
+        Some(comm) => vec![equivalence_report(comm, &cases).map_err(|e| e.to_string())],
+        None => local::run(threads, options, |comm| {
+            equivalence_report(Box::new(comm), &cases).map_err(|e| e.to_string())
+        }),
+    };
+    let mut ok = true;
+    for report in reports {
+        match report {
+            Ok(lines) => {
+                for line in lines {
+                    ok &= !line.ends_with("FAIL");
+                    println!("{line}");
+                }
+            }
+            Err(e) => {
+                ok = false;
+                println!("equivalence error: {e}");
+            }
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

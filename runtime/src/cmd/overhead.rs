@@ -1,0 +1,156 @@
+//! `ballast bench overhead`: what wrapping a loop in [`DataParallel`] costs on one rank.
+//!
+//! Both loops train the same MLP from the same parameters on the same batch, and both read the
+//! loss value every step (as any loop that logs does). Steps alternate between the two loops,
+//! ABBA, so machine noise hits both alike.
+
+use std::{process::ExitCode, time::Instant};
+
+use anyhow::Result;
+use ballast::{
+    collectives::{local, CommOptions},
+    ddp::{flatten_params, load_params},
+    DataParallel, DdpOptions,
+};
+use burn::{
+    module::Module,
+    nn::{
+        loss::{MseLoss, Reduction},
+        Linear, LinearConfig, Relu,
+    },
+    optim::{GradientsParams, SgdConfig},
+    tensor::{Device, Distribution, Tensor},
+};
+use serde_json::json;
+
+use super::bench::OverheadArgs;
+
+const IN: usize = 256;
+const OUT: usize = 16;
+
+#[derive(Module, Debug)]
+struct Net {
+    a: Linear,
+    b: Linear,
+    c: Linear,
+    act: Relu,
+}
+
+impl Net {
+    fn new(width: usize, device: &Device) -> Self {
+        Self {
+            a: LinearConfig::new(IN, width).init(device),
+            b: LinearConfig::new(width, width).init(device),
+            c: LinearConfig::new(width, OUT).init(device),
+            act: Relu::new(),
+        }
+    }
+
+    fn loss(&self, x: Tensor<2>, y: Tensor<2>) -> Tensor<1> {
+        let h = self.act.forward(self.a.forward(x));
+        let h = self.act.forward(self.b.forward(h));
+        MseLoss::new().forward(self.c.forward(h), y, Reduction::Mean)
+    }
+}
+
+/// Runs the benchmark.
+pub fn run(args: &OverheadArgs) -> Result<ExitCode> {
+    anyhow::ensure!(
+        !args.batches.is_empty() && args.steps > 0,
+        "need at least one batch size and one step"
+    );
+    let mut last = None;
+    for &batch in &args.batches {
+        let m = measure(batch, args.steps, args.width)?;
+        let line = json!({
+            "bench": "overhead", "summary": false, "params": m.params, "batch": batch, "steps": args.steps,
+            "ours_step_ms": {"mean": m.mean_ours * 1e3, "median": m.med_ours * 1e3},
+            "plain_step_ms": {"mean": m.mean_plain * 1e3, "median": m.med_plain * 1e3},
+            "overhead_ratio": m.med_ours / m.med_plain,
+            "fixed_overhead_ms": (m.med_ours - m.med_plain) * 1e3,
+            "models_bit_identical": m.same,
+        });
+        if args.json {
+            println!("{line}");
+        } else {
+            println!(
+                "{} parameters, batch {batch}: ours {:.2} ms, plain {:.2} ms per step (median); ratio {:.3}; models identical: {}",
+                m.params,
+                m.med_ours * 1e3,
+                m.med_plain * 1e3,
+                m.med_ours / m.med_plain,
+                m.same
+            );
+        }
+        last = Some((batch, m));
+    }
+    let (batch, m) = last.expect("at least one batch");
+    let summary = json!({
+        "bench": "overhead", "summary": true, "batch": batch, "params": m.params,
+        "overhead_ratio": m.med_ours / m.med_plain, "overhead_ratio_mean": m.mean_ours / m.mean_plain,
+        "fixed_overhead_ms": (m.med_ours - m.med_plain) * 1e3, "target": 1.03,
+    });
+    if args.json {
+        println!("{summary}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+struct Measured {
+    params: usize,
+    mean_ours: f64,
+    mean_plain: f64,
+    med_ours: f64,
+    med_plain: f64,
+    same: bool,
+}
+
+fn measure(batch: usize, steps: usize, width: usize) -> Result<Measured> {
+    let device = Device::flex().autodiff();
+    let x = Tensor::<2>::random([batch, IN], Distribution::Uniform(-1.0, 1.0), &device);
+    let y = Tensor::<2>::random([batch, OUT], Distribution::Uniform(-1.0, 1.0), &device);
+    let comm = local::world(1, CommOptions::default()).pop().expect("one rank");
+    let (mut ddp, mut ours) = DataParallel::wrap(Box::new(comm), Net::new(width, &device), DdpOptions::default())?;
+    let mut plain = load_params(Net::new(width, &device), &flatten_params(&ours));
+    let mut opt_ours = SgdConfig::new().init();
+    let mut opt_plain = SgdConfig::new().init();
+    let lr = 1e-3;
+    let mut t_ours = Vec::new();
+    let mut t_plain = Vec::new();
+    let warmup = 3;
+    for i in 0..steps + warmup {
+        for ours_first in [i % 2 == 0, i % 2 != 0] {
+            let started = Instant::now();
+            if ours_first {
+                let loss = ours.loss(x.clone(), y.clone());
+                ddp.backward(&ours, loss, batch)?;
+                let (next, _) = ddp.finish_step(ours, &mut opt_ours, lr)?;
+                ours = next;
+                if i >= warmup {
+                    t_ours.push(started.elapsed().as_secs_f64());
+                }
+            } else {
+                let loss = plain.loss(x.clone(), y.clone());
+                let _value: f32 = loss.clone().into_scalar();
+                let grads = GradientsParams::from_grads(loss.backward(), &plain);
+                plain = opt_plain.step(lr, plain, grads);
+                if i >= warmup {
+                    t_plain.push(started.elapsed().as_secs_f64());
+                }
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    Ok(Measured {
+        params: ours.num_params(),
+        mean_ours: mean(&t_ours),
+        mean_plain: mean(&t_plain),
+        med_ours: median(&mut t_ours),
+        med_plain: median(&mut t_plain),
+        same: flatten_params(&ours) == flatten_params(&plain),
+    })
+}
