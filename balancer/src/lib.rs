@@ -18,6 +18,12 @@
 //! ```
 #![warn(missing_docs)]
 
+mod rebalance;
+mod solve;
+
+pub use rebalance::Rebalancer;
+pub use solve::{memory_cap, solve, DeviceReport, Plan, RankAssignment, Tunables};
+
 use serde::{Deserialize, Serialize};
 
 /// Result alias of this crate.
@@ -37,6 +43,22 @@ pub enum Error {
     ZeroCap {
         /// The share.
         share: usize,
+    },
+    /// No device can hold even one sample, or the inputs are unusable.
+    #[error("no feasible plan for a global batch of {global_batch}: {details}")]
+    Infeasible {
+        /// The global batch.
+        global_batch: usize,
+        /// Per device: what it needs and what it has.
+        details: String,
+    },
+    /// A report is unusable (zero speed, NaN, budget below zero...).
+    #[error("device report of rank {rank} is invalid: {reason}")]
+    BadReport {
+        /// The rank.
+        rank: usize,
+        /// What is wrong.
+        reason: String,
     },
     /// Shares do not add up to the global batch.
     #[error("shares {shares:?} add up to {sum}, not the global batch {global_batch}")]
@@ -108,17 +130,18 @@ impl RankPlan {
         }
     }
 
-    /// Micro-batch sizes in order: as even as possible, none above the cap, summing to `share`.
+    /// Micro-batch sizes in order: full micro-batches of the cap, then the remainder.
     ///
-    /// Even sizes (5 → 3+2, not 3+3 capped to 5) keep per-micro-batch time uniform.
+    /// Full-size micro-batches use the memory the cap was chosen for (and the per-call
+    /// efficiency that comes with it); only the last one is smaller.
     pub fn micro_batches(&self) -> Vec<usize> {
         let k = self.accumulation_steps();
-        if k == 0 {
-            return Vec::new();
-        }
-        let base = self.share / k;
-        let extra = self.share % k;
-        (0..k).map(|i| base + usize::from(i < extra)).collect()
+        (0..k)
+            .map(|i| {
+                let done = i * self.micro_batch_cap;
+                (self.share - done).min(self.micro_batch_cap)
+            })
+            .collect()
     }
 }
 
@@ -216,5 +239,6 @@ mod tests {
         let plan = StepPlan::new(8, &[5, 2, 1], &[3, 2, 1]).unwrap();
         assert_eq!(plan.offsets(), vec![0, 5, 7]);
         assert_eq!(plan.ranks[0].micro_batches(), vec![3, 2]);
+        assert_eq!(RankPlan::new(10, 4).unwrap().micro_batches(), vec![4, 4, 2]);
     }
 }

@@ -206,6 +206,41 @@ pub fn device_for_local_rank(local_rank: usize, visible: Option<&str>, device_co
     Ok(local_rank)
 }
 
+/// Parses a byte size: `1024`, `512KiB`, `768MiB`, `2GiB`, `1.5GB` (SI units are powers of
+/// 1000, IEC units of 1024; case-insensitive).
+///
+/// # Errors
+/// A message naming the input and the accepted forms.
+pub fn parse_bytes(input: &str) -> Result<u64, String> {
+    let s = input.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{input:?} is not a size; use e.g. 512MiB, 2GiB or 1000000"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0f64.powi(4),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {input:?}; use B, KB, MB, GB, KiB, MiB or GiB"
+            ))
+        }
+    };
+    let bytes = value * mult;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{input:?} is out of range"));
+    }
+    Ok(bytes.round() as u64)
+}
+
 /// Host memory facts from `/proc/meminfo`, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostMemory {
@@ -333,6 +368,17 @@ mod tests {
         assert_eq!(device_for_local_rank(3, None, None).unwrap(), 3);
         assert!(device_for_local_rank(3, None, Some(2)).is_err());
         assert!(device_for_local_rank(0, Some(""), None).is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert_eq!(parse_bytes("768MiB").unwrap(), 768 << 20);
+        assert_eq!(parse_bytes("2gib").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
+        assert!(parse_bytes("12 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_bytes("MiB").unwrap_err().contains("is not a size"));
+        assert!(parse_bytes("-5MiB").is_err());
     }
 
     #[test]

@@ -157,12 +157,18 @@ pub struct StepStats {
     pub global_samples: usize,
     /// Mean loss over the global batch.
     pub loss: f64,
-    /// Time in forward/backward and gradient copies on this rank since the last step.
+    /// Wall time this rank spent between the previous step's end and this all-reduce.
     pub compute: Duration,
     /// Time in the all-reduce (includes waiting for slower ranks).
     pub all_reduce: Duration,
     /// Collective calls made for this step (one per bucket).
     pub collectives: usize,
+    /// Every rank's compute seconds, indexed by rank.
+    pub rank_compute: Vec<f64>,
+    /// Every rank's samples, indexed by rank.
+    pub rank_samples: Vec<usize>,
+    /// Every rank's note (see [`DataParallel::set_note`]), indexed by rank.
+    pub rank_notes: Vec<f32>,
 }
 
 /// One parameter as laid out in the fused buffer.
@@ -187,7 +193,12 @@ pub struct DataParallel {
     micro_batches: usize,
     compute: Duration,
     step: u64,
+    note: f32,
+    ready_since: Instant,
 }
+
+/// Per-rank values carried in the tail of the fused buffer: compute seconds, samples, note.
+const PER_RANK: usize = 3;
 
 impl DataParallel {
     /// Wraps `model`: checks every rank holds the same structure, broadcasts rank 0's parameters
@@ -211,7 +222,8 @@ impl DataParallel {
             }
         }
         let mut lens: Vec<usize> = params.iter().map(|p| p.dims.iter().product()).collect();
-        lens.push(2); // sample count, loss sum
+        // Sample count, loss sum, then per rank: compute seconds, samples, note.
+        lens.push(2 + PER_RANK * comm.world_size());
         let fused = FusedBuffer::new(&lens, options.bucket_cap_bytes)?;
         let mut ddp = Self {
             comm,
@@ -222,6 +234,8 @@ impl DataParallel {
             micro_batches: 0,
             compute: Duration::ZERO,
             step: 0,
+            note: 0.0,
+            ready_since: Instant::now(),
         };
         let mut flat = flatten_params(&model);
         ddp.comm.broadcast_f32(0, &mut flat)?;
@@ -266,9 +280,24 @@ impl DataParallel {
     /// # Errors
     /// [`DdpError::Tensor`] when a gradient cannot be read.
     pub fn backward<M: Module>(&mut self, model: &M, loss: Tensor<1>, samples: usize) -> Result<(), DdpError> {
-        let started = Instant::now();
         let loss_value: f32 = loss.clone().into_scalar();
         let grads = loss.backward();
+        self.add_gradients(model, grads, loss_value, samples)
+    }
+
+    /// Adds the gradients of one micro-batch (already back-propagated by the caller, who may
+    /// inspect memory or timing in between) to this rank's sums. No communication.
+    ///
+    /// # Errors
+    /// [`DdpError::Tensor`] when a gradient cannot be read.
+    pub fn add_gradients<M: Module>(
+        &mut self,
+        model: &M,
+        grads: Gradients,
+        loss_value: f32,
+        samples: usize,
+    ) -> Result<(), DdpError> {
+        let started = Instant::now();
         let scale = match self.options.loss {
             LossReduction::Mean => samples as f32,
             LossReduction::Sum => 1.0,
@@ -285,6 +314,18 @@ impl DataParallel {
         self.micro_batches += 1;
         self.compute += started.elapsed();
         Ok(())
+    }
+
+    /// Starts this rank's compute clock for the current step (by default it starts when the
+    /// previous step ends). Call it when a step's real work begins.
+    pub fn mark_ready(&mut self) {
+        self.ready_since = Instant::now();
+    }
+
+    /// A number this rank shares with all others in the next step's all-reduce (for example a
+    /// micro-batch cap it had to lower); read it back in [`StepStats::rank_notes`].
+    pub fn set_note(&mut self, note: f32) {
+        self.note = note;
     }
 
     fn accumulate<M: Module>(&mut self, model: &M, mut grads: Gradients, scale: f32) -> Result<(), DdpError> {
@@ -366,28 +407,45 @@ impl DataParallel {
         lr: f64,
     ) -> Result<(M, StepStats), DdpError> {
         let tail = self.fused.layout().num_tensors() - 1;
+        let world = self.comm.world_size();
+        let rank = self.comm.rank();
         if self.micro_batches == 0 {
             // Nothing was written this step (share 0): contribute zeros.
             self.fused.zero();
         }
         if self.options.averaging == Averaging::PerRankMean && self.local_samples > 0 {
             let n = self.local_samples as f32;
-            self.fused.as_mut_slice().iter_mut().for_each(|g| *g /= n);
+            for i in 0..tail {
+                self.fused.tensor_mut(i).iter_mut().for_each(|g| *g /= n);
+            }
             // Each rank that has samples counts as one; the loss becomes the rank's mean.
-            self.fused.tensor_mut(tail)[0] = 1.0;
+            let t = self.fused.tensor_mut(tail);
+            t[0] = 1.0;
+            t[1] /= n;
+        }
+        // Wall time since this rank was last ready: forward, backward, data and any waiting in
+        // the caller's loop. This is what a slower device costs the step.
+        let busy = self.ready_since.elapsed();
+        {
+            let t = self.fused.tensor_mut(tail);
+            t[2..].fill(0.0);
+            t[2 + PER_RANK * rank] = busy.as_secs_f32();
+            t[2 + PER_RANK * rank + 1] = self.local_samples as f32;
+            t[2 + PER_RANK * rank + 2] = self.note;
         }
         let started = Instant::now();
         self.fused.all_reduce_sum(self.comm.as_mut())?;
         let all_reduce = started.elapsed();
         let collectives = self.fused.layout().num_buckets();
-        let [count, loss_sum] = [self.fused.tensor(tail)[0], self.fused.tensor(tail)[1]];
+        let t = self.fused.tensor(tail);
+        let [count, loss_sum] = [t[0], t[1]];
+        let rank_compute: Vec<f64> = (0..world).map(|r| f64::from(t[2 + PER_RANK * r])).collect();
+        let rank_samples: Vec<usize> = (0..world).map(|r| t[2 + PER_RANK * r + 1] as usize).collect();
+        let rank_notes: Vec<f32> = (0..world).map(|r| t[2 + PER_RANK * r + 2]).collect();
         if count <= 0.0 {
             return Err(DdpError::EmptyStep { step: self.step });
         }
-        let global_samples = match self.options.averaging {
-            Averaging::BySamples => count as usize,
-            Averaging::PerRankMean => self.comm.all_gather(&self.local_samples)?.iter().sum(),
-        };
+        let global_samples = rank_samples.iter().sum();
         let device = model_device(&model);
         let mut grads = GradientsParams::new();
         for (i, slot) in self.params.iter().enumerate() {
@@ -401,14 +459,19 @@ impl DataParallel {
             micro_batches: self.micro_batches,
             global_samples,
             loss: f64::from(loss_sum) / f64::from(count),
-            compute: self.compute,
+            compute: busy,
             all_reduce,
             collectives,
+            rank_compute,
+            rank_samples,
+            rank_notes,
         };
         self.local_samples = 0;
         self.micro_batches = 0;
         self.compute = Duration::ZERO;
+        self.note = 0.0;
         self.step += 1;
+        self.ready_since = Instant::now();
         Ok((model, stats))
     }
 

@@ -15,7 +15,9 @@ pub use ballast_balancer as balancer;
 pub use ballast_cluster as cluster;
 pub use ballast_collectives as collectives;
 
+pub mod balance;
 pub mod ddp;
+pub mod memory;
 pub mod sampler;
 pub mod testing;
 pub mod world;

@@ -3,6 +3,10 @@
 
 mod cmd;
 
+/// Exact heap accounting: CPU ranks measure their memory with it.
+#[global_allocator]
+static ALLOC: ballast::memory::CountingAlloc = ballast::memory::CountingAlloc;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +26,8 @@ enum Command {
     /// Benchmarks that print JSON lines (ratios measured side by side in one run).
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
+    /// Dry-run the planner for a described cluster: shares, micro-batches, memory, step time.
+    Plan(cmd::plan::Args),
     /// A short demonstration on ranks as threads: fused-bucket all-reduce of "gradients".
     Demo(cmd::demo::Args),
     /// Conformance checks of the collectives on this world (used by the test suite).
@@ -35,6 +41,7 @@ fn main() -> ExitCode {
         Command::Doctor(args) => cmd::doctor::run(&args),
         Command::Bench(bench) => cmd::bench::run(bench),
         Command::Demo(args) => cmd::demo::run(&args),
+        Command::Plan(args) => cmd::plan::run(&args),
         Command::Selftest(args) => cmd::selftest::run(&args),
     };
     match result {

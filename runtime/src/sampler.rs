@@ -93,6 +93,13 @@ impl GlobalSampler {
     /// by the shares; a partial one in proportion to them (all shares zero is not allowed for a
     /// non-empty batch and gives everything to rank 0).
     pub fn split(&self, batch: &[usize], shares: &[usize]) -> Vec<Vec<usize>> {
+        split_batch(batch, shares)
+    }
+}
+
+/// Splits a global batch over ranks in rank order by `shares` (see [`GlobalSampler::split`]).
+pub fn split_batch(batch: &[usize], shares: &[usize]) -> Vec<Vec<usize>> {
+    {
         let total: usize = shares.iter().sum();
         let sizes = if total == batch.len() {
             shares.to_vec()

@@ -92,17 +92,109 @@ impl Regressor for ConvNet {
     }
 }
 
+/// Inputs of [`WideMlp`].
+pub const WIDE_FEATURES: usize = 256;
+
+/// A wider perceptron (256 → width → width → 4) whose compute dominates a step, for the
+/// balancer's measurements and benchmarks.
+#[derive(Module, Debug)]
+pub struct WideMlp {
+    a: Linear,
+    b: Linear,
+    c: Linear,
+    act: Relu,
+}
+
+impl WideMlp {
+    /// A model with hidden width `width`.
+    pub fn with_width(width: usize, device: &Device) -> Self {
+        Self {
+            a: LinearConfig::new(WIDE_FEATURES, width).init(device),
+            b: LinearConfig::new(width, width).init(device),
+            c: LinearConfig::new(width, TARGETS).init(device),
+            act: Relu::new(),
+        }
+    }
+}
+
+impl Regressor for WideMlp {
+    fn init(device: &Device) -> Self {
+        Self::with_width(256, device)
+    }
+
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let h = self.act.forward(self.a.forward(x));
+        let h = self.act.forward(self.b.forward(h));
+        self.c.forward(h)
+    }
+}
+
+/// Side of the square single-channel images of [`ImageConvNet`].
+pub const IMAGE_SIDE: usize = 32;
+
+/// A convolutional regressor on 32×32 images (two 3×3 convolutions of `channels` channels,
+/// 4×4 average pooling, a linear head). Few parameters, large activations per sample: the
+/// memory profile of vision models, where the micro-batch cap binds.
+#[derive(Module, Debug)]
+pub struct ImageConvNet {
+    c1: Conv2d,
+    c2: Conv2d,
+    pool: burn::nn::pool::AvgPool2d,
+    act: Relu,
+    head: Linear,
+}
+
+impl ImageConvNet {
+    /// A model with `channels` channels.
+    pub fn with_channels(channels: usize, device: &Device) -> Self {
+        let side = IMAGE_SIDE / 4;
+        Self {
+            c1: Conv2dConfig::new([1, channels], [3, 3])
+                .with_padding(PaddingConfig2d::Same)
+                .init(device),
+            c2: Conv2dConfig::new([channels, channels], [3, 3])
+                .with_padding(PaddingConfig2d::Same)
+                .init(device),
+            pool: burn::nn::pool::AvgPool2dConfig::new([4, 4]).with_strides([4, 4]).init(),
+            act: Relu::new(),
+            head: LinearConfig::new(channels * side * side, TARGETS).init(device),
+        }
+    }
+}
+
+impl Regressor for ImageConvNet {
+    fn init(device: &Device) -> Self {
+        Self::with_channels(8, device)
+    }
+
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let [n, _] = x.dims();
+        let img: Tensor<4> = x.reshape([n, 1, IMAGE_SIDE, IMAGE_SIDE]);
+        let h = self.act.forward(self.c1.forward(img));
+        let h = self.pool.forward(self.act.forward(self.c2.forward(h)));
+        let [_, c, hh, ww] = h.dims();
+        self.head.forward(h.reshape([n, c * hh * ww]))
+    }
+}
+
 /// A deterministic regression dataset: the same on every rank for the same seed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyntheticSet {
     x: Vec<f32>,
     y: Vec<f32>,
     len: usize,
+    features: usize,
+    targets: usize,
 }
 
 impl SyntheticSet {
-    /// `len` samples generated from `seed`.
+    /// `len` samples of [`FEATURES`] inputs and [`TARGETS`] targets generated from `seed`.
     pub fn new(len: usize, seed: u64) -> Self {
+        Self::with_dims(len, FEATURES, TARGETS, seed)
+    }
+
+    /// `len` samples of `features` inputs and `targets` targets generated from `seed`.
+    pub fn with_dims(len: usize, features: usize, targets: usize, seed: u64) -> Self {
         let mut state = seed;
         let mut next = || {
             state = state
@@ -110,16 +202,22 @@ impl SyntheticSet {
                 .wrapping_add(1_442_695_040_888_963_407);
             ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         };
-        let x: Vec<f32> = (0..len * FEATURES).map(|_| next()).collect();
-        let mut y = Vec::with_capacity(len * TARGETS);
+        let x: Vec<f32> = (0..len * features).map(|_| next()).collect();
+        let mut y = Vec::with_capacity(len * targets);
         for s in 0..len {
-            let row = &x[s * FEATURES..(s + 1) * FEATURES];
-            for t in 0..TARGETS {
-                let v: f32 = row.iter().skip(t).step_by(TARGETS).map(|a| a * a - 0.3 * a).sum();
+            let row = &x[s * features..(s + 1) * features];
+            for t in 0..targets {
+                let v: f32 = row.iter().skip(t).step_by(targets).map(|a| a * a - 0.3 * a).sum();
                 y.push(v.sin() + 0.05 * next());
             }
         }
-        Self { x, y, len }
+        Self {
+            x,
+            y,
+            len,
+            features,
+            targets,
+        }
     }
 
     /// Number of samples.
@@ -134,15 +232,16 @@ impl SyntheticSet {
 
     /// The inputs and targets of `indices` as tensors on `device`.
     pub fn batch(&self, indices: &[usize], device: &Device) -> (Tensor<2>, Tensor<2>) {
-        let mut xs = Vec::with_capacity(indices.len() * FEATURES);
-        let mut ys = Vec::with_capacity(indices.len() * TARGETS);
+        let (f, t) = (self.features, self.targets);
+        let mut xs = Vec::with_capacity(indices.len() * f);
+        let mut ys = Vec::with_capacity(indices.len() * t);
         for &i in indices {
-            xs.extend_from_slice(&self.x[i * FEATURES..(i + 1) * FEATURES]);
-            ys.extend_from_slice(&self.y[i * TARGETS..(i + 1) * TARGETS]);
+            xs.extend_from_slice(&self.x[i * f..(i + 1) * f]);
+            ys.extend_from_slice(&self.y[i * t..(i + 1) * t]);
         }
         (
-            Tensor::from_data(TensorData::new(xs, [indices.len(), FEATURES]), device),
-            Tensor::from_data(TensorData::new(ys, [indices.len(), TARGETS]), device),
+            Tensor::from_data(TensorData::new(xs, [indices.len(), f]), device),
+            Tensor::from_data(TensorData::new(ys, [indices.len(), t]), device),
         )
     }
 }
@@ -424,4 +523,134 @@ pub fn equivalence_report(mut comm: Box<dyn Communicator>, cases: &[Case]) -> Re
         ));
     }
     Ok(lines)
+}
+
+/// Options of [`balanced_run`].
+#[derive(Debug, Clone)]
+pub struct BalancedRun {
+    /// Global batch.
+    pub global_batch: usize,
+    /// Steps.
+    pub steps: u64,
+    /// Which model: [`WideMlp`] of this hidden width, or with `conv` an [`ImageConvNet`] of
+    /// this many channels.
+    pub width: usize,
+    /// Train the [`ImageConvNet`] instead of the [`WideMlp`].
+    pub conv: bool,
+    /// Balancer options of this rank.
+    pub balance: crate::balance::BalanceOptions,
+    /// Learning rate (Adam).
+    pub lr: f64,
+}
+
+/// One step of a [`balanced_run`], as every rank sees it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepRecord {
+    /// Step index.
+    pub step: u64,
+    /// Shares in force during the step.
+    pub shares: Vec<usize>,
+    /// Micro-batch caps in force during the step.
+    pub caps: Vec<usize>,
+    /// Micro-batches this rank ran.
+    pub micro_batches: Vec<usize>,
+    /// Peak device bytes on this rank.
+    pub peak_bytes: u64,
+    /// This rank's budget.
+    pub budget_bytes: u64,
+    /// Mean loss of the global batch.
+    pub loss: f64,
+    /// Samples over all ranks in this step.
+    pub global_samples: usize,
+    /// Whether the plan changed after this step.
+    pub plan_changed: bool,
+    /// Smoothed samples/s per rank after the step.
+    pub speeds: Vec<f64>,
+    /// Every rank's compute seconds.
+    pub rank_compute: Vec<f64>,
+    /// Out-of-memory retries on this rank.
+    pub oom_retries: usize,
+    /// Seconds of the whole step on this rank.
+    pub seconds: f64,
+}
+
+/// Trains a [`WideMlp`] on synthetic data with the balancer on `comm` and records every step.
+/// Returns the records, the final parameters and the device reports.
+///
+/// # Errors
+/// Balancer, DDP and collective errors.
+pub fn balanced_run(
+    comm: Box<dyn Communicator>,
+    run: &BalancedRun,
+) -> Result<BalancedOutcome, crate::balance::BalanceError> {
+    let device = Device::flex().autodiff();
+    // Runs are compared with each other (e.g. with and without an injected fault): rank 0's
+    // initial weights, which every rank receives, must not depend on the run.
+    device.seed(3);
+    if run.conv {
+        let data = SyntheticSet::with_dims(1024, IMAGE_SIDE * IMAGE_SIDE, TARGETS, 3);
+        let meter = crate::memory::DeviceMeter::start();
+        let model = ImageConvNet::with_channels(run.width, &device);
+        balanced_loop(comm, run, model, &data, meter, &device)
+    } else {
+        let data = SyntheticSet::with_dims(4096, WIDE_FEATURES, TARGETS, 3);
+        let meter = crate::memory::DeviceMeter::start();
+        let model = WideMlp::with_width(run.width, &device);
+        balanced_loop(comm, run, model, &data, meter, &device)
+    }
+}
+
+type BalancedOutcome = (Vec<StepRecord>, Vec<f32>, Vec<ballast_balancer::DeviceReport>);
+
+fn balanced_loop<M: Regressor>(
+    comm: Box<dyn Communicator>,
+    run: &BalancedRun,
+    model: M,
+    data: &SyntheticSet,
+    meter: crate::memory::DeviceMeter,
+    device: &Device,
+) -> Result<BalancedOutcome, crate::balance::BalanceError> {
+    use crate::balance::Balancer;
+    let sampler = GlobalSampler::new(data.len(), run.global_batch, 3).expect("non-empty");
+    let (mut ddp, mut model) = DataParallel::wrap(comm, model, DdpOptions::default())?;
+    let mut loss_fn = |m: &M, idx: &[usize]| {
+        let (x, y) = data.batch(idx, device);
+        MseLoss::new().forward(m.forward(x), y, Reduction::Mean)
+    };
+    let pool: Vec<usize> = (0..64).collect();
+    let mut balancer = Balancer::probe(
+        &mut ddp,
+        &model,
+        &mut loss_fn,
+        &pool,
+        run.global_batch,
+        meter,
+        run.balance.clone(),
+    )?;
+    let mut optim = AdamConfig::new().init();
+    let mut records = Vec::new();
+    for step in 0..run.steps {
+        let shares = balancer.plan().shares();
+        let caps = balancer.plan().micro_batches();
+        let started = std::time::Instant::now();
+        let (next, out) = balancer.step(&mut ddp, model, &mut optim, run.lr, &sampler.batch(step), &mut loss_fn)?;
+        model = next;
+        records.push(StepRecord {
+            step,
+            shares,
+            caps,
+            micro_batches: out.micro_batches,
+            peak_bytes: out.peak_bytes,
+            budget_bytes: run.balance.budget_bytes,
+            loss: out.stats.loss,
+            global_samples: out.stats.global_samples,
+            plan_changed: out.plan_changed,
+            speeds: balancer.observed_speeds(),
+            rank_compute: out.stats.rank_compute,
+            oom_retries: out.oom_retries,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    ddp.verify_replicas(&model)?;
+    Ok((records, flatten_params(&model), balancer.reports().to_vec()))
 }

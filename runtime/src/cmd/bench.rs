@@ -13,6 +13,8 @@ use anyhow::Result;
 pub enum Bench {
     /// Our fused-bucket all-reduce against raw MPI_Allreduce on the same bytes (run under mpirun).
     Allreduce(AllreduceArgs),
+    /// Balanced vs naive equal-split DDP vs ideal on unequal ranks (run under mpirun, pinned).
+    Hetero(super::hetero::HeteroArgs),
     /// Step time of a 1-rank DataParallel loop against a plain burn loop, alternated.
     Overhead(OverheadArgs),
 }
@@ -59,6 +61,7 @@ pub fn run(bench: Bench) -> Result<ExitCode> {
     match bench {
         Bench::Allreduce(args) => allreduce(&args),
         Bench::Overhead(args) => super::overhead::run(&args),
+        Bench::Hetero(args) => super::hetero::run(&args),
     }
 }
 

@@ -3,5 +3,7 @@
 pub mod bench;
 pub mod demo;
 pub mod doctor;
+pub mod hetero;
 pub mod overhead;
+pub mod plan;
 pub mod selftest;

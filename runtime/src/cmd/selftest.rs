@@ -21,6 +21,33 @@ pub struct Args {
     /// Ranks to run as threads when no launcher started this process.
     #[arg(long, default_value_t = 3)]
     threads: usize,
+    /// `balance`: memory budget per rank (e.g. 24MiB,16MiB,8MiB); one value applies to all.
+    #[arg(long, value_delimiter = ',')]
+    budgets: Vec<String>,
+    /// `balance`: global batch.
+    #[arg(long, default_value_t = 192)]
+    global_batch: usize,
+    /// `balance`: steps.
+    #[arg(long, default_value_t = 12)]
+    steps: u64,
+    /// `balance`: hidden width of the model.
+    #[arg(long, default_value_t = 256)]
+    width: usize,
+    /// `balance`: train the image conv net (`--width` = channels) instead of the MLP.
+    #[arg(long)]
+    conv: bool,
+    /// `balance`: first plan (measured, equal, naive).
+    #[arg(long, default_value = "measured")]
+    initial: String,
+    /// `balance`: make RANK's first micro-batch of STEP fail once as out of memory (RANK:STEP).
+    #[arg(long)]
+    inject_oom: Option<String>,
+    /// `balance`: keep the first plan.
+    #[arg(long)]
+    no_rebalance: bool,
+    /// `balance`: write each rank's full record to DIR/rank-R.json (stdout gets a summary).
+    #[arg(long)]
+    out_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -34,6 +61,8 @@ enum Check {
     /// Data-parallel training with unequal shares against one device on the whole batch
     /// (three ranks).
     Equivalence,
+    /// Balanced training with per-rank memory budgets; prints one JSON record per rank.
+    Balance,
 }
 
 /// Runs the command.
@@ -48,6 +77,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let check = args.check;
     if let Check::Equivalence = check {
         return equivalence(&launch, options, args.threads);
+    }
+    if let Check::Balance = check {
+        return balance(&launch, options, args);
     }
     let outcomes: Vec<(usize, usize, &'static str, Result<String, String>)> =
         match launched_communicator(&launch, options.clone())? {
@@ -73,7 +105,7 @@ fn one(comm: &mut dyn Communicator, check: Check) -> (usize, usize, &'static str
         Check::Collectives => conformance::check_all(comm).map(|p| p.join("; ")),
         Check::WrongLength => conformance::check_wrong_length(comm),
         Check::MissingRank => conformance::check_missing_rank(comm, last),
-        Check::Equivalence => Err("run through `selftest equivalence`".into()),
+        Check::Equivalence | Check::Balance => Err("has its own runner".into()),
     };
     (comm.rank(), comm.world_size(), comm.backend(), result)
 }
@@ -99,6 +131,95 @@ fn equivalence(launch: &Launch, options: CommOptions, threads: usize) -> Result<
             Err(e) => {
                 ok = false;
                 println!("equivalence error: {e}");
+            }
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCode> {
+    use ballast::{
+        balance::{BalanceOptions, InitialPlan},
+        testing::{balanced_run, BalancedRun},
+    };
+    let initial = match args.initial.as_str() {
+        "measured" => InitialPlan::Measured,
+        "equal" => InitialPlan::Equal,
+        "naive" => InitialPlan::Naive,
+        other => anyhow::bail!("--initial {other:?}: use measured, equal or naive"),
+    };
+    let budgets: Vec<u64> = args
+        .budgets
+        .iter()
+        .map(|b| ballast::cluster::parse_bytes(b).map_err(anyhow::Error::msg))
+        .collect::<Result<_>>()?;
+    let inject: Option<(usize, u64)> = match &args.inject_oom {
+        None => None,
+        Some(spec) => {
+            let (r, s) = spec
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("--inject-oom {spec:?}: use RANK:STEP, e.g. 1:3"))?;
+            Some((r.parse()?, s.parse()?))
+        }
+    };
+    let run_rank = |comm: Box<dyn Communicator>| -> Result<String, String> {
+        let rank = comm.rank();
+        let budget = match budgets.len() {
+            0 => u64::MAX,
+            1 => budgets[0],
+            _ => *budgets
+                .get(rank)
+                .ok_or_else(|| format!("--budgets has no value for rank {rank}"))?,
+        };
+        let run = BalancedRun {
+            global_batch: args.global_batch,
+            steps: args.steps,
+            width: args.width,
+            conv: args.conv,
+            lr: 1e-3,
+            balance: BalanceOptions {
+                budget_bytes: budget,
+                initial,
+                rebalance: !args.no_rebalance,
+                inject_oom_at_step: inject.filter(|(r, _)| *r == rank).map(|(_, s)| s),
+                ..BalanceOptions::default()
+            },
+        };
+        let (records, params, reports) = balanced_run(comm, &run).map_err(|e| e.to_string())?;
+        let checksum = params.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+            (h ^ u64::from(v.to_bits())).wrapping_mul(0x0100_0000_01b3)
+        });
+        let json = serde_json::json!({
+            "rank": rank, "budget": budget, "reports": reports, "records": records,
+            "params_checksum": format!("{checksum:016x}"), "params_head": &params[..4.min(params.len())],
+            "params": if rank == 0 { serde_json::json!(params) } else { serde_json::Value::Null },
+        });
+        match &args.out_dir {
+            Some(dir) => {
+                let path = dir.join(format!("rank-{rank}.json"));
+                std::fs::write(&path, json.to_string()).map_err(|e| format!("writing {}: {e}", path.display()))?;
+                let last = records.last();
+                Ok(format!(
+                    "rank {rank} wrote {} ({} steps, final shares {:?}, checksum {checksum:016x})",
+                    path.display(),
+                    records.len(),
+                    last.map(|r| r.shares.clone()).unwrap_or_default()
+                ))
+            }
+            None => Ok(json.to_string()),
+        }
+    };
+    let outputs: Vec<Result<String, String>> = match launched_communicator(launch, options.clone())? {
+        Some(comm) => vec![run_rank(comm)],
+        None => local::run(args.threads, options, |comm| run_rank(Box::new(comm))),
+    };
+    let mut ok = true;
+    for out in outputs {
+        match out {
+            Ok(line) => println!("balance {line}"),
+            Err(e) => {
+                ok = false;
+                println!("balance error: {e}");
             }
         }
     }

@@ -2,12 +2,24 @@
 
 #![allow(dead_code)]
 
-use std::process::{Command, Output};
+use std::{
+    process::{Command, Output},
+    sync::{Mutex, MutexGuard},
+};
+
+static MPI_JOBS: Mutex<()> = Mutex::new(());
+
+/// One `mpirun` job at a time per test binary: jobs running side by side would share the
+/// cores and spoil timing- and pinning-sensitive checks.
+pub fn serial() -> MutexGuard<'static, ()> {
+    MPI_JOBS.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Runs `ballast <args>` on `ranks` MPI processes (oversubscribed, allowed as root) and returns
 /// the output. Panics with the full output when `mpirun` cannot be started: these tests are
 /// compiled only with the `mpi` feature, whose build already needs an MPI installation.
 pub fn mpirun(ranks: usize, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let _one_at_a_time = serial();
     let mut cmd = Command::new("mpirun");
     cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", &ranks.to_string()]);
     for (k, v) in envs {

@@ -1,0 +1,481 @@
+//! The balancer at work: measure this device, agree on a plan, run steps by it, adapt.
+//!
+//! [`Balancer::probe`] runs forward and backward passes at a few micro-batch sizes (1, 2, 4, 8
+//! by default) and measures each: peak memory above the device's baseline (CPU: the counting
+//! allocator; GPU: the memory pool) and time. A least-squares line through the peaks gives the
+//! fixed bytes and the bytes per sample; optimizer state that does not exist yet (Adam: 8 bytes
+//! per parameter) is added to the fixed part. Every rank's report is all-gathered and every rank
+//! solves the same plan (`ballast_balancer::solve`).
+//!
+//! [`Balancer::step`] runs this rank's share in micro-batches of the planned size and finishes
+//! the step with one all-reduce, which also carries every rank's compute time. Those feed the
+//! [`Rebalancer`]; a better plan is adopted by all ranks at the same step boundary.
+//!
+//! **Out of memory.** A micro-batch whose measured peak exceeds the budget (or an injected
+//! fault) is discarded before its gradients are added, split in half and run again; the new cap
+//! travels to every rank in the step's all-reduce and becomes part of the plan. No sample is
+//! skipped or counted twice and the step completes.
+
+use std::time::{Duration, Instant};
+
+use burn::{
+    module::Module,
+    optim::ModuleOptimizer,
+    tensor::{Gradients, Tensor},
+};
+
+use ballast_balancer::{solve, split_proportional, DeviceReport, Plan, RankAssignment, RankPlan, Rebalancer, Tunables};
+use ballast_collectives::CommunicatorExt;
+
+use crate::{
+    ddp::{DataParallel, DdpError, StepStats},
+    memory::{self, DeviceMeter},
+    sampler::split_batch,
+};
+
+/// Errors of balanced training.
+#[derive(Debug, thiserror::Error)]
+pub enum BalanceError {
+    /// Data-parallel machinery failed.
+    #[error(transparent)]
+    Ddp(#[from] DdpError),
+    /// A collective failed.
+    #[error(transparent)]
+    Collective(#[from] ballast_collectives::Error),
+    /// No plan fits.
+    #[error(transparent)]
+    Plan(#[from] ballast_balancer::Error),
+    /// A single sample does not fit this rank's budget.
+    #[error(
+        "rank {rank}: one sample needs {peak} bytes at peak but the budget is {budget} bytes; give this \
+         device more memory (--device-memory) or a smaller model"
+    )]
+    OutOfMemory {
+        /// The rank.
+        rank: usize,
+        /// Measured peak.
+        peak: u64,
+        /// Its budget.
+        budget: u64,
+    },
+}
+
+/// How the first plan is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitialPlan {
+    /// From the probes' measured speeds and memory (default).
+    Measured,
+    /// Equal shares, micro-batches capped by memory: to watch rebalancing converge.
+    Equal,
+    /// Naive DDP: equal shares and one micro-batch size everywhere, capped by the smallest
+    /// budget. Never rebalanced.
+    Naive,
+}
+
+/// Options of the balancer on this rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalanceOptions {
+    /// Memory this rank may use, bytes.
+    pub budget_bytes: u64,
+    /// Planner knobs.
+    pub tunables: Tunables,
+    /// Micro-batch sizes probed (ascending).
+    pub probe_sizes: Vec<usize>,
+    /// Optimizer state per parameter not yet allocated at probe time (Adam: 8, SGD: 0).
+    pub optimizer_bytes_per_param: u64,
+    /// The first plan.
+    pub initial: InitialPlan,
+    /// Re-plan online from observed speeds.
+    pub rebalance: bool,
+    /// Fail this rank's first micro-batch of this step once, as if out of memory (tests).
+    pub inject_oom_at_step: Option<u64>,
+    /// Simulated slowness for ranks as threads: after each micro-batch, sleep so that it takes
+    /// this many times as long (1.0 = none). Real heterogeneity comes from real devices or
+    /// pinned cores; this exists for the single-machine demo.
+    pub slowdown: f64,
+}
+
+impl Default for BalanceOptions {
+    fn default() -> Self {
+        Self {
+            budget_bytes: u64::MAX,
+            tunables: Tunables::default(),
+            probe_sizes: vec![1, 2, 4, 8, 16, 32, 64],
+            optimizer_bytes_per_param: 8,
+            initial: InitialPlan::Measured,
+            rebalance: true,
+            inject_oom_at_step: None,
+            slowdown: 1.0,
+        }
+    }
+}
+
+/// What one balanced step did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalancedStep {
+    /// The data-parallel statistics (global loss, per-rank times and samples).
+    pub stats: StepStats,
+    /// Micro-batch sizes this rank ran, in order (after any out-of-memory split).
+    pub micro_batches: Vec<usize>,
+    /// Peak device memory on this rank during the step, bytes (0 without a counting allocator).
+    pub peak_bytes: u64,
+    /// Micro-batches this rank had to split because they ran out of memory.
+    pub oom_retries: usize,
+    /// Whether the plan changed at the end of this step.
+    pub plan_changed: bool,
+}
+
+/// Plans and runs balanced steps on one rank.
+pub struct Balancer {
+    options: BalanceOptions,
+    reports: Vec<DeviceReport>,
+    plan: Plan,
+    rebalancer: Rebalancer,
+    meter: DeviceMeter,
+    cap_limits: Vec<Option<usize>>,
+    injected: bool,
+    plan_changes: Vec<u64>,
+}
+
+/// One probe measurement.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProbePoint {
+    /// Micro-batch size.
+    pub samples: usize,
+    /// Peak bytes above the baseline.
+    pub peak_bytes: u64,
+    /// Seconds for forward and backward.
+    pub seconds: f64,
+}
+
+impl Balancer {
+    /// Measures this device with `loss_fn` on the first samples of `pool`, all-gathers every
+    /// rank's report and solves the first plan for `global_batch`.
+    ///
+    /// `meter` must have been started before the model was built, so the model's own memory
+    /// counts as device memory.
+    ///
+    /// # Errors
+    /// Collective errors; [`BalanceError::Plan`] when no plan fits.
+    pub fn probe<M, F>(
+        ddp: &mut DataParallel,
+        model: &M,
+        loss_fn: &mut F,
+        pool: &[usize],
+        global_batch: usize,
+        meter: DeviceMeter,
+        options: BalanceOptions,
+    ) -> Result<Self, BalanceError>
+    where
+        M: Module,
+        F: FnMut(&M, &[usize]) -> Tensor<1>,
+    {
+        let mut points = Vec::new();
+        for &m in options.probe_sizes.iter().filter(|&&m| m <= pool.len()) {
+            // Twice per size: the first run warms caches and allocator pools.
+            let mut best = f64::MAX;
+            let mut peak = 0;
+            for _ in 0..2 {
+                memory::reset_peak();
+                let started = Instant::now();
+                let grads = loss_fn(model, &pool[..m]).backward();
+                drop(grads);
+                best = best.min(started.elapsed().as_secs_f64() * options.slowdown.max(1.0));
+                peak = peak.max(meter.peak());
+            }
+            points.push(ProbePoint {
+                samples: m,
+                peak_bytes: peak,
+                seconds: best,
+            });
+        }
+        let params = model.num_params() as u64;
+        let report = report_from_probes(&points, params, &options);
+        let reports: Vec<DeviceReport> = ddp.comm().all_gather(&report)?;
+        let world = reports.len();
+        let mut balancer = Self {
+            plan: Plan {
+                global_batch,
+                ranks: Vec::new(),
+                allreduce_s: 0.0,
+                predicted_step_s: 0.0,
+            },
+            rebalancer: Rebalancer::new(world, options.tunables.clone()),
+            cap_limits: vec![None; world],
+            reports,
+            meter,
+            injected: false,
+            plan_changes: Vec::new(),
+            options,
+        };
+        balancer.plan = balancer.initial_plan(global_batch)?;
+        Ok(balancer)
+    }
+
+    fn initial_plan(&self, global_batch: usize) -> Result<Plan, BalanceError> {
+        let t = &self.options.tunables;
+        let measured = solve(&self.reports, global_batch, 0.0, t)?;
+        match self.options.initial {
+            InitialPlan::Measured => Ok(measured),
+            InitialPlan::Equal | InitialPlan::Naive => {
+                let n = self.reports.len();
+                let shares = split_proportional(global_batch, &vec![1.0; n])?;
+                let caps: Vec<usize> = self
+                    .reports
+                    .iter()
+                    .map(|r| ballast_balancer::memory_cap(r, t))
+                    .collect();
+                let naive_cap = caps.iter().copied().min().unwrap_or(1).max(1);
+                if caps.contains(&0) {
+                    return Err(BalanceError::Plan(ballast_balancer::Error::Infeasible {
+                        global_batch,
+                        details: format!("equal shares need every device to hold a sample; caps are {caps:?}"),
+                    }));
+                }
+                let ranks = shares
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &share)| {
+                        let cap = if self.options.initial == InitialPlan::Naive {
+                            naive_cap
+                        } else {
+                            caps[i]
+                        };
+                        assignment(&self.reports[i], share, cap.min(share.max(1)))
+                    })
+                    .collect();
+                let mut plan = Plan {
+                    global_batch,
+                    ranks,
+                    allreduce_s: 0.0,
+                    predicted_step_s: 0.0,
+                };
+                let speeds: Vec<f64> = self.reports.iter().map(|r| r.samples_per_sec).collect();
+                plan.predicted_step_s = plan.step_time_with(&speeds);
+                Ok(plan)
+            }
+        }
+    }
+
+    /// Another balancer over the same measurements with a different first plan (for side-by-side
+    /// comparisons such as naive against balanced DDP). Every rank must call it.
+    ///
+    /// # Errors
+    /// [`BalanceError::Plan`] when no plan fits.
+    pub fn variant(&self, initial: InitialPlan, rebalance: bool) -> Result<Self, BalanceError> {
+        let options = BalanceOptions {
+            initial,
+            rebalance,
+            ..self.options.clone()
+        };
+        let mut other = Self {
+            options,
+            reports: self.reports.clone(),
+            plan: self.plan.clone(),
+            rebalancer: Rebalancer::new(self.reports.len(), self.options.tunables.clone()),
+            meter: self.meter,
+            cap_limits: vec![None; self.reports.len()],
+            injected: false,
+            plan_changes: Vec::new(),
+        };
+        other.plan = other.initial_plan(self.plan.global_batch)?;
+        Ok(other)
+    }
+
+    /// The plan in force.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Every rank's report, indexed by rank.
+    pub fn reports(&self) -> &[DeviceReport] {
+        &self.reports
+    }
+
+    /// Steps after which the plan changed.
+    pub fn plan_changes(&self) -> &[u64] {
+        &self.plan_changes
+    }
+
+    /// Smoothed samples/s of every rank, as the rebalancer sees them.
+    pub fn observed_speeds(&self) -> Vec<f64> {
+        self.rebalancer.speeds(&self.reports)
+    }
+
+    /// Runs one step: this rank's share of `batch` in planned micro-batches, one all-reduce,
+    /// the optimizer update, and possibly a new plan for the next step.
+    ///
+    /// # Errors
+    /// [`BalanceError::OutOfMemory`] when one sample does not fit; DDP and collective errors.
+    pub fn step<M, F>(
+        &mut self,
+        ddp: &mut DataParallel,
+        model: M,
+        optim: &mut ModuleOptimizer,
+        lr: f64,
+        batch: &[usize],
+        loss_fn: &mut F,
+    ) -> Result<(M, BalancedStep), BalanceError>
+    where
+        M: Module,
+        F: FnMut(&M, &[usize]) -> Tensor<1>,
+    {
+        let rank = ddp.rank();
+        let step = ddp.steps();
+        ddp.mark_ready();
+        let parts = split_batch(batch, &self.plan.shares());
+        let mine = &parts[rank];
+        let mut cap = self.plan.ranks[rank].micro_batch.max(1);
+        let mut queue = RankPlan::new(mine.len(), cap)?.micro_batches();
+        let mut ran = Vec::new();
+        let mut offset = 0;
+        let mut peak_bytes = 0;
+        let mut oom_retries = 0;
+        let mut i = 0;
+        while i < queue.len() {
+            let m = queue[i];
+            let idx = &mine[offset..offset + m];
+            memory::reset_peak();
+            let started = Instant::now();
+            let loss = loss_fn(&model, idx);
+            let loss_value: f32 = loss.clone().into_scalar();
+            let grads: Gradients = loss.backward();
+            let peak = self.meter.peak();
+            let inject = self.options.inject_oom_at_step == Some(step) && !self.injected;
+            if peak > self.options.budget_bytes || inject {
+                self.injected |= inject;
+                drop(grads);
+                if m == 1 {
+                    return Err(BalanceError::OutOfMemory {
+                        rank,
+                        peak,
+                        budget: self.options.budget_bytes,
+                    });
+                }
+                // Discard, halve, and re-run the rest of the share at the smaller size.
+                cap = m / 2;
+                oom_retries += 1;
+                let rest: usize = queue[i..].iter().sum();
+                queue.truncate(i);
+                queue.extend(RankPlan::new(rest, cap)?.micro_batches());
+                ddp.set_note(cap as f32);
+                continue;
+            }
+            peak_bytes = peak_bytes.max(peak);
+            ddp.add_gradients(&model, grads, loss_value, m)?;
+            if self.options.slowdown > 1.0 {
+                std::thread::sleep(started.elapsed().mul_f64(self.options.slowdown - 1.0));
+            }
+            ran.push(m);
+            offset += m;
+            i += 1;
+        }
+        let (model, stats) = ddp.finish_step(model, optim, lr)?;
+        // Caps lowered by out-of-memory retries, agreed through the all-reduce.
+        let mut plan_changed = false;
+        for (r, &note) in stats.rank_notes.iter().enumerate() {
+            if note >= 1.0 {
+                let limit = note as usize;
+                self.cap_limits[r] = Some(self.cap_limits[r].map_or(limit, |l| l.min(limit)));
+                plan_changed = true;
+            }
+        }
+        if self.options.rebalance && self.options.initial != InitialPlan::Naive {
+            self.rebalancer.observe(&stats.rank_samples, &stats.rank_compute);
+            if let Some(better) = self.rebalancer.propose(&self.plan, &self.reports) {
+                self.plan = better;
+                plan_changed = true;
+            }
+        }
+        if plan_changed {
+            self.apply_cap_limits();
+            self.plan_changes.push(step);
+        }
+        Ok((
+            model,
+            BalancedStep {
+                stats,
+                micro_batches: ran,
+                peak_bytes,
+                oom_retries,
+                plan_changed,
+            },
+        ))
+    }
+
+    fn apply_cap_limits(&mut self) {
+        for (i, limit) in self.cap_limits.iter().enumerate() {
+            if let Some(limit) = *limit {
+                let r = &mut self.plan.ranks[i];
+                if r.micro_batch > limit {
+                    *r = assignment(&self.reports[i], r.share, limit);
+                }
+            }
+        }
+    }
+}
+
+fn assignment(report: &DeviceReport, share: usize, cap: usize) -> RankAssignment {
+    let plan = RankPlan {
+        share,
+        micro_batch_cap: cap.max(1),
+    };
+    let largest = plan.micro_batches().into_iter().max().unwrap_or(0);
+    RankAssignment {
+        share,
+        micro_batch: if share == 0 { 0 } else { cap.min(share) },
+        accumulation: plan.accumulation_steps(),
+        predicted_peak_bytes: report.fixed_bytes + largest as u64 * report.bytes_per_sample,
+        predicted_compute_s: share as f64 / report.samples_per_sec,
+    }
+}
+
+/// A device report from probe measurements: least-squares line through (samples, peak), plus
+/// optimizer state that does not exist yet; speed from the largest probe.
+pub fn report_from_probes(points: &[ProbePoint], params: u64, options: &BalanceOptions) -> DeviceReport {
+    // The smallest micro-batches hit one-time allocations (kernel workspaces that appear from
+    // batch 2 on); fit the line through the larger half, where the plan will operate.
+    let upper: Vec<ProbePoint> = {
+        let big: Vec<ProbePoint> = points.iter().copied().filter(|p| p.samples >= 4).collect();
+        if big.len() >= 2 {
+            big
+        } else {
+            points.to_vec()
+        }
+    };
+    let n = upper.len() as f64;
+    let (fixed, per_sample) = if upper.len() >= 2 {
+        let mx = upper.iter().map(|p| p.samples as f64).sum::<f64>() / n;
+        let my = upper.iter().map(|p| p.peak_bytes as f64).sum::<f64>() / n;
+        let sxx: f64 = upper.iter().map(|p| (p.samples as f64 - mx).powi(2)).sum();
+        let sxy: f64 = upper
+            .iter()
+            .map(|p| (p.samples as f64 - mx) * (p.peak_bytes as f64 - my))
+            .sum();
+        let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
+        // The line must not promise less than any measured point.
+        let intercept = upper
+            .iter()
+            .map(|p| p.peak_bytes as f64 - slope * p.samples as f64)
+            .fold(my - slope * mx, f64::max);
+        (intercept, slope)
+    } else {
+        (upper.first().map_or(0.0, |p| p.peak_bytes as f64), 0.0)
+    };
+    let speed = points
+        .iter()
+        .map(|p| p.samples as f64 / p.seconds.max(1e-9))
+        .fold(0.0, f64::max);
+    DeviceReport {
+        name: "cpu".into(),
+        budget_bytes: options.budget_bytes,
+        fixed_bytes: fixed.max(0.0) as u64 + options.optimizer_bytes_per_param * params,
+        bytes_per_sample: per_sample.max(1.0).ceil() as u64,
+        samples_per_sec: speed.max(1e-9),
+    }
+}
+
+/// Seconds spent since `start`, for callers timing whole blocks of steps.
+pub fn seconds_since(start: Instant) -> f64 {
+    Duration::as_secs_f64(&start.elapsed())
+}

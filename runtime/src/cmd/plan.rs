@@ -1,0 +1,206 @@
+//! `ballast plan`: a dry run of the planner for a described cluster.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{bail, Context, Result};
+use ballast::{
+    balancer::{solve, DeviceReport, Plan, Tunables},
+    cluster::parse_bytes,
+};
+use plotters::prelude::*;
+use serde_json::json;
+
+/// Options of `ballast plan`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A device as MEMORY:RELATIVE_SPEED[:NAME], e.g. 24GiB:1.0:rtx3090; repeat per device.
+    #[arg(long = "device", required = true)]
+    devices: Vec<String>,
+    /// Model parameters (e.g. 25000000 or 25M).
+    #[arg(long)]
+    params: String,
+    /// Activation memory per sample in a micro-batch (e.g. 40MiB).
+    #[arg(long)]
+    bytes_per_sample: String,
+    /// Samples per optimizer step over all devices.
+    #[arg(long)]
+    global_batch: usize,
+    /// Optimizer: adam (16 bytes per parameter with gradients) or sgd (8).
+    #[arg(long, default_value = "adam")]
+    optimizer: String,
+    /// Samples per second of a device with relative speed 1.0.
+    #[arg(long, default_value_t = 100.0)]
+    samples_per_sec: f64,
+    /// Predicted all-reduce seconds per step.
+    #[arg(long, default_value_t = 0.0)]
+    allreduce_s: f64,
+    /// Fraction of each device's memory kept free.
+    #[arg(long, default_value_t = 0.10)]
+    margin: f64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also draw the plan as an SVG file.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+/// Runs the command.
+pub fn run(args: &Args) -> Result<ExitCode> {
+    let params = parse_count(&args.params)?;
+    let per_param = match args.optimizer.as_str() {
+        "adam" | "adamw" => 16,
+        "sgd" => 8,
+        other => bail!("unknown optimizer {other:?}: use adam, adamw or sgd"),
+    };
+    let per_sample = parse_bytes(&args.bytes_per_sample).map_err(anyhow::Error::msg)?;
+    if !(0.0..1.0).contains(&args.margin) {
+        bail!("--margin must be in [0, 1), got {}", args.margin);
+    }
+    if args.samples_per_sec.is_nan() || args.samples_per_sec <= 0.0 {
+        bail!("--samples-per-sec must be positive, got {}", args.samples_per_sec);
+    }
+    let reports = args
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| parse_device(i, spec, params * per_param, per_sample, args.samples_per_sec))
+        .collect::<Result<Vec<_>>>()?;
+    let tunables = Tunables {
+        memory_margin: args.margin,
+        ..Tunables::default()
+    };
+    let plan = solve(&reports, args.global_batch, args.allreduce_s, &tunables)?;
+    if let Some(path) = &args.svg {
+        draw(&plan, &reports, path).with_context(|| format!("drawing {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", json!({"reports": reports, "plan": plan, "tunables": tunables}));
+    } else {
+        print_table(&plan, &reports);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the plan as a table, one row per device.
+pub fn print_table(plan: &Plan, reports: &[DeviceReport]) {
+    println!(
+        "{:>4}  {:<14} {:>10} {:>8} {:>6} {:>6} {:>12} {:>10} {:>10}",
+        "rank", "device", "memory", "speed", "share", "micro", "accumulate", "peak", "compute"
+    );
+    for (i, (r, d)) in plan.ranks.iter().zip(reports).enumerate() {
+        println!(
+            "{i:>4}  {:<14} {:>10} {:>8.1} {:>6} {:>6} {:>12} {:>10} {:>9.3}s",
+            d.name,
+            human(d.budget_bytes),
+            d.samples_per_sec,
+            r.share,
+            r.micro_batch,
+            r.accumulation,
+            human(r.predicted_peak_bytes),
+            r.predicted_compute_s
+        );
+    }
+    println!(
+        "global batch {}; predicted step {:.3}s ({:.1} samples/s)",
+        plan.global_batch,
+        plan.predicted_step_s,
+        plan.global_batch as f64 / plan.predicted_step_s.max(1e-12)
+    );
+}
+
+fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1}GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1}MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+fn parse_count(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1e3),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1e6),
+        Some('b' | 'B' | 'g' | 'G') => (&t[..t.len() - 1], 1e9),
+        _ => (t, 1.0),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--params {s:?} is not a count; use e.g. 25000000 or 25M"))?;
+    if v <= 0.0 || !v.is_finite() {
+        bail!("--params must be positive, got {s:?}");
+    }
+    Ok((v * mult).round() as u64)
+}
+
+fn parse_device(i: usize, spec: &str, fixed: u64, per_sample: u64, base_speed: f64) -> Result<DeviceReport> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    if !(2..=3).contains(&parts.len()) {
+        bail!("--device {spec:?}: use MEMORY:RELATIVE_SPEED[:NAME], e.g. 24GiB:1.0:rtx3090");
+    }
+    let budget = parse_bytes(parts[0]).map_err(|e| anyhow::anyhow!("--device {spec:?}: {e}"))?;
+    let speed: f64 = parts[1]
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--device {spec:?}: relative speed {:?} is not a number", parts[1]))?;
+    if !(speed > 0.0 && speed.is_finite()) {
+        bail!("--device {spec:?}: relative speed must be positive");
+    }
+    Ok(DeviceReport {
+        name: parts.get(2).map_or_else(|| format!("device{i}"), |n| n.to_string()),
+        budget_bytes: budget,
+        fixed_bytes: fixed,
+        bytes_per_sample: per_sample,
+        samples_per_sec: speed * base_speed,
+    })
+}
+
+/// Draws shares and predicted memory against budgets, one group of bars per device.
+pub fn draw(plan: &Plan, reports: &[DeviceReport], path: &std::path::Path) -> Result<()> {
+    let n = plan.ranks.len();
+    let root = SVGBackend::new(path, (320 + 120 * n as u32, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(60 + 60 * n as u32 + 100);
+    let max_share = plan.ranks.iter().map(|r| r.share).max().unwrap_or(1).max(1) as f64;
+    let mut chart = ChartBuilder::on(&left)
+        .caption("share of the global batch", ("sans-serif", 16))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(45)
+        .build_cartesian_2d(0f64..n as f64, 0f64..max_share * 1.15)?;
+    chart
+        .configure_mesh()
+        .x_desc("rank")
+        .y_desc("samples per step")
+        .draw()?;
+    chart.draw_series(plan.ranks.iter().enumerate().map(|(i, r)| {
+        Rectangle::new(
+            [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, r.share as f64)],
+            BLUE.mix(0.6).filled(),
+        )
+    }))?;
+    let max_mem = reports.iter().map(|r| r.budget_bytes).max().unwrap_or(1) as f64 / (1u64 << 20) as f64;
+    let mut mem = ChartBuilder::on(&right)
+        .caption("memory: budget (grey) and predicted peak", ("sans-serif", 16))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..n as f64, 0f64..max_mem * 1.1)?;
+    mem.configure_mesh().x_desc("rank").y_desc("MiB").draw()?;
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    mem.draw_series(reports.iter().enumerate().map(|(i, d)| {
+        Rectangle::new(
+            [(i as f64 + 0.1, 0.0), (i as f64 + 0.9, mib(d.budget_bytes))],
+            BLACK.mix(0.2).filled(),
+        )
+    }))?;
+    mem.draw_series(plan.ranks.iter().enumerate().map(|(i, r)| {
+        Rectangle::new(
+            [(i as f64 + 0.25, 0.0), (i as f64 + 0.75, mib(r.predicted_peak_bytes))],
+            RED.mix(0.6).filled(),
+        )
+    }))?;
+    root.present()?;
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! The command line as a user meets it: plans, their JSON and SVG, and clear errors.
+
+use std::process::Command;
+
+fn ballast(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ballast")).args(args).output().unwrap()
+}
+
+const CLUSTER: [&str; 12] = [
+    "plan",
+    "--device",
+    "24GiB:1.0:rtx3090",
+    "--device",
+    "12GiB:0.55:rtx3060",
+    "--device",
+    "8GiB:0.3:gtx1080",
+    "--params",
+    "25M",
+    "--bytes-per-sample",
+    "150MiB",
+    "--global-batch",
+];
+
+#[test]
+fn plan_json_adds_up_and_svg_is_valid_xml() {
+    let svg = std::env::temp_dir().join(format!("ballast-plan-{}.svg", std::process::id()));
+    let mut args = CLUSTER.to_vec();
+    let svg_arg = svg.to_str().unwrap().to_string();
+    args.extend(["256", "--json", "--svg", &svg_arg]);
+    let out = ballast(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ranks = v["plan"]["ranks"].as_array().unwrap();
+    let shares: Vec<u64> = ranks.iter().map(|r| r["share"].as_u64().unwrap()).collect();
+    assert_eq!(shares.iter().sum::<u64>(), 256);
+    assert!(shares[0] > shares[1] && shares[1] > shares[2], "{shares:?}");
+    for (r, rep) in ranks.iter().zip(v["reports"].as_array().unwrap()) {
+        assert!(r["predicted_peak_bytes"].as_u64().unwrap() <= rep["budget_bytes"].as_u64().unwrap());
+    }
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).expect("the SVG is well-formed XML");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let bars = doc.descendants().filter(|n| n.has_tag_name("rect")).count();
+    assert!(
+        bars >= 1 + 3 + 3 + 3,
+        "background, share bars, budget bars, peak bars: {bars}"
+    );
+    std::fs::remove_file(&svg).unwrap();
+}
+
+#[test]
+fn plan_table_names_every_device() {
+    let mut args = CLUSTER.to_vec();
+    args.push("256");
+    let out = ballast(&args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for name in ["rtx3090", "rtx3060", "gtx1080", "predicted step"] {
+        assert!(text.contains(name), "{text}");
+    }
+}
+
+#[test]
+fn infeasible_plan_is_a_clear_error() {
+    let out = ballast(&[
+        "plan",
+        "--device",
+        "1GiB:1",
+        "--params",
+        "200M",
+        "--bytes-per-sample",
+        "1MiB",
+        "--global-batch",
+        "8",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no feasible plan") && err.contains("needs 3200000000 fixed"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_device_spec_is_a_clear_error() {
+    let out = ballast(&[
+        "plan",
+        "--device",
+        "lots",
+        "--params",
+        "1M",
+        "--bytes-per-sample",
+        "1MiB",
+        "--global-batch",
+        "8",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("MEMORY:RELATIVE_SPEED"), "{err}");
+}
