@@ -22,7 +22,7 @@ mod rebalance;
 mod solve;
 
 pub use rebalance::Rebalancer;
-pub use solve::{memory_cap, solve, DeviceReport, Plan, RankAssignment, Tunables};
+pub use solve::{cap_with_offload, memory_cap, solve, DeviceReport, OffloadPolicy, Plan, RankAssignment, Tunables};
 
 use serde::{Deserialize, Serialize};
 

@@ -93,6 +93,9 @@ mod tests {
                 fixed_bytes: 0,
                 bytes_per_sample: 1,
                 samples_per_sec: 100.0,
+                offloadable_bytes: 0,
+                host: String::new(),
+                host_available_bytes: None,
             })
             .collect()
     }

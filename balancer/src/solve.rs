@@ -40,6 +40,28 @@ pub struct DeviceReport {
     pub bytes_per_sample: u64,
     /// Training throughput, samples per second.
     pub samples_per_sec: f64,
+    /// Part of `fixed_bytes` that can move to host memory (optimizer state: 8 bytes per
+    /// parameter for Adam).
+    #[serde(default)]
+    pub offloadable_bytes: u64,
+    /// Host this device sits in (devices on one host share its RAM).
+    #[serde(default)]
+    pub host: String,
+    /// `MemAvailable` of that host, when known.
+    #[serde(default)]
+    pub host_available_bytes: Option<u64>,
+}
+
+/// When the planner moves optimizer state to host memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum OffloadPolicy {
+    /// Never: a device that cannot hold one sample gets share 0.
+    Never,
+    /// Only when the device could not take part otherwise (default).
+    #[default]
+    WhenNeeded,
+    /// Also when it lets the device run fewer micro-batches per step (larger micro-batches).
+    WhenFaster,
 }
 
 /// The planner's knobs, in one place.
@@ -58,8 +80,19 @@ pub struct Tunables {
     /// Consecutive steps the gain must persist before a re-plan (default 3): hysteresis
     /// against noise.
     pub rebalance_patience: u32,
-    /// Weight of the newest observation in the smoothed per-rank speed (default 0.5).
+    /// Weight of the newest observation in the smoothed per-rank speed (default 0.3: a shared
+    /// machine's step times jitter by 10–20 %).
     pub smoothing: f64,
+    /// When to offload optimizer state to the host (default: when needed).
+    #[serde(default)]
+    pub offload: OffloadPolicy,
+    /// Fraction of a host's `MemAvailable` that offloaded state must leave free (default 0.20).
+    #[serde(default = "default_host_margin")]
+    pub host_memory_margin: f64,
+}
+
+fn default_host_margin() -> f64 {
+    0.20
 }
 
 impl Default for Tunables {
@@ -69,7 +102,9 @@ impl Default for Tunables {
             max_micro_batch: 4096,
             rebalance_threshold: 0.05,
             rebalance_patience: 3,
-            smoothing: 0.5,
+            smoothing: 0.3,
+            offload: OffloadPolicy::WhenNeeded,
+            host_memory_margin: default_host_margin(),
         }
     }
 }
@@ -87,6 +122,9 @@ pub struct RankAssignment {
     pub predicted_peak_bytes: u64,
     /// Predicted compute seconds per step.
     pub predicted_compute_s: f64,
+    /// Optimizer state lives in host memory.
+    #[serde(default)]
+    pub offload: bool,
 }
 
 impl RankAssignment {
@@ -96,6 +134,31 @@ impl RankAssignment {
             share: self.share,
             micro_batch_cap: self.micro_batch.max(1),
         }
+    }
+}
+
+/// The micro-batch cap of device `r`, and whether it needs its optimizer state offloaded to get
+/// it, under the tunables' offload policy.
+pub fn cap_with_offload(r: &DeviceReport, t: &Tunables, share_hint: usize) -> (usize, bool) {
+    let on_device = memory_cap(r, t);
+    if t.offload == OffloadPolicy::Never || r.offloadable_bytes == 0 {
+        return (on_device, false);
+    }
+    let lighter = DeviceReport {
+        fixed_bytes: r.fixed_bytes.saturating_sub(r.offloadable_bytes),
+        ..r.clone()
+    };
+    let offloaded = memory_cap(&lighter, t);
+    let k = |cap: usize| if cap == 0 { usize::MAX } else { share_hint.div_ceil(cap) };
+    let worth = match t.offload {
+        OffloadPolicy::Never => false,
+        OffloadPolicy::WhenNeeded => on_device == 0 && offloaded > 0,
+        OffloadPolicy::WhenFaster => offloaded > 0 && (on_device == 0 || k(offloaded) < k(on_device)),
+    };
+    if worth {
+        (offloaded, true)
+    } else {
+        (on_device, false)
     }
 }
 
@@ -168,7 +231,10 @@ pub fn solve(reports: &[DeviceReport], global_batch: usize, allreduce_s: f64, t:
             details: "need a global batch of at least 1 and at least one device".into(),
         });
     }
-    let caps: Vec<usize> = reports.iter().map(|r| memory_cap(r, t)).collect();
+    // The share hint for the "fewer micro-batches" test: an even split of the batch.
+    let hint = global_batch.div_ceil(reports.len());
+    let decided: Vec<(usize, bool)> = reports.iter().map(|r| cap_with_offload(r, t, hint)).collect();
+    let caps: Vec<usize> = decided.iter().map(|d| d.0).collect();
     if caps.iter().all(|&c| c == 0) {
         let details = reports
             .iter()
@@ -188,10 +254,42 @@ pub fn solve(reports: &[DeviceReport], global_batch: usize, allreduce_s: f64, t:
             })
             .collect::<Vec<_>>()
             .join("; ");
+        let hint = if t.offload == OffloadPolicy::Never || reports.iter().all(|r| r.offloadable_bytes == 0) {
+            "give the devices more memory, shrink the model, or enable offload"
+        } else {
+            "give the devices more memory or shrink the model (offloading the optimizer state is not enough)"
+        };
         return Err(Error::Infeasible {
             global_batch,
-            details: format!("{details}; give the devices more memory, shrink the model, or enable offload"),
+            details: format!("{details}; {hint}"),
         });
+    }
+    // Offloaded state must fit the hosts' RAM.
+    let mut per_host: Vec<(&str, u64, Option<u64>)> = Vec::new();
+    for (r, &(_, off)) in reports.iter().zip(&decided) {
+        if !off {
+            continue;
+        }
+        match per_host.iter_mut().find(|h| h.0 == r.host) {
+            Some(h) => h.1 += r.offloadable_bytes,
+            None => per_host.push((&r.host, r.offloadable_bytes, r.host_available_bytes)),
+        }
+    }
+    for (host, needed, available) in per_host {
+        if let Some(avail) = available {
+            let usable = (avail as f64 * (1.0 - t.host_memory_margin)) as u64;
+            if needed > usable {
+                return Err(Error::Infeasible {
+                    global_batch,
+                    details: format!(
+                        "offloading optimizer state needs {needed} bytes of RAM on host {host:?} but only {usable} \
+                         are usable (MemAvailable {avail} minus a {:.0}% margin); free host memory or give the \
+                         devices more memory",
+                        t.host_memory_margin * 100.0
+                    ),
+                });
+            }
+        }
     }
     let speeds: Vec<f64> = reports
         .iter()
@@ -227,12 +325,19 @@ pub fn solve(reports: &[DeviceReport], global_batch: usize, allreduce_s: f64, t:
                 micro_batch_cap: micro_batch.max(1),
             };
             let largest = plan.micro_batches().into_iter().max().unwrap_or(0);
+            let offload = decided[i].1 && share > 0;
+            let fixed = if offload {
+                r.fixed_bytes - r.offloadable_bytes
+            } else {
+                r.fixed_bytes
+            };
             RankAssignment {
                 share,
                 micro_batch,
                 accumulation: plan.accumulation_steps(),
-                predicted_peak_bytes: r.fixed_bytes + largest as u64 * r.bytes_per_sample,
+                predicted_peak_bytes: fixed + largest as u64 * r.bytes_per_sample,
                 predicted_compute_s: if share == 0 { 0.0 } else { time(i, share) },
+                offload,
             }
         })
         .collect();
@@ -258,7 +363,48 @@ mod tests {
             fixed_bytes: fixed,
             bytes_per_sample: per,
             samples_per_sec: speed,
+            offloadable_bytes: 0,
+            host: String::new(),
+            host_available_bytes: None,
         }
+    }
+
+    /// A device whose budget cannot hold optimizer state plus one sample gets offload and a
+    /// share; with offload disabled it gets share 0.
+    #[test]
+    fn offload_gives_a_small_device_a_share() {
+        // 1M params with Adam: 4 MB params+grads... fixed 16 MB of which 8 MB is Adam state.
+        let small = DeviceReport {
+            offloadable_bytes: 8_000_000,
+            ..report(16_500_000, 16_000_000, 100_000, 1.0)
+        };
+        let big = report(100_000_000, 16_000_000, 100_000, 2.0);
+        let with = solve(&[big.clone(), small.clone()], 30, 0.0, &Tunables::default()).unwrap();
+        assert!(with.ranks[1].offload && with.ranks[1].share > 0, "{with:?}");
+        assert!(!with.ranks[0].offload);
+        let never = Tunables {
+            offload: OffloadPolicy::Never,
+            ..Tunables::default()
+        };
+        let without = solve(&[big, small], 30, 0.0, &never).unwrap();
+        assert_eq!(without.ranks[1].share, 0);
+        assert!(!without.ranks[1].offload);
+    }
+
+    #[test]
+    fn offload_beyond_host_ram_is_refused_with_numbers() {
+        let small = DeviceReport {
+            offloadable_bytes: 8_000_000,
+            host: "node1".into(),
+            host_available_bytes: Some(5_000_000),
+            ..report(16_500_000, 16_000_000, 100_000, 1.0)
+        };
+        let err = solve(&[small], 8, 0.0, &Tunables::default()).unwrap_err().to_string();
+        assert!(
+            err.contains("needs 8000000 bytes of RAM on host \"node1\" but only 4000000"),
+            "{err}"
+        );
+        assert!(err.contains("MemAvailable 5000000"), "{err}");
     }
 
     prop_compose! {
@@ -282,6 +428,7 @@ mod tests {
                     for (d, r) in devices.iter().zip(&plan.ranks) {
                         if r.share == 0 { continue; }
                         // The micro-batch fits the budget with its margin.
+                        prop_assert!(!r.offload);
                         let need = d.fixed_bytes as f64 + r.micro_batch as f64 * d.bytes_per_sample as f64;
                         prop_assert!(need <= d.budget_bytes as f64 * (1.0 - t.memory_margin) + 1e-6);
                         prop_assert!(r.predicted_peak_bytes as f64 <= d.budget_bytes as f64 * (1.0 - t.memory_margin) + 1e-6);

@@ -45,6 +45,9 @@ pub enum BalanceError {
     /// No plan fits.
     #[error(transparent)]
     Plan(#[from] ballast_balancer::Error),
+    /// Offloading could not start.
+    #[error(transparent)]
+    Offload(#[from] crate::offload::OffloadError),
     /// A single sample does not fit this rank's budget.
     #[error(
         "rank {rank}: one sample needs {peak} bytes at peak but the budget is {budget} bytes; give this \
@@ -93,6 +96,8 @@ pub struct BalanceOptions {
     /// this many times as long (1.0 = none). Real heterogeneity comes from real devices or
     /// pinned cores; this exists for the single-machine demo.
     pub slowdown: f64,
+    /// Root of the `/proc` tree read for host RAM and swap (`/`; tests pass a fake tree).
+    pub proc_root: std::path::PathBuf,
 }
 
 impl Default for BalanceOptions {
@@ -106,6 +111,7 @@ impl Default for BalanceOptions {
             rebalance: true,
             inject_oom_at_step: None,
             slowdown: 1.0,
+            proc_root: std::path::PathBuf::from("/"),
         }
     }
 }
@@ -123,6 +129,8 @@ pub struct BalancedStep {
     pub oom_retries: usize,
     /// Whether the plan changed at the end of this step.
     pub plan_changed: bool,
+    /// The host swapped pages out during this step.
+    pub swap_warning: Option<crate::offload::SwapWarning>,
 }
 
 /// Plans and runs balanced steps on one rank.
@@ -135,6 +143,8 @@ pub struct Balancer {
     cap_limits: Vec<Option<usize>>,
     injected: bool,
     plan_changes: Vec<u64>,
+    swap: crate::offload::SwapMonitor,
+    host: Option<crate::offload::HostOffload>,
 }
 
 /// One probe measurement.
@@ -206,9 +216,23 @@ impl Balancer {
             meter,
             injected: false,
             plan_changes: Vec::new(),
+            swap: crate::offload::SwapMonitor::new(&options.proc_root),
+            host: None,
             options,
         };
+        balancer.swap.poll();
         balancer.plan = balancer.initial_plan(global_batch)?;
+        // If any rank keeps its optimizer state on the host, every rank runs the host Adam: the
+        // replicas must apply bit-identical updates, and burn's Adam rounds differently.
+        if balancer.plan.ranks.iter().any(|r| r.offload) {
+            let host = crate::offload::HostOffload::new(
+                model,
+                crate::offload::HostAdamConfig::default(),
+                &balancer.options.proc_root,
+            )?;
+            balancer.meter.exclude(host.host_bytes());
+            balancer.host = Some(host);
+        }
         Ok(balancer)
     }
 
@@ -277,6 +301,8 @@ impl Balancer {
             cap_limits: vec![None; self.reports.len()],
             injected: false,
             plan_changes: Vec::new(),
+            swap: self.swap.clone(),
+            host: self.host.clone(),
         };
         other.plan = other.initial_plan(self.plan.global_batch)?;
         Ok(other)
@@ -285,6 +311,12 @@ impl Balancer {
     /// The plan in force.
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Whether the optimizer runs on the host (some rank's plan offloads its state; all ranks
+    /// then use the host Adam, and `optim` passed to [`Balancer::step`] is not used).
+    pub fn offloaded(&self) -> bool {
+        self.host.is_some()
     }
 
     /// Every rank's report, indexed by rank.
@@ -370,7 +402,10 @@ impl Balancer {
             offset += m;
             i += 1;
         }
-        let (model, stats) = ddp.finish_step(model, optim, lr)?;
+        let (model, stats) = match self.host.as_mut() {
+            Some(host) => ddp.finish_step_offloaded(model, host, lr)?,
+            None => ddp.finish_step(model, optim, lr)?,
+        };
         // Caps lowered by out-of-memory retries, agreed through the all-reduce.
         let mut plan_changed = false;
         for (r, &note) in stats.rank_notes.iter().enumerate() {
@@ -399,6 +434,7 @@ impl Balancer {
                 peak_bytes,
                 oom_retries,
                 plan_changed,
+                swap_warning: self.swap.poll(),
             },
         ))
     }
@@ -427,6 +463,7 @@ fn assignment(report: &DeviceReport, share: usize, cap: usize) -> RankAssignment
         accumulation: plan.accumulation_steps(),
         predicted_peak_bytes: report.fixed_bytes + largest as u64 * report.bytes_per_sample,
         predicted_compute_s: share as f64 / report.samples_per_sec,
+        offload: false,
     }
 }
 
@@ -472,6 +509,11 @@ pub fn report_from_probes(points: &[ProbePoint], params: u64, options: &BalanceO
         fixed_bytes: fixed.max(0.0) as u64 + options.optimizer_bytes_per_param * params,
         bytes_per_sample: per_sample.max(1.0).ceil() as u64,
         samples_per_sec: speed.max(1e-9),
+        offloadable_bytes: options.optimizer_bytes_per_param * params,
+        host: ballast_cluster::hostname(),
+        host_available_bytes: ballast_cluster::host_memory(&options.proc_root)
+            .ok()
+            .map(|m| m.available),
     }
 }
 

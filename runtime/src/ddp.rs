@@ -406,6 +406,40 @@ impl DataParallel {
         optim: &mut ModuleOptimizer,
         lr: f64,
     ) -> Result<(M, StepStats), DdpError> {
+        let (count, stats) = self.reduce()?;
+        let device = model_device(&model);
+        let mut grads = GradientsParams::new();
+        for (i, slot) in self.params.iter().enumerate() {
+            let mean: Vec<f32> = self.fused.tensor(i).iter().map(|g| g / count).collect();
+            register(&mut grads, slot, mean, &device);
+        }
+        let model = optim.step(lr, model, grads);
+        Ok((model, stats))
+    }
+
+    /// As [`DataParallel::finish_step`], but the optimizer runs on the host: `host` holds the
+    /// master parameters and Adam moments, takes the averaged gradient straight from the fused
+    /// buffer, and the updated parameters are loaded back into `model`.
+    ///
+    /// # Errors
+    /// As [`DataParallel::finish_step`].
+    pub fn finish_step_offloaded<M: Module>(
+        &mut self,
+        model: M,
+        host: &mut crate::offload::HostOffload,
+        lr: f64,
+    ) -> Result<(M, StepStats), DdpError> {
+        let (count, stats) = self.reduce()?;
+        let n: usize = (0..self.params.len()).map(|i| self.fused.tensor(i).len()).sum();
+        let grads = &mut self.fused.as_mut_slice()[..n];
+        grads.iter_mut().for_each(|g| *g /= count);
+        let params = host.step(grads, lr as f32);
+        Ok((load_params(model, params), stats))
+    }
+
+    /// The all-reduce of a step and its bookkeeping; leaves the gradient sums in the buffer and
+    /// returns the global sample count (the divisor).
+    fn reduce(&mut self) -> Result<(f32, StepStats), DdpError> {
         let tail = self.fused.layout().num_tensors() - 1;
         let world = self.comm.world_size();
         let rank = self.comm.rank();
@@ -445,19 +479,11 @@ impl DataParallel {
         if count <= 0.0 {
             return Err(DdpError::EmptyStep { step: self.step });
         }
-        let global_samples = rank_samples.iter().sum();
-        let device = model_device(&model);
-        let mut grads = GradientsParams::new();
-        for (i, slot) in self.params.iter().enumerate() {
-            let mean: Vec<f32> = self.fused.tensor(i).iter().map(|g| g / count).collect();
-            register(&mut grads, slot, mean, &device);
-        }
-        let model = optim.step(lr, model, grads);
         let stats = StepStats {
             step: self.step,
             local_samples: self.local_samples,
             micro_batches: self.micro_batches,
-            global_samples,
+            global_samples: rank_samples.iter().sum(),
             loss: f64::from(loss_sum) / f64::from(count),
             compute: busy,
             all_reduce,
@@ -472,7 +498,7 @@ impl DataParallel {
         self.note = 0.0;
         self.step += 1;
         self.ready_since = Instant::now();
-        Ok((model, stats))
+        Ok((count, stats))
     }
 
     /// All-gathers a checksum of every parameter's bits and fails if any rank differs.

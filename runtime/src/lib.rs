@@ -18,6 +18,8 @@ pub use ballast_collectives as collectives;
 pub mod balance;
 pub mod ddp;
 pub mod memory;
+pub mod metrics;
+pub mod offload;
 pub mod sampler;
 pub mod testing;
 pub mod world;

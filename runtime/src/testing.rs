@@ -265,10 +265,11 @@ pub enum OptimKind {
 }
 
 impl OptimKind {
-    fn init(self) -> ModuleOptimizer {
+    fn init(self, weight_decay: f32) -> ModuleOptimizer {
+        let decay = (weight_decay != 0.0).then(|| burn::optim::decay::WeightDecayConfig::new(weight_decay));
         match self {
-            OptimKind::Sgd => SgdConfig::new().init(),
-            OptimKind::Adam => AdamConfig::new().init(),
+            OptimKind::Sgd => SgdConfig::new().with_weight_decay(decay).init(),
+            OptimKind::Adam => AdamConfig::new().with_weight_decay(decay).init(),
         }
     }
 
@@ -309,6 +310,11 @@ pub struct Case {
     pub dataset_len: usize,
     /// Seed of data and sampler.
     pub seed: u64,
+    /// Run the optimizer on the host ([`crate::offload::HostOffload`]) instead of burn's
+    /// (Adam only; weight decay from [`Case::weight_decay`]).
+    pub offload: bool,
+    /// L2 weight decay for Adam (0 = none).
+    pub weight_decay: f32,
 }
 
 impl Case {
@@ -323,6 +329,8 @@ impl Case {
             averaging: Averaging::BySamples,
             dataset_len: 60,
             seed: 7,
+            offload: false,
+            weight_decay: 0.0,
         }
     }
 
@@ -377,7 +385,23 @@ fn run_ddp_with<M: Regressor>(
     let (mut ddp, mut model) = DataParallel::wrap(comm, M::init(&device), options)?;
     let rank = ddp.rank();
     let initial = flatten_params(&model);
-    let mut optim = case.optim.init();
+    let mut optim = case.optim.init(case.weight_decay);
+    let mut host = if case.offload {
+        let config = crate::offload::HostAdamConfig {
+            weight_decay: case.weight_decay,
+            ..Default::default()
+        };
+        Some(
+            crate::offload::HostOffload::new(&model, config, std::path::Path::new("/")).map_err(|e| {
+                DdpError::Tensor {
+                    path: "host offload".into(),
+                    message: e.to_string(),
+                }
+            })?,
+        )
+    } else {
+        None
+    };
     let sampler = GlobalSampler::new(data.len(), case.global_batch(), case.seed).expect("non-empty case");
     let mut outcome = Outcome {
         params: Vec::new(),
@@ -397,7 +421,10 @@ fn run_ddp_with<M: Regressor>(
             let loss = MseLoss::new().forward(model.forward(x), y, Reduction::Mean);
             ddp.backward(&model, loss, m)?;
         }
-        let (next, stats) = ddp.finish_step(model, &mut optim, case.optim.lr())?;
+        let (next, stats) = match host.as_mut() {
+            Some(h) => ddp.finish_step_offloaded(model, h, case.optim.lr())?,
+            None => ddp.finish_step(model, &mut optim, case.optim.lr())?,
+        };
         model = next;
         outcome.losses.push(stats.loss);
         outcome.micro_batches.push(stats.micro_batches);
@@ -421,7 +448,7 @@ fn run_reference_with<M: Regressor>(case: &Case, initial: &[f32]) -> Outcome {
     let device = Device::flex().autodiff();
     let data = SyntheticSet::new(case.dataset_len, case.seed);
     let mut model = load_params(M::init(&device), initial);
-    let mut optim = case.optim.init();
+    let mut optim = case.optim.init(case.weight_decay);
     let sampler = GlobalSampler::new(data.len(), case.global_batch(), case.seed).expect("non-empty case");
     let mut losses = Vec::new();
     for step in 0..case.steps {
@@ -570,6 +597,8 @@ pub struct StepRecord {
     pub rank_compute: Vec<f64>,
     /// Out-of-memory retries on this rank.
     pub oom_retries: usize,
+    /// Whether each rank keeps its optimizer state on the host.
+    pub offload: Vec<bool>,
     /// Seconds of the whole step on this rank.
     pub seconds: f64,
 }
@@ -648,6 +677,7 @@ fn balanced_loop<M: Regressor>(
             speeds: balancer.observed_speeds(),
             rank_compute: out.stats.rank_compute,
             oom_retries: out.oom_retries,
+            offload: balancer.plan().ranks.iter().map(|r| r.offload).collect(),
             seconds: started.elapsed().as_secs_f64(),
         });
     }

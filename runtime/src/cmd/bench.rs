@@ -15,6 +15,8 @@ pub enum Bench {
     Allreduce(AllreduceArgs),
     /// Balanced vs naive equal-split DDP vs ideal on unequal ranks (run under mpirun, pinned).
     Hetero(super::hetero::HeteroArgs),
+    /// Host Adam bandwidth against a STREAM-like triad on 1 and 2 threads.
+    Adam(super::adam_bench::AdamArgs),
     /// Step time of a 1-rank DataParallel loop against a plain burn loop, alternated.
     Overhead(OverheadArgs),
 }
@@ -62,6 +64,7 @@ pub fn run(bench: Bench) -> Result<ExitCode> {
         Bench::Allreduce(args) => allreduce(&args),
         Bench::Overhead(args) => super::overhead::run(&args),
         Bench::Hetero(args) => super::hetero::run(&args),
+        Bench::Adam(args) => super::adam_bench::run(&args),
     }
 }
 

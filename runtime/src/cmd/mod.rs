@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod adam_bench;
 pub mod bench;
 pub mod demo;
 pub mod doctor;

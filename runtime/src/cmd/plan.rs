@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{bail, Context, Result};
 use ballast::{
-    balancer::{solve, DeviceReport, Plan, Tunables},
+    balancer::{solve, DeviceReport, OffloadPolicy, Plan, Tunables},
     cluster::parse_bytes,
 };
 use plotters::prelude::*;
@@ -37,6 +37,12 @@ pub struct Args {
     /// Fraction of each device's memory kept free.
     #[arg(long, default_value_t = 0.10)]
     margin: f64,
+    /// When to move optimizer state to host memory: never, when-needed, when-faster.
+    #[arg(long, default_value = "when-needed")]
+    offload: String,
+    /// Host RAM available for offloaded state (e.g. 64GiB); unchecked when absent.
+    #[arg(long)]
+    host_memory: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -66,8 +72,28 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .enumerate()
         .map(|(i, spec)| parse_device(i, spec, params * per_param, per_sample, args.samples_per_sec))
         .collect::<Result<Vec<_>>>()?;
+    let offload = match args.offload.as_str() {
+        "never" => OffloadPolicy::Never,
+        "when-needed" => OffloadPolicy::WhenNeeded,
+        "when-faster" => OffloadPolicy::WhenFaster,
+        other => bail!("--offload {other:?}: use never, when-needed or when-faster"),
+    };
+    let host_available = match &args.host_memory {
+        Some(h) => Some(parse_bytes(h).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let optimizer_bytes = if per_param == 16 { 8 * params } else { 0 };
+    let reports: Vec<DeviceReport> = reports
+        .into_iter()
+        .map(|r| DeviceReport {
+            offloadable_bytes: optimizer_bytes,
+            host_available_bytes: host_available,
+            ..r
+        })
+        .collect();
     let tunables = Tunables {
         memory_margin: args.margin,
+        offload,
         ..Tunables::default()
     };
     let plan = solve(&reports, args.global_batch, args.allreduce_s, &tunables)?;
@@ -85,12 +111,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 /// Prints the plan as a table, one row per device.
 pub fn print_table(plan: &Plan, reports: &[DeviceReport]) {
     println!(
-        "{:>4}  {:<14} {:>10} {:>8} {:>6} {:>6} {:>12} {:>10} {:>10}",
-        "rank", "device", "memory", "speed", "share", "micro", "accumulate", "peak", "compute"
+        "{:>4}  {:<14} {:>10} {:>8} {:>6} {:>6} {:>12} {:>10} {:>10} {:>8}",
+        "rank", "device", "memory", "speed", "share", "micro", "accumulate", "peak", "compute", "offload"
     );
     for (i, (r, d)) in plan.ranks.iter().zip(reports).enumerate() {
         println!(
-            "{i:>4}  {:<14} {:>10} {:>8.1} {:>6} {:>6} {:>12} {:>10} {:>9.3}s",
+            "{i:>4}  {:<14} {:>10} {:>8.1} {:>6} {:>6} {:>12} {:>10} {:>9.3}s {:>8}",
             d.name,
             human(d.budget_bytes),
             d.samples_per_sec,
@@ -98,7 +124,8 @@ pub fn print_table(plan: &Plan, reports: &[DeviceReport]) {
             r.micro_batch,
             r.accumulation,
             human(r.predicted_peak_bytes),
-            r.predicted_compute_s
+            r.predicted_compute_s,
+            if r.offload { "host" } else { "-" }
         );
     }
     println!(
@@ -153,6 +180,9 @@ fn parse_device(i: usize, spec: &str, fixed: u64, per_sample: u64, base_speed: f
         fixed_bytes: fixed,
         bytes_per_sample: per_sample,
         samples_per_sec: speed * base_speed,
+        offloadable_bytes: 0,
+        host: "host".into(),
+        host_available_bytes: None,
     })
 }
 

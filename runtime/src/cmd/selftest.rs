@@ -45,6 +45,9 @@ pub struct Args {
     /// `balance`: keep the first plan.
     #[arg(long)]
     no_rebalance: bool,
+    /// `balance`: never offload optimizer state to the host.
+    #[arg(long)]
+    no_offload: bool,
     /// `balance`: write each rank's full record to DIR/rank-R.json (stdout gets a summary).
     #[arg(long)]
     out_dir: Option<std::path::PathBuf>,
@@ -182,6 +185,14 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
                 initial,
                 rebalance: !args.no_rebalance,
                 inject_oom_at_step: inject.filter(|(r, _)| *r == rank).map(|(_, s)| s),
+                tunables: ballast::balancer::Tunables {
+                    offload: if args.no_offload {
+                        ballast::balancer::OffloadPolicy::Never
+                    } else {
+                        ballast::balancer::OffloadPolicy::WhenNeeded
+                    },
+                    ..Default::default()
+                },
                 ..BalanceOptions::default()
             },
         };

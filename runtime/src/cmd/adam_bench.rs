@@ -1,0 +1,103 @@
+//! `ballast bench adam`: the host Adam's memory bandwidth against a STREAM-like triad, on 1 and
+//! 2 threads, measured alternately in one run.
+//!
+//! Adam moves 28 bytes per parameter per step (reads θ, g, m, v; writes θ, m, v); the triad
+//! `a[i] = b[i] + s·c[i]` moves 24 bytes per element (STREAM's count, without write-allocate
+//! traffic). Both are reported as GB/s; `ratio_vs_stream` is Adam's GB/s over the triad's.
+
+use std::{process::ExitCode, time::Instant};
+
+use anyhow::Result;
+use ballast::offload::{HostAdam, HostAdamConfig};
+use rayon::prelude::*;
+use serde_json::json;
+
+/// Options of `ballast bench adam`.
+#[derive(clap::Args)]
+pub struct AdamArgs {
+    /// Print JSON lines (the last one is the summary).
+    #[arg(long)]
+    pub json: bool,
+    /// Parameters (and triad elements); 16 Mi = 448 MiB of Adam traffic per step.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub params: usize,
+    /// Timed repetitions per kernel and thread count.
+    #[arg(long, default_value_t = 10)]
+    pub reps: usize,
+}
+
+/// Runs the benchmark.
+pub fn run(args: &AdamArgs) -> Result<ExitCode> {
+    let n = args.params;
+    let mut params = vec![0.5f32; n];
+    let grads = vec![1e-3f32; n];
+    let mut adam = HostAdam::new(n, HostAdamConfig::default());
+    let mut a = vec![0.0f32; n];
+    let b = vec![1.0f32; n];
+    let c = vec![2.0f32; n];
+    let mut last = None;
+    for threads in [1usize, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+        let (mut t_adam, mut t_triad) = (Vec::new(), Vec::new());
+        pool.install(|| {
+            // Warm up both (page faults, caches).
+            adam.step(&mut params, &grads, 1e-4);
+            triad(&mut a, &b, &c);
+            for rep in 0..args.reps {
+                for adam_first in [rep % 2 == 0, rep % 2 != 0] {
+                    let started = Instant::now();
+                    if adam_first {
+                        adam.step(&mut params, &grads, 1e-4);
+                        t_adam.push(started.elapsed().as_secs_f64());
+                    } else {
+                        triad(&mut a, &b, &c);
+                        t_triad.push(started.elapsed().as_secs_f64());
+                    }
+                }
+            }
+        });
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let adam_gbs = 28.0 * n as f64 / median(&mut t_adam) / 1e9;
+        let triad_gbs = 24.0 * n as f64 / median(&mut t_triad) / 1e9;
+        let line = json!({
+            "bench": "adam", "summary": false, "threads": threads, "params": n, "reps": args.reps,
+            "adam_gbs": adam_gbs, "triad_gbs": triad_gbs, "ratio_vs_stream": adam_gbs / triad_gbs,
+            "adam_params_per_sec": adam_gbs * 1e9 / 28.0,
+        });
+        if args.json {
+            println!("{line}");
+        } else {
+            println!(
+                "{threads} thread(s): host Adam {adam_gbs:.2} GB/s, triad {triad_gbs:.2} GB/s, ratio {:.3}",
+                adam_gbs / triad_gbs
+            );
+        }
+        last = Some((threads, adam_gbs, triad_gbs));
+    }
+    let (threads, adam_gbs, triad_gbs) = last.expect("two thread counts");
+    if args.json {
+        println!(
+            "{}",
+            json!({"bench": "adam", "summary": true, "threads": threads, "adam_gbs": adam_gbs, "triad_gbs": triad_gbs,
+                   "ratio_vs_stream": adam_gbs / triad_gbs, "target": 0.70})
+        );
+    }
+    std::hint::black_box((&params, &a));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn triad(a: &mut [f32], b: &[f32], c: &[f32]) {
+    const CHUNK: usize = 16 * 1024;
+    let s = 3.0f32;
+    a.par_chunks_mut(CHUNK)
+        .zip(b.par_chunks(CHUNK))
+        .zip(c.par_chunks(CHUNK))
+        .for_each(|((a, b), c)| {
+            for i in 0..a.len() {
+                a[i] = b[i] + s * c[i];
+            }
+        });
+}

@@ -1,0 +1,181 @@
+//! Host offload: master parameters and Adam moments in host memory, for devices too small to
+//! hold optimizer state next to a useful micro-batch.
+//!
+//! Per step the device only runs forward and backward; the averaged gradient (already on the
+//! host in the fused all-reduce buffer on CPU ranks) updates the host master copy with
+//! [`HostAdam`], and the new parameters are loaded back into the model. The device saves
+//! 8 bytes per parameter of Adam state (12 with the master copy's gradient buffer).
+//!
+//! On CPU ranks the buffers are plain host vectors. With the `cuda` feature the state can live in
+//! managed memory (`managed::ManagedBuffer`), advised to the host and prefetched explicitly; that
+//! path is **not yet verified on a GPU**.
+//!
+//! Host RAM is finite and swapping destroys throughput: [`check_host_memory`] refuses offload
+//! buffers beyond `MemAvailable` minus a margin, and [`SwapMonitor`] reports rising `pswpout`
+//! (pages swapped out) while training.
+
+mod host_adam;
+#[cfg(feature = "cuda")]
+pub mod managed;
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+
+pub use host_adam::{HostAdam, HostAdamConfig};
+
+use crate::ddp::flatten_params;
+
+/// Errors of the offload path.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OffloadError {
+    /// Host RAM cannot hold the offloaded state.
+    #[error(
+        "offloading needs {needed} bytes of host RAM but only {usable} are usable ({available} available \
+         in {path} minus a {margin_pct:.0}% margin); free host memory, put fewer ranks on this host, or \
+         give the device more memory"
+    )]
+    HostMemory {
+        /// Bytes the offloaded state needs.
+        needed: u64,
+        /// Bytes usable after the margin.
+        usable: u64,
+        /// `MemAvailable`.
+        available: u64,
+        /// Margin kept free, percent.
+        margin_pct: f64,
+        /// The meminfo file read.
+        path: String,
+    },
+    /// Host memory facts could not be read.
+    #[error(transparent)]
+    Proc(#[from] ballast_cluster::Error),
+    /// The CUDA driver is absent.
+    #[error("CUDA offload needs the NVIDIA driver (libcuda.so), which is not installed here")]
+    NoCuda,
+    /// The device has less free memory than a managed buffer would take.
+    #[error(
+        "refusing to allocate {needed} bytes of managed memory with only {free} free on the device: \
+         oversubscribed managed memory can stall the GPU"
+    )]
+    DeviceMemory {
+        /// Bytes asked for.
+        needed: u64,
+        /// Free device bytes.
+        free: u64,
+    },
+    /// A CUDA call failed.
+    #[error("CUDA: {0}")]
+    Cuda(String),
+}
+
+/// Fraction of `MemAvailable` offload may use by default: the rest stays for the OS page cache,
+/// data loading and the other ranks on the host.
+pub const DEFAULT_HOST_MARGIN: f64 = 0.20;
+
+/// Fails when `needed` bytes of offloaded state do not fit in `MemAvailable` of `<root>/proc/meminfo`
+/// minus `margin`.
+///
+/// # Errors
+/// [`OffloadError::HostMemory`] with the numbers; [`OffloadError::Proc`] when meminfo is unreadable.
+pub fn check_host_memory(root: &Path, needed: u64, margin: f64) -> Result<u64, OffloadError> {
+    let mem = ballast_cluster::host_memory(root)?;
+    let usable = (mem.available as f64 * (1.0 - margin)) as u64;
+    if needed > usable {
+        return Err(OffloadError::HostMemory {
+            needed,
+            usable,
+            available: mem.available,
+            margin_pct: margin * 100.0,
+            path: root.join("proc/meminfo").display().to_string(),
+        });
+    }
+    Ok(usable)
+}
+
+/// The host side of an offloaded optimizer: master parameters and Adam state.
+#[derive(Clone)]
+pub struct HostOffload {
+    master: Vec<f32>,
+    adam: HostAdam,
+}
+
+impl std::fmt::Debug for HostOffload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostOffload")
+            .field("params", &self.master.len())
+            .field("host_bytes", &self.host_bytes())
+            .field("steps", &self.adam.steps())
+            .finish()
+    }
+}
+
+impl HostOffload {
+    /// Copies `model`'s parameters to host memory and creates zeroed Adam moments, after checking
+    /// that host RAM (read under `root`, normally `/`) can hold them.
+    ///
+    /// # Errors
+    /// [`OffloadError::HostMemory`] when it cannot.
+    pub fn new<M: Module>(model: &M, config: HostAdamConfig, root: &Path) -> Result<Self, OffloadError> {
+        let master = flatten_params(model);
+        check_host_memory(root, master.len() as u64 * 12, DEFAULT_HOST_MARGIN)?;
+        let adam = HostAdam::new(master.len(), config);
+        Ok(Self { master, adam })
+    }
+
+    /// Applies one Adam step to the master parameters and returns them.
+    pub fn step(&mut self, grads: &[f32], lr: f32) -> &[f32] {
+        self.adam.step(&mut self.master, grads, lr);
+        &self.master
+    }
+
+    /// Host bytes held (master copy and moments).
+    pub fn host_bytes(&self) -> u64 {
+        self.master.len() as u64 * 4 + self.adam.state_bytes()
+    }
+}
+
+/// Watches `pswpout` in `<root>/proc/vmstat` and reports when the host starts swapping.
+#[derive(Debug, Clone)]
+pub struct SwapMonitor {
+    path: PathBuf,
+    last: Option<u64>,
+}
+
+/// A host that swapped out pages since the last poll.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SwapWarning {
+    /// Pages swapped out since the last poll.
+    pub pages_out: u64,
+    /// Pages swapped in since the last poll (0 when unknown).
+    pub pages_in: u64,
+}
+
+impl SwapMonitor {
+    /// A monitor of `<root>/proc/vmstat`; the first poll sets the baseline.
+    pub fn new(root: &Path) -> Self {
+        Self {
+            path: root.join("proc/vmstat"),
+            last: None,
+        }
+    }
+
+    /// `Some` when `pswpout` rose since the previous poll; `None` otherwise or when the file is
+    /// unreadable (no swap accounting is not an error).
+    pub fn poll(&mut self) -> Option<SwapWarning> {
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+        };
+        let out = field("pswpout ")?;
+        let previous = self.last.replace(out);
+        match previous {
+            Some(p) if out > p => Some(SwapWarning {
+                pages_out: out - p,
+                pages_in: field("pswpin ").unwrap_or(0),
+            }),
+            _ => None,
+        }
+    }
+}
