@@ -167,6 +167,12 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
     };
     let run_rank = |comm: Box<dyn Communicator>| -> Result<String, String> {
         let rank = comm.rank();
+        if let Some(dir) = &args.out_dir {
+            // Fault-injection tests find each rank's process here.
+            let pid = dir.join(format!("rank-{rank}.pid"));
+            std::fs::write(&pid, std::process::id().to_string())
+                .map_err(|e| format!("writing {}: {e}", pid.display()))?;
+        }
         let budget = match budgets.len() {
             0 => u64::MAX,
             1 => budgets[0],

@@ -1,0 +1,163 @@
+//! Lost ranks: a rank killed with SIGKILL or stopped with SIGSTOP in the middle of training
+//! never leaves the others hanging. Run with `cargo test --release -p ballast --features mpi fault`.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn start_job(dir: &Path, envs: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", "3"]);
+    for (k, v) in envs {
+        cmd.args(["-x", &format!("{k}={v}")]);
+    }
+    cmd.arg(env!("CARGO_BIN_EXE_ballast"))
+        .args([
+            "selftest",
+            "balance",
+            "--steps",
+            "1000000",
+            "--global-batch",
+            "24",
+            "--width",
+            "64",
+            "--out-dir",
+        ])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mpirun")
+}
+
+fn pids(dir: &Path) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found: Vec<u32> = (0..3)
+            .filter_map(|r| {
+                std::fs::read_to_string(dir.join(format!("rank-{r}.pid")))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        if found.len() == 3 {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "ranks never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+/// Waits for the job; returns (exit code, seconds after the fault, all output).
+fn finish(mut child: Child, since: Instant, all: &[u32]) -> (Option<i32>, f64, String) {
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let elapsed = since.elapsed().as_secs_f64();
+            let out = child.wait_with_output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // Every rank process is gone too.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while all.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let left: Vec<u32> = all.iter().copied().filter(|&p| alive(p)).collect();
+            for &p in &left {
+                let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+            }
+            assert!(left.is_empty(), "rank processes {left:?} outlived mpirun");
+            return (status.code(), elapsed, text);
+        }
+        if since.elapsed() > LIMIT + Duration::from_secs(10) {
+            let _ = child.kill();
+            for &p in all {
+                let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+            }
+            panic!("the job hung for {:?} after the fault", since.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn trial_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ballast-fault-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Delay before the fault: 0.3–1.5 s into training, varied per trial (deterministic).
+fn delay(trial: u64) -> Duration {
+    let x = trial
+        .wrapping_mul(6_364_136_223_846_793_005)
+        .wrapping_add(1_442_695_040_888_963_407)
+        >> 33;
+    Duration::from_millis(300 + x % 1200)
+}
+
+#[test]
+fn fault_kill9_of_any_rank_ends_the_job() {
+    let _one_at_a_time = common::serial();
+    for victim in 0..3usize {
+        for trial in 0..5u64 {
+            let dir = trial_dir(&format!("kill-{victim}-{trial}"));
+            let child = start_job(&dir, &[]);
+            let all = pids(&dir);
+            std::thread::sleep(delay(trial * 3 + victim as u64));
+            signal(all[victim], "-9");
+            let (code, secs, text) = finish(child, Instant::now(), &all);
+            println!("kill -9 rank {victim}, trial {trial}: exit {code:?} after {secs:.1}s");
+            assert_ne!(code, Some(0), "{text}");
+            assert!(secs < LIMIT.as_secs_f64(), "took {secs}s\n{text}");
+            assert!(
+                text.contains(&format!("rank {victim} ")),
+                "the message must name rank {victim}:\n{text}"
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+#[test]
+fn fault_sigstop_is_a_timeout_naming_the_rank() {
+    let _one_at_a_time = common::serial();
+    for victim in 0..3usize {
+        for trial in 0..2u64 {
+            let dir = trial_dir(&format!("stop-{victim}-{trial}"));
+            let child = start_job(&dir, &[("BALLAST_TIMEOUT_SECS", "3")]);
+            let all = pids(&dir);
+            std::thread::sleep(delay(trial * 7 + victim as u64));
+            signal(all[victim], "-STOP");
+            let (code, secs, text) = finish(child, Instant::now(), &all);
+            println!("SIGSTOP rank {victim}, trial {trial}: exit {code:?} after {secs:.1}s");
+            assert_ne!(code, Some(0), "{text}");
+            assert!(secs < LIMIT.as_secs_f64(), "took {secs}s\n{text}");
+            let named = text.contains(&format!("rank(s) [{victim}] never arrived"))
+                || text.contains(&format!("rank(s) [{victim}] stopped responding"));
+            assert!(named, "the message must name rank {victim}:\n{text}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
