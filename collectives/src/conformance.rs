@@ -170,8 +170,9 @@ pub fn check_wrong_length(comm: &mut dyn Communicator) -> Result<String, String>
 }
 
 /// Rank `missing` never joins an all-reduce; every other rank must get [`Error::Timeout`]
-/// naming it within about the communicator's timeout. The missing rank sleeps past the
-/// deadline and returns `Ok("skipped")`.
+/// naming it within about the communicator's timeout. The missing rank sleeps half a second
+/// past the deadline (so it is late, but alive to shut down with the others) and returns
+/// `Ok("skipped")`.
 ///
 /// # Errors
 /// A message when a rank succeeds, gets another error, or waits far longer than the timeout.
@@ -179,7 +180,7 @@ pub fn check_missing_rank(comm: &mut dyn Communicator, missing: usize) -> Result
     let rank = comm.rank();
     let timeout = comm.timeout();
     if rank == missing {
-        std::thread::sleep(timeout * 2 + Duration::from_millis(200));
+        std::thread::sleep(timeout + Duration::from_millis(500));
         return Ok("skipped".into());
     }
     let started = std::time::Instant::now();

@@ -60,8 +60,8 @@ pub struct MpiCommunicator {
     control: ffi::MPI_Comm,
     data: ffi::MPI_Comm,
     watchdog: Watchdog,
-    /// Dropped last: finalises MPI.
-    _universe: mpi::environment::Universe,
+    /// Finalises MPI when dropped, after the duplicated communicators are freed.
+    universe: std::mem::ManuallyDrop<mpi::environment::Universe>,
 }
 
 // SAFETY: the raw communicator handles are plain values that MPI lets any thread use under
@@ -103,7 +103,7 @@ impl MpiCommunicator {
             control,
             data,
             watchdog: Watchdog::spawn(rank, size as usize),
-            _universe: universe,
+            universe: std::mem::ManuallyDrop::new(universe),
         })
     }
 
@@ -417,12 +417,22 @@ impl Communicator for MpiCommunicator {
 
 impl Drop for MpiCommunicator {
     fn drop(&mut self) {
-        self.watchdog.stop(self.rank);
-        // SAFETY: the handles were created by MPI_Comm_dup and are freed once.
+        if let Some(reason) = &self.poisoned {
+            // Said before finalising, which may not return if a peer is gone.
+            eprintln!("ballast: rank {} shutting down after an error: {reason}", self.rank);
+        }
+        // MPI_Finalize waits for every rank; a dead or stopped peer would make it wait forever.
+        // The watchdog bounds it like any collective (and names a stopped peer).
+        self.watchdog.arm("MPI_Finalize", self.seq, self.options.timeout);
+        // SAFETY: the handles were created by MPI_Comm_dup and are freed once; the universe is
+        // dropped exactly once, here, after them.
         unsafe {
             ffi::MPI_Comm_free(&mut self.control);
             ffi::MPI_Comm_free(&mut self.data);
+            std::mem::ManuallyDrop::drop(&mut self.universe);
         }
+        self.watchdog.disarm();
+        self.watchdog.stop(self.rank);
     }
 }
 
@@ -544,7 +554,7 @@ impl Watchdog {
                                 ),
                             };
                             eprintln!(
-                                "ballast: fatal: {op} #{seq} stalled in its data phase for {timeout:?} on rank {rank} \
+                                "ballast: fatal: {op} #{seq} stalled in its data phase (or while finalising) for {timeout:?} on rank {rank} \
                                  (host {}): {named}. Ending this process so the launcher stops the job (exit \
                                  {EXIT_STALLED})",
                                 hostname()
