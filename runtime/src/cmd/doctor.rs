@@ -81,7 +81,12 @@ fn mpi_line() -> String {
     #[cfg(feature = "mpi")]
     {
         let version = ballast::collectives::mpi::MpiCommunicator::library_version();
-        version.lines().next().unwrap_or("unknown").trim_matches(|c: char| c.is_whitespace() || c == '\0').to_string()
+        version
+            .lines()
+            .next()
+            .unwrap_or("unknown")
+            .trim_matches(|c: char| c.is_whitespace() || c == '\0')
+            .to_string()
     }
     #[cfg(not(feature = "mpi"))]
     {
