@@ -16,7 +16,7 @@
 //! travels to every rank in the step's all-reduce and becomes part of the plan. No sample is
 //! skipped or counted twice and the step completes.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use burn::{
     module::Module,
@@ -515,9 +515,4 @@ pub fn report_from_probes(points: &[ProbePoint], params: u64, options: &BalanceO
             .ok()
             .map(|m| m.available),
     }
-}
-
-/// Seconds spent since `start`, for callers timing whole blocks of steps.
-pub fn seconds_since(start: Instant) -> f64 {
-    Duration::as_secs_f64(&start.elapsed())
 }

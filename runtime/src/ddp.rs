@@ -60,6 +60,9 @@ pub enum DdpError {
         /// The first difference.
         detail: String,
     },
+    /// The host side of an offloaded optimizer could not be set up.
+    #[error(transparent)]
+    Offload(#[from] crate::offload::OffloadError),
     /// Replicas diverged (checked with [`DataParallel::verify_replicas`]).
     #[error("replicas diverged: parameter checksums by rank are {checksums:x?}")]
     Diverged {
@@ -191,7 +194,6 @@ pub struct DataParallel {
     fused: FusedBuffer<f32>,
     local_samples: usize,
     micro_batches: usize,
-    compute: Duration,
     step: u64,
     note: f32,
     ready_since: Instant,
@@ -232,7 +234,6 @@ impl DataParallel {
             fused,
             local_samples: 0,
             micro_batches: 0,
-            compute: Duration::ZERO,
             step: 0,
             note: 0.0,
             ready_since: Instant::now(),
@@ -297,7 +298,6 @@ impl DataParallel {
         loss_value: f32,
         samples: usize,
     ) -> Result<(), DdpError> {
-        let started = Instant::now();
         let scale = match self.options.loss {
             LossReduction::Mean => samples as f32,
             LossReduction::Sum => 1.0,
@@ -312,7 +312,6 @@ impl DataParallel {
         t[1] += loss_value * scale;
         self.local_samples += samples;
         self.micro_batches += 1;
-        self.compute += started.elapsed();
         Ok(())
     }
 
@@ -494,7 +493,6 @@ impl DataParallel {
         };
         self.local_samples = 0;
         self.micro_batches = 0;
-        self.compute = Duration::ZERO;
         self.note = 0.0;
         self.step += 1;
         self.ready_since = Instant::now();

@@ -99,28 +99,26 @@ impl GlobalSampler {
 
 /// Splits a global batch over ranks in rank order by `shares` (see [`GlobalSampler::split`]).
 pub fn split_batch(batch: &[usize], shares: &[usize]) -> Vec<Vec<usize>> {
-    {
-        let total: usize = shares.iter().sum();
-        let sizes = if total == batch.len() {
-            shares.to_vec()
-        } else {
-            let weights: Vec<f64> = shares.iter().map(|&s| s as f64).collect();
-            split_proportional(batch.len(), &weights).unwrap_or_else(|_| {
-                let mut v = vec![0; shares.len()];
-                if let Some(first) = v.first_mut() {
-                    *first = batch.len();
-                }
-                v
-            })
-        };
-        let mut out = Vec::with_capacity(sizes.len());
-        let mut off = 0;
-        for s in sizes {
-            out.push(batch[off..off + s].to_vec());
-            off += s;
-        }
-        out
+    let total: usize = shares.iter().sum();
+    let sizes = if total == batch.len() {
+        shares.to_vec()
+    } else {
+        let weights: Vec<f64> = shares.iter().map(|&s| s as f64).collect();
+        split_proportional(batch.len(), &weights).unwrap_or_else(|_| {
+            let mut v = vec![0; shares.len()];
+            if let Some(first) = v.first_mut() {
+                *first = batch.len();
+            }
+            v
+        })
+    };
+    let mut out = Vec::with_capacity(sizes.len());
+    let mut off = 0;
+    for s in sizes {
+        out.push(batch[off..off + s].to_vec());
+        off += s;
     }
+    out
 }
 
 fn splitmix64(state: &mut u64) -> u64 {

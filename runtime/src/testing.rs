@@ -391,14 +391,11 @@ fn run_ddp_with<M: Regressor>(
             weight_decay: case.weight_decay,
             ..Default::default()
         };
-        Some(
-            crate::offload::HostOffload::new(&model, config, std::path::Path::new("/")).map_err(|e| {
-                DdpError::Tensor {
-                    path: "host offload".into(),
-                    message: e.to_string(),
-                }
-            })?,
-        )
+        Some(crate::offload::HostOffload::new(
+            &model,
+            config,
+            std::path::Path::new("/"),
+        )?)
     } else {
         None
     };
