@@ -98,6 +98,13 @@ pub struct BalanceOptions {
     pub slowdown: f64,
     /// Root of the `/proc` tree read for host RAM and swap (`/`; tests pass a fake tree).
     pub proc_root: std::path::PathBuf,
+    /// Ranks share one heap (ranks as threads): the counting allocator cannot tell them apart,
+    /// so ranks probe one at a time (each measuring its transient memory plus its own
+    /// parameters) and steps do not check peaks against the budget.
+    pub shared_heap: bool,
+    /// Run the optimizer on the host (the fast host Adam) on every rank, whether or not a
+    /// device needs its state offloaded: its state can then be checkpointed exactly.
+    pub host_optimizer: bool,
 }
 
 impl Default for BalanceOptions {
@@ -112,6 +119,8 @@ impl Default for BalanceOptions {
             inject_oom_at_step: None,
             slowdown: 1.0,
             proc_root: std::path::PathBuf::from("/"),
+            shared_heap: false,
+            host_optimizer: false,
         }
     }
 }
@@ -180,26 +189,21 @@ impl Balancer {
         M: Module,
         F: FnMut(&M, &[usize]) -> Tensor<1>,
     {
-        let mut points = Vec::new();
-        for &m in options.probe_sizes.iter().filter(|&&m| m <= pool.len()) {
-            // Twice per size: the first run warms caches and allocator pools.
-            let mut best = f64::MAX;
-            let mut peak = 0;
-            for _ in 0..2 {
-                memory::reset_peak();
-                let started = Instant::now();
-                let grads = loss_fn(model, &pool[..m]).backward();
-                drop(grads);
-                best = best.min(started.elapsed().as_secs_f64() * options.slowdown.max(1.0));
-                peak = peak.max(meter.peak());
-            }
-            points.push(ProbePoint {
-                samples: m,
-                peak_bytes: peak,
-                seconds: best,
-            });
-        }
         let params = model.num_params() as u64;
+        let points = if options.shared_heap {
+            // One rank at a time; the others wait at the barrier with constant memory.
+            let mut mine = Vec::new();
+            for turn in 0..ddp.world_size() {
+                if turn == ddp.rank() {
+                    let base = memory::in_use().saturating_sub(4 * params);
+                    mine = probe_points(model, loss_fn, pool, &options, || memory::peak().saturating_sub(base));
+                }
+                ddp.comm().barrier()?;
+            }
+            mine
+        } else {
+            probe_points(model, loss_fn, pool, &options, || meter.peak())
+        };
         let report = report_from_probes(&points, params, &options);
         let reports: Vec<DeviceReport> = ddp.comm().all_gather(&report)?;
         let world = reports.len();
@@ -224,7 +228,7 @@ impl Balancer {
         balancer.plan = balancer.initial_plan(global_batch)?;
         // If any rank keeps its optimizer state on the host, every rank runs the host Adam: the
         // replicas must apply bit-identical updates, and burn's Adam rounds differently.
-        if balancer.plan.ranks.iter().any(|r| r.offload) {
+        if balancer.options.host_optimizer || balancer.plan.ranks.iter().any(|r| r.offload) {
             let host = crate::offload::HostOffload::new(
                 model,
                 crate::offload::HostAdamConfig::default(),
@@ -319,6 +323,38 @@ impl Balancer {
         self.host.is_some()
     }
 
+    /// Adopts `plan` (a saved one, on resume) if it is for this world and global batch and every
+    /// rank's micro-batch fits its measured memory; returns whether it did.
+    pub fn adopt(&mut self, plan: Plan) -> bool {
+        let t = &self.options.tunables;
+        let fits = plan.global_batch == self.plan.global_batch
+            && plan.ranks.len() == self.reports.len()
+            && plan.ranks.iter().map(|r| r.share).sum::<usize>() == plan.global_batch
+            && plan
+                .ranks
+                .iter()
+                .zip(&self.reports)
+                .zip(&self.plan.ranks)
+                .all(|((r, report), now)| {
+                    r.offload == now.offload
+                        && r.micro_batch <= ballast_balancer::memory_cap(report, t).max(now.micro_batch)
+                });
+        if fits {
+            self.plan = plan;
+        }
+        fits
+    }
+
+    /// The host optimizer, when one runs.
+    pub fn host(&self) -> Option<&crate::offload::HostOffload> {
+        self.host.as_ref()
+    }
+
+    /// The host optimizer, to restore its state.
+    pub fn host_mut(&mut self) -> Option<&mut crate::offload::HostOffload> {
+        self.host.as_mut()
+    }
+
     /// Every rank's report, indexed by rank.
     pub fn reports(&self) -> &[DeviceReport] {
         &self.reports
@@ -372,7 +408,7 @@ impl Balancer {
             let loss = loss_fn(&model, idx);
             let loss_value: f32 = loss.clone().into_scalar();
             let grads: Gradients = loss.backward();
-            let peak = self.meter.peak();
+            let peak = if self.options.shared_heap { 0 } else { self.meter.peak() };
             let inject = self.options.inject_oom_at_step == Some(step) && !self.injected;
             if peak > self.options.budget_bytes || inject {
                 self.injected |= inject;
@@ -449,6 +485,84 @@ impl Balancer {
             }
         }
     }
+}
+
+/// The plan as a table, one row per device, and a summary line.
+pub fn plan_table(plan: &Plan, reports: &[DeviceReport]) -> String {
+    use std::fmt::Write;
+    let mut out = format!(
+        "{:>4}  {:<14} {:>10} {:>8} {:>6} {:>6} {:>12} {:>10} {:>10} {:>8}\n",
+        "rank", "device", "memory", "speed", "share", "micro", "accumulate", "peak", "compute", "offload"
+    );
+    for (i, (r, d)) in plan.ranks.iter().zip(reports).enumerate() {
+        let _ = writeln!(
+            out,
+            "{i:>4}  {:<14} {:>10} {:>8.1} {:>6} {:>6} {:>12} {:>10} {:>9.3}s {:>8}",
+            d.name,
+            human_bytes(d.budget_bytes),
+            d.samples_per_sec,
+            r.share,
+            r.micro_batch,
+            r.accumulation,
+            human_bytes(r.predicted_peak_bytes),
+            r.predicted_compute_s,
+            if r.offload { "host" } else { "-" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "global batch {}; predicted step {:.3}s ({:.1} samples/s)",
+        plan.global_batch,
+        plan.predicted_step_s,
+        plan.global_batch as f64 / plan.predicted_step_s.max(1e-12)
+    );
+    out
+}
+
+/// Bytes as MiB or GiB with one decimal (`unlimited` for `u64::MAX`).
+pub fn human_bytes(bytes: u64) -> String {
+    if bytes == u64::MAX {
+        return "unlimited".into();
+    }
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1}GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1}MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+fn probe_points<M, F>(
+    model: &M,
+    loss_fn: &mut F,
+    pool: &[usize],
+    options: &BalanceOptions,
+    peak: impl Fn() -> u64,
+) -> Vec<ProbePoint>
+where
+    M: Module,
+    F: FnMut(&M, &[usize]) -> Tensor<1>,
+{
+    let mut points = Vec::new();
+    for &m in options.probe_sizes.iter().filter(|&&m| m <= pool.len()) {
+        // Twice per size: the first run warms caches and allocator pools.
+        let mut best = f64::MAX;
+        let mut most = 0;
+        for _ in 0..2 {
+            memory::reset_peak();
+            let started = Instant::now();
+            let grads = loss_fn(model, &pool[..m]).backward();
+            drop(grads);
+            best = best.min(started.elapsed().as_secs_f64() * options.slowdown.max(1.0));
+            most = most.max(peak());
+        }
+        points.push(ProbePoint {
+            samples: m,
+            peak_bytes: most,
+            seconds: best,
+        });
+    }
+    points
 }
 
 fn assignment(report: &DeviceReport, share: usize, cap: usize) -> RankAssignment {

@@ -16,7 +16,10 @@ pub use ballast_cluster as cluster;
 pub use ballast_collectives as collectives;
 
 pub mod balance;
+pub mod checkpoint;
+pub mod config;
 pub mod ddp;
+pub mod job;
 pub mod memory;
 pub mod metrics;
 pub mod offload;

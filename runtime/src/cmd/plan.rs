@@ -103,46 +103,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.json {
         println!("{}", json!({"reports": reports, "plan": plan, "tunables": tunables}));
     } else {
-        print_table(&plan, &reports);
+        print!("{}", ballast::balance::plan_table(&plan, &reports));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Prints the plan as a table, one row per device.
-pub fn print_table(plan: &Plan, reports: &[DeviceReport]) {
-    println!(
-        "{:>4}  {:<14} {:>10} {:>8} {:>6} {:>6} {:>12} {:>10} {:>10} {:>8}",
-        "rank", "device", "memory", "speed", "share", "micro", "accumulate", "peak", "compute", "offload"
-    );
-    for (i, (r, d)) in plan.ranks.iter().zip(reports).enumerate() {
-        println!(
-            "{i:>4}  {:<14} {:>10} {:>8.1} {:>6} {:>6} {:>12} {:>10} {:>9.3}s {:>8}",
-            d.name,
-            human(d.budget_bytes),
-            d.samples_per_sec,
-            r.share,
-            r.micro_batch,
-            r.accumulation,
-            human(r.predicted_peak_bytes),
-            r.predicted_compute_s,
-            if r.offload { "host" } else { "-" }
-        );
-    }
-    println!(
-        "global batch {}; predicted step {:.3}s ({:.1} samples/s)",
-        plan.global_batch,
-        plan.predicted_step_s,
-        plan.global_batch as f64 / plan.predicted_step_s.max(1e-12)
-    );
-}
-
-fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.1}GiB", b / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1}MiB", b / (1u64 << 20) as f64)
-    }
 }
 
 fn parse_count(s: &str) -> Result<u64> {

@@ -90,6 +90,30 @@ impl HostAdam {
         self.t
     }
 
+    /// The first and second moments, flat in parameter order.
+    pub fn moments(&self) -> (&[f32], &[f32]) {
+        (&self.m, &self.v)
+    }
+
+    /// Replaces the state with saved moments and step count (a resume).
+    ///
+    /// # Errors
+    /// When the lengths differ from this optimizer's parameter count.
+    pub fn restore(&mut self, m: Vec<f32>, v: Vec<f32>, t: i32) -> Result<(), String> {
+        if m.len() != self.m.len() || v.len() != self.v.len() {
+            return Err(format!(
+                "saved Adam state has {} and {} values but the model has {} parameters",
+                m.len(),
+                v.len(),
+                self.m.len()
+            ));
+        }
+        self.m = m;
+        self.v = v;
+        self.t = t;
+        Ok(())
+    }
+
     /// One update of `params` with `grads` (same length as the state), on the current rayon
     /// pool.
     ///

@@ -129,6 +129,16 @@ impl HostOffload {
         &self.master
     }
 
+    /// The Adam state.
+    pub fn adam(&self) -> &HostAdam {
+        &self.adam
+    }
+
+    /// The Adam state, to restore it.
+    pub fn adam_mut(&mut self) -> &mut HostAdam {
+        &mut self.adam
+    }
+
     /// Host bytes held (master copy and moments).
     pub fn host_bytes(&self) -> u64 {
         self.master.len() as u64 * 4 + self.adam.state_bytes()

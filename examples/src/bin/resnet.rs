@@ -1,0 +1,149 @@
+//! Trains a ResNet-18-style classifier on CIFAR-10 with ballast.
+//!
+//! With no `--data`, a small synthetic set in CIFAR-10's binary format is generated under the
+//! work directory. Without a launcher the ranks run as threads on simulated unequal devices;
+//! under `mpirun` (build with `--features mpi`) each process is one rank.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Result;
+use ballast::{
+    config::{self, Defaults, TrainArgs},
+    job::{self, Task},
+};
+use ballast_examples::{
+    cifar::{self, Cifar10},
+    models::{ResNet, ResNetShape},
+};
+use burn::{
+    nn::loss::CrossEntropyLossConfig,
+    tensor::{Device, Tensor},
+};
+use clap::Parser;
+use serde::Deserialize;
+
+#[global_allocator]
+static ALLOC: ballast::memory::CountingAlloc = ballast::memory::CountingAlloc;
+
+/// Train a ResNet on CIFAR-10 (binary files) over unequal devices.
+///
+/// --data takes a data_batch_*.bin file or the `cifar-10-batches-bin` directory from
+/// https://www.cs.toronto.edu/~kriz/cifar.html; without it a synthetic set is generated.
+#[derive(Parser)]
+#[command(name = "resnet", version)]
+struct Cli {
+    #[command(flatten)]
+    train: TrainArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+/// Model settings (the `[model]` table of --config).
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelArgs {
+    /// Channels of the first stage, doubled by each later stage (ResNet-18: 64) [default: 16].
+    #[arg(long)]
+    width: Option<usize>,
+    /// Stages (ResNet-18: 4) [default: 3].
+    #[arg(long)]
+    stages: Option<usize>,
+    /// Basic blocks per stage (ResNet-18: 2) [default: 2].
+    #[arg(long)]
+    blocks: Option<usize>,
+    /// Images to generate when no --data is given [default: 2000].
+    #[arg(long)]
+    synthetic_images: Option<usize>,
+}
+
+const DEFAULTS: Defaults = Defaults {
+    job: "resnet",
+    global_batch: 64,
+    lr: 2e-3,
+    steps: 200,
+    device_memory: &["30MiB", "20MiB", "10MiB"],
+    speeds: &[3.0, 2.0, 1.0],
+};
+
+struct Resnet {
+    data: Cifar10,
+    shape: ResNetShape,
+}
+
+impl Task for Resnet {
+    type Model = ResNet;
+
+    fn build(&self, device: &Device) -> ResNet {
+        ResNet::new(self.shape, device)
+    }
+
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    fn loss(&self, model: &ResNet, indices: &[usize], device: &Device) -> Tensor<1> {
+        let (x, y) = self.data.batch(indices, device);
+        CrossEntropyLossConfig::new().init(device).forward(model.forward(x), y)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "ResNet: width {}, {} stages x {} blocks, {} classes; data: {} images from {}",
+            self.shape.width,
+            self.shape.stages,
+            self.shape.blocks,
+            self.shape.classes,
+            self.data.len(),
+            self.data
+                .files()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let launch = job::launch()?;
+    let (settings, file_model) =
+        config::load::<ModelArgs>(&cli.train, &DEFAULTS, launch.is_launched().then_some(launch.world_size))?;
+    let pick = |a: Option<usize>, b: Option<usize>, d: usize| a.or(b).unwrap_or(d);
+    let shape = ResNetShape {
+        width: pick(cli.model.width, file_model.width, 16),
+        stages: pick(cli.model.stages, file_model.stages, 3),
+        blocks: pick(cli.model.blocks, file_model.blocks, 2),
+        classes: cifar::CLASSES,
+    };
+    anyhow::ensure!(shape.width >= 1, "--width must be at least 1");
+    anyhow::ensure!(
+        (1..=5).contains(&shape.stages),
+        "--stages must be 1 to 5 (32x32 images halve per stage)"
+    );
+    anyhow::ensure!(shape.blocks >= 1, "--blocks must be at least 1");
+    let data_path: PathBuf = match &settings.data {
+        Some(p) => p.clone(),
+        None => {
+            let images = pick(cli.model.synthetic_images, file_model.synthetic_images, 2000);
+            anyhow::ensure!(images >= 1, "--synthetic-images must be at least 1");
+            cifar::write_synthetic(&settings.work_dir.join("synthetic-cifar10"), images, settings.seed)?
+        }
+    };
+    let data = Cifar10::load(&data_path)?;
+    let summary = job::run(&Resnet { data, shape }, &settings, &launch)?;
+    if launch.rank == 0 {
+        job::print_summary(&summary);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("resnet: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

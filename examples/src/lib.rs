@@ -1,0 +1,69 @@
+//! Example jobs for ballast: data, models and tasks.
+//!
+//! - [`cifar`] and [`text`]: loaders for CIFAR-10 binary files and UTF-8 text, with generated
+//!   data in the same formats when none is given;
+//! - [`models`]: a ResNet-18-style image classifier and a decoder-only byte-level Transformer;
+//!
+//! The training loop itself (world, plan, balanced steps, progress, metrics, checkpoints) is
+//! `ballast::job`; each binary supplies a `ballast::job::Task`.
+#![warn(missing_docs)]
+
+pub mod cifar;
+pub mod models;
+pub mod text;
+
+use std::{io::Write, path::Path};
+
+/// A tiny deterministic generator for synthetic data (the same bytes on every machine).
+#[derive(Debug, Clone)]
+pub struct Lcg(u64);
+
+impl Lcg {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
+    }
+
+    /// The next 64 bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let x = self.0;
+        (x ^ (x >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ (x >> 32)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Uniform in 0..n.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
+/// readers (other ranks generating the same file) never see a partial file.
+///
+/// # Errors
+/// IO errors, with the path.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = dir.to_path_buf();
+    tmp.push(format!(
+        ".{}.{}.{:?}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("data"),
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,342 @@
+//! Settings of an example job: a TOML file (`--config`) and command-line flags, flags winning.
+//!
+//! The file has two tables, `[train]` (the keys of [`TrainArgs`]) and `[model]` (the job's own
+//! model keys). Unknown keys are errors, so a misspelt setting is never silently ignored.
+//!
+//! ```toml
+//! [train]
+//! global_batch = 48
+//! lr = 0.002
+//! steps = 200
+//! device_memory = ["24MiB", "16MiB", "8MiB"]
+//! speeds = [3, 2, 1]
+//!
+//! [model]
+//! width = 8
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{de::DeserializeOwned, Deserialize};
+
+/// Training settings shared by the examples. Every field may come from the `[train]` table of
+/// the `--config` file or from its flag; the flag wins.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainArgs {
+    /// TOML file with `[train]` and `[model]` tables holding any of these settings (flags win).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Ranks to run as threads when no launcher (mpirun, srun) started this process [default: one
+    /// per --device-memory entry, or 3].
+    #[arg(long)]
+    pub ranks: Option<usize>,
+    /// Samples per optimizer step over all ranks (the batch one big device would train on).
+    #[arg(long)]
+    pub global_batch: Option<usize>,
+    /// Learning rate of Adam.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Optimizer steps to train (counted from step 0, so a resumed run stops at the same step).
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<u64>,
+    /// Passes over the data instead of --steps.
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Memory budget of each device, one per rank, e.g. `24MiB,16MiB,8MiB`; a rank's
+    /// micro-batch is capped so its measured peak stays within it. Omit for no cap.
+    #[arg(long, value_delimiter = ',', value_name = "BYTES,...")]
+    pub device_memory: Option<Vec<String>>,
+    /// Relative speeds of simulated devices when ranks run as threads, e.g. `3,2,1`: a rank of
+    /// speed s sleeps so that it takes max/s times as long. Ignored under a launcher, where
+    /// speeds are the real devices' (pin ranks to cores with cluster/run-local.sh).
+    #[arg(long, value_delimiter = ',', value_name = "S,...")]
+    pub speeds: Option<Vec<f64>>,
+    /// Training data (see the job's --help); omit to generate a small synthetic set.
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Directory for generated data, metrics and checkpoints [default: runs/<job>].
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Metrics file: one JSON line per step and rank, appended [default: <work-dir>/metrics.jsonl].
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
+    /// Directory for checkpoints (safetensors); omit for none.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Write a checkpoint every this many steps (and after the last) [default: 50].
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoints to keep; older ones are deleted [default: 3].
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// Resume from the newest complete checkpoint in --checkpoint-dir.
+    #[arg(long)]
+    #[serde(default)]
+    pub resume: bool,
+    /// Seed of the initial weights, the data order and generated data [default: 1].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Print a progress line every this many steps when stderr is not a terminal [default: 10].
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    /// Keep the first plan: do not re-plan from observed speeds.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_rebalance: bool,
+    /// First plan: `measured` (shares by measured speed) or `equal` (equal shares, capped by
+    /// memory: reproducible bit for bit across runs, with --no-rebalance) [default: measured].
+    #[arg(long, value_name = "measured|equal")]
+    pub initial_plan: Option<String>,
+    /// Abort the process when this step is about to start (fault-injection tests).
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub crash_at_step: Option<u64>,
+}
+
+/// A job's defaults.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    /// Job name (directory under `runs/`, `job` field of metrics).
+    pub job: &'static str,
+    /// Global batch.
+    pub global_batch: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// Steps.
+    pub steps: u64,
+    /// Device memory budgets.
+    pub device_memory: &'static [&'static str],
+    /// Simulated speeds.
+    pub speeds: &'static [f64],
+}
+
+/// Validated settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Job name.
+    pub job: String,
+    /// Ranks when running as threads.
+    pub ranks: usize,
+    /// Global batch.
+    pub global_batch: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// Steps, or epochs to convert once the data size is known.
+    pub length: Length,
+    /// Budget per rank, bytes (empty: unlimited).
+    pub device_memory: Vec<u64>,
+    /// Simulated speeds per rank (threads only; empty: none).
+    pub speeds: Vec<f64>,
+    /// Data path.
+    pub data: Option<PathBuf>,
+    /// Work directory.
+    pub work_dir: PathBuf,
+    /// Metrics file.
+    pub metrics: PathBuf,
+    /// Checkpoint directory.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint interval in steps.
+    pub checkpoint_every: u64,
+    /// Checkpoints kept.
+    pub keep: usize,
+    /// Resume from the newest checkpoint.
+    pub resume: bool,
+    /// Seed.
+    pub seed: u64,
+    /// Progress line interval.
+    pub log_every: u64,
+    /// Re-plan online.
+    pub rebalance: bool,
+    /// Start from equal shares instead of measured ones.
+    pub equal_start: bool,
+    /// Abort when this step is about to start (tests).
+    pub crash_at_step: Option<u64>,
+}
+
+/// How long to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Length {
+    /// Optimizer steps.
+    Steps(u64),
+    /// Passes over the data.
+    Epochs(u64),
+}
+
+impl Settings {
+    /// Steps to train given `steps_per_epoch`.
+    pub fn steps(&self, steps_per_epoch: usize) -> u64 {
+        match self.length {
+            Length::Steps(s) => s,
+            Length::Epochs(e) => e * steps_per_epoch as u64,
+        }
+    }
+
+    /// The slowdown factor of `rank` (1.0 = full speed) when ranks are simulated devices.
+    pub fn slowdown(&self, rank: usize) -> f64 {
+        let fastest = self.speeds.iter().copied().fold(0.0, f64::max);
+        self.speeds.get(rank).map_or(1.0, |&s| fastest / s)
+    }
+}
+
+/// Reads the `[train]` and `[model]` tables of a TOML file.
+///
+/// # Errors
+/// Missing file, TOML syntax, unknown keys and wrong types, each naming the file.
+pub fn read_file<M: DeserializeOwned + Default>(path: &Path) -> Result<(TrainArgs, M)> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File<M> {
+        #[serde(default)]
+        train: Option<TrainArgs>,
+        #[serde(default)]
+        model: Option<M>,
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}; check the --config path", path.display()))?;
+    let file: File<M> = toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "config file {} is invalid: {}; the file takes [train] and [model] tables (see --help for the keys)",
+            path.display(),
+            e.to_string().trim_end()
+        )
+    })?;
+    Ok((file.train.unwrap_or_default(), file.model.unwrap_or_default()))
+}
+
+/// Merges flags over the file's settings, applies `defaults` and validates. `launched` is the
+/// world size when a launcher started this process: the simulated devices of the defaults
+/// (budgets, speeds) then do not apply, and per-rank lists must match the world.
+///
+/// # Errors
+/// Each invalid value, named with the flag and what to give instead.
+pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched: Option<usize>) -> Result<Settings> {
+    macro_rules! pick {
+        ($f:ident) => {
+            cli.$f.clone().or_else(|| file.$f.clone())
+        };
+    }
+    let global_batch = pick!(global_batch).unwrap_or(defaults.global_batch);
+    if global_batch < 1 {
+        bail!("--global-batch must be at least 1 (got {global_batch}); it is the number of samples per optimizer step");
+    }
+    let lr = pick!(lr).unwrap_or(defaults.lr);
+    if !(lr.is_finite() && lr > 0.0) {
+        bail!("--lr must be a positive number (got {lr}); try 0.001");
+    }
+    let length = match (pick!(steps), pick!(epochs)) {
+        (Some(_), Some(_)) => bail!("give either steps or epochs, not both"),
+        (Some(0), None) | (None, Some(0)) => bail!("--steps/--epochs must be at least 1"),
+        (Some(s), None) => Length::Steps(s),
+        (None, Some(e)) => Length::Epochs(e),
+        (None, None) => Length::Steps(defaults.steps),
+    };
+    let memory_specs: Vec<String> = pick!(device_memory).unwrap_or_else(|| {
+        if launched.is_some() {
+            Vec::new()
+        } else {
+            defaults.device_memory.iter().map(|s| (*s).to_string()).collect()
+        }
+    });
+    let mut device_memory = Vec::new();
+    for (rank, spec) in memory_specs.iter().enumerate() {
+        let bytes = ballast_cluster::parse_bytes(spec).map_err(|e| {
+            anyhow::anyhow!(
+                "--device-memory entry {rank} ({spec:?}) is not a size: {e}; write sizes like 24MiB or 2GiB"
+            )
+        })?;
+        if bytes == 0 {
+            bail!("--device-memory entry {rank} is 0 bytes; every device needs a positive budget");
+        }
+        device_memory.push(bytes);
+    }
+    let speeds = match launched {
+        // Real devices have their own speeds.
+        Some(_) => Vec::new(),
+        None => pick!(speeds).unwrap_or_else(|| defaults.speeds.to_vec()),
+    };
+    if let Some((rank, s)) = speeds.iter().enumerate().find(|(_, s)| !(s.is_finite() && **s > 0.0)) {
+        bail!("--speeds entry {rank} is {s}; speeds are positive relative numbers such as 3,2,1");
+    }
+    let ranks = match (launched, pick!(ranks)) {
+        (Some(world), Some(r)) if r != world => {
+            bail!("--ranks is {r} but the launcher started {world} processes; drop --ranks or start {r} processes")
+        }
+        (Some(world), _) => world,
+        (None, Some(0)) => bail!("--ranks must be at least 1"),
+        (None, Some(r)) => r,
+        (None, None) if !device_memory.is_empty() => device_memory.len(),
+        (None, None) if !speeds.is_empty() => speeds.len(),
+        (None, None) => 3,
+    };
+    if !device_memory.is_empty() && device_memory.len() != ranks {
+        bail!(
+            "the job has {ranks} ranks but --device-memory lists {} budgets; give one budget per rank",
+            device_memory.len()
+        );
+    }
+    if !speeds.is_empty() && speeds.len() != ranks {
+        bail!(
+            "--ranks is {ranks} but --speeds lists {} speeds; give one speed per rank",
+            speeds.len()
+        );
+    }
+    let work_dir = pick!(work_dir).unwrap_or_else(|| PathBuf::from("runs").join(defaults.job));
+    let metrics = pick!(metrics).unwrap_or_else(|| work_dir.join("metrics.jsonl"));
+    let checkpoint_every = pick!(checkpoint_every).unwrap_or(50);
+    if checkpoint_every == 0 {
+        bail!("--checkpoint-every must be at least 1");
+    }
+    let keep = pick!(keep).unwrap_or(3);
+    if keep == 0 {
+        bail!("--keep must be at least 1: the newest checkpoint is always kept");
+    }
+    let checkpoint_dir = pick!(checkpoint_dir);
+    let resume = cli.resume || file.resume;
+    if resume && checkpoint_dir.is_none() {
+        bail!("--resume needs --checkpoint-dir: the directory to resume from");
+    }
+    Ok(Settings {
+        job: defaults.job.to_string(),
+        ranks,
+        global_batch,
+        lr,
+        length,
+        device_memory,
+        speeds,
+        data: pick!(data),
+        work_dir,
+        metrics,
+        checkpoint_dir,
+        checkpoint_every,
+        keep,
+        resume,
+        seed: pick!(seed).unwrap_or(1),
+        log_every: pick!(log_every).unwrap_or(10).max(1),
+        rebalance: !(cli.no_rebalance || file.no_rebalance),
+        equal_start: match pick!(initial_plan).as_deref() {
+            None | Some("measured") => false,
+            Some("equal") => true,
+            Some(other) => bail!("--initial-plan is {other:?}; use `measured` or `equal`"),
+        },
+        crash_at_step: cli.crash_at_step,
+    })
+}
+
+/// Reads `--config` if given and resolves the settings; returns them with the `[model]` table.
+///
+/// # Errors
+/// See [`read_file`] and [`resolve`].
+pub fn load<M: DeserializeOwned + Default>(
+    cli: &TrainArgs,
+    defaults: &Defaults,
+    launched: Option<usize>,
+) -> Result<(Settings, M)> {
+    let (file, model) = match &cli.config {
+        Some(path) => read_file::<M>(path)?,
+        None => (TrainArgs::default(), M::default()),
+    };
+    Ok((resolve(cli, &file, defaults, launched)?, model))
+}

@@ -1,0 +1,418 @@
+//! The loop every example runs.
+//!
+//! 1. Join the world: under mpirun/srun this process is one rank; otherwise the ranks run as
+//!    threads standing for simulated devices (each with a memory budget and a speed).
+//! 2. Build the model (rank 0's initial weights reach every rank), measure each device with a
+//!    few forward/backward probes, agree on a plan and print it.
+//! 3. Train: each step, every rank runs its share of the global batch in planned micro-batches
+//!    and all ranks sum gradients once. Rank 0 shows progress; every rank appends a metrics line.
+//! 4. Checkpoint every `checkpoint_every` steps (rank 0 writes, atomically) and resume from the
+//!    newest complete checkpoint, on any number of ranks.
+
+use std::{
+    io::IsTerminal,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use ballast_cluster::Launch;
+use ballast_collectives::{local, CommOptions, Communicator, CommunicatorExt};
+
+use crate::{
+    balance::{plan_table, BalanceOptions, Balancer},
+    checkpoint::{self, Checkpointer, TrainState},
+    memory::DeviceMeter,
+    metrics::MetricsWriter,
+    DataParallel, DdpOptions, GlobalSampler,
+};
+use burn::{
+    module::Module,
+    optim::AdamConfig,
+    tensor::{Device, Tensor},
+};
+use serde_json::json;
+
+use crate::config::Settings;
+
+/// A training task: a model, a dataset addressed by sample index, and a loss.
+pub trait Task: Sync {
+    /// The model.
+    type Model: Module;
+    /// Builds the model (random initial weights from the device's seed).
+    fn build(&self, device: &Device) -> Self::Model;
+    /// Number of samples.
+    fn len(&self) -> usize;
+    /// Mean loss of the samples `indices`.
+    fn loss(&self, model: &Self::Model, indices: &[usize], device: &Device) -> Tensor<1>;
+    /// A line describing the model and data (printed before the plan).
+    fn describe(&self) -> String;
+    /// Whether there are no samples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a run did, as rank 0 saw it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Summary {
+    /// Ranks.
+    pub world_size: usize,
+    /// First step run (non-zero after a resume).
+    pub first_step: u64,
+    /// Steps run in this invocation.
+    pub steps: u64,
+    /// Global-batch loss of every step run.
+    pub losses: Vec<f64>,
+    /// Wall seconds of the training loop.
+    pub seconds: f64,
+    /// Samples per second over the loop.
+    pub samples_per_sec: f64,
+    /// Checksum of the final parameters (identical on every rank).
+    pub checksum: u64,
+    /// Newest checkpoint written, if any.
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// This process's place in the job: launched (one rank) or not (ranks as threads).
+pub fn launch() -> Result<Launch> {
+    Ok(Launch::from_env()?)
+}
+
+/// Runs `task` with `settings` on every rank of the job and returns rank 0's summary.
+///
+/// # Errors
+/// Anything a rank reports: plan, data, collective, checkpoint errors.
+pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Summary> {
+    let options = CommOptions::from_env()?;
+    if let Some(comm) = crate::world::launched_communicator(launch, options.clone())? {
+        return rank_main(comm, task, settings, false);
+    }
+    let results = local::run(settings.ranks, options, |comm| {
+        rank_main(Box::new(comm), task, settings, true)
+    });
+    // The first error, preferring one that is not another rank's timeout caused by it.
+    let mut summary = None;
+    let mut errors = Vec::new();
+    for r in results {
+        match r {
+            Ok(s) => summary = summary.or(Some(s)),
+            Err(e) => errors.push(e),
+        }
+    }
+    if let Some(e) = errors
+        .into_iter()
+        .min_by_key(|e| format!("{e:#}").contains("timed out"))
+    {
+        return Err(e);
+    }
+    summary.context("no rank returned")
+}
+
+fn rank_main<T: Task>(comm: Box<dyn Communicator>, task: &T, s: &Settings, threads: bool) -> Result<Summary> {
+    let rank = comm.rank();
+    let world = comm.world_size();
+    let mut comm = comm;
+    let device = Device::flex().autodiff();
+    let meter = DeviceMeter::start();
+    // The seeded generator is process-wide: ranks as threads build (and lazily initialise) their
+    // models one at a time, so rank 0's initial weights depend on the seed alone.
+    let mut built = None;
+    for turn in 0..world {
+        if turn == rank {
+            device.seed(s.seed);
+            let model = task.build(&device);
+            let _ = crate::ddp::checksum(&model);
+            built = Some(model);
+        }
+        if threads {
+            comm.barrier()?;
+        }
+    }
+    let model = built.context("model not built")?;
+    let (mut ddp, mut model) = DataParallel::wrap(comm, model, DdpOptions::default())?;
+    let mut loss_fn = |m: &T::Model, idx: &[usize]| task.loss(m, idx, &device);
+
+    let sampler = GlobalSampler::new(task.len(), s.global_batch, s.seed)?;
+    let steps = s.steps(sampler.steps_per_epoch());
+    let checkpointer = match &s.checkpoint_dir {
+        Some(dir) => Some(Checkpointer::new(dir, s.keep)?),
+        None => None,
+    };
+    // Resume: every rank loads the same checkpoint (rank 0 picks it; the others open that file).
+    let mut state = TrainState {
+        step: 0,
+        seed: s.seed,
+        global_batch: s.global_batch,
+        world_size: world,
+        job: s.job.clone(),
+        plan: None,
+    };
+    let mut resumed_optimizer = None;
+    let mut resumed_plan = None;
+    if s.resume {
+        let cp = checkpointer.as_ref().context("--resume needs --checkpoint-dir")?;
+        let chosen = if rank == 0 { cp.newest()? } else { None };
+        let chosen: Option<PathBuf> = ddp.comm().broadcast_value(0, &chosen)?;
+        let path = chosen.with_context(|| {
+            format!(
+                "--resume: no complete checkpoint in {}; run without --resume to start from step 0",
+                cp.dir().display()
+            )
+        })?;
+        let loaded = checkpoint::load(&path, &model)?;
+        loaded.state.check_compatible(&s.job, s.global_batch, s.seed, &path)?;
+        model = loaded.apply(model);
+        state.step = loaded.state.step;
+        resumed_optimizer = loaded.adam.clone();
+        if loaded.state.world_size == world {
+            resumed_plan = loaded.state.plan.clone();
+        }
+        if rank == 0 {
+            println!(
+                "resuming from {} (step {}, saved by {} ranks, now {world})",
+                path.display(),
+                state.step,
+                loaded.state.world_size
+            );
+        }
+    }
+
+    let probe_max = s.global_batch.clamp(1, 32);
+    let options = BalanceOptions {
+        budget_bytes: s.device_memory.get(rank).copied().unwrap_or(u64::MAX),
+        probe_sizes: [1, 2, 4, 8, 16, 32].into_iter().filter(|&m| m <= probe_max).collect(),
+        rebalance: s.rebalance,
+        slowdown: if threads { s.slowdown(rank) } else { 1.0 },
+        shared_heap: threads,
+        host_optimizer: true,
+        initial: if s.equal_start {
+            crate::balance::InitialPlan::Equal
+        } else {
+            crate::balance::InitialPlan::Measured
+        },
+        ..BalanceOptions::default()
+    };
+    let pool: Vec<usize> = (0..task.len().min(probe_max)).collect();
+    let mut balancer = Balancer::probe(&mut ddp, &model, &mut loss_fn, &pool, s.global_batch, meter, options)?;
+    // Same world: continue on the saved plan, so the arithmetic (and the result, bit for bit)
+    // is that of an uninterrupted run. Another world: the plan just measured.
+    let reused = match resumed_plan.and_then(|p| serde_json::from_value::<ballast_balancer::Plan>(p).ok()) {
+        Some(plan) => balancer.adopt(plan),
+        None => false,
+    };
+    if rank == 0 {
+        println!("{}", task.describe());
+        if reused {
+            println!("continuing on the saved plan");
+        }
+        println!(
+            "{world} ranks ({}), {} samples, global batch {}, steps {}..{steps}",
+            if threads {
+                "threads on simulated devices"
+            } else {
+                "processes"
+            },
+            task.len(),
+            s.global_batch,
+            state.step
+        );
+        print!("{}", plan_table(balancer.plan(), balancer.reports()));
+    }
+    // The host Adam runs on every rank (`host_optimizer`); its state is what checkpoints carry.
+    // burn's optimizer is only a placeholder the step signature asks for.
+    let mut optim = AdamConfig::new().init();
+    if let Some(saved) = resumed_optimizer {
+        let host = balancer.host_mut().context("the host optimizer is not running")?;
+        host.adam_mut()
+            .restore(saved.m, saved.v, saved.t)
+            .map_err(|e| anyhow::anyhow!("resuming the optimizer: {e}"))?;
+    }
+
+    let run_id: String = {
+        let id = format!(
+            "{}-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            std::process::id()
+        );
+        ddp.comm().broadcast_value(0, &id)?
+    };
+    let mut metrics = MetricsWriter::append(&s.metrics)?;
+    let progress = (rank == 0).then(|| Progress::new(steps.saturating_sub(state.step), s.log_every));
+    let started = Instant::now();
+    let first_step = state.step;
+    let mut losses = Vec::new();
+    let mut samples = 0usize;
+    let mut last_checkpoint = None;
+    while state.step < steps {
+        let step = state.step;
+        if s.crash_at_step == Some(step) {
+            eprintln!("ballast: rank {rank}: aborting before step {step} as asked (--crash-at-step)");
+            std::process::abort();
+        }
+        let plan = balancer.plan().clone();
+        let t0 = Instant::now();
+        let batch = sampler.batch(step);
+        let (next, out) = balancer.step(&mut ddp, model, &mut optim, s.lr, &batch, &mut loss_fn)?;
+        model = next;
+        let step_s = t0.elapsed().as_secs_f64();
+        if !out.stats.loss.is_finite() {
+            anyhow::bail!(
+                "step {step}: the loss is {} (diverged); lower --lr (now {})",
+                out.stats.loss,
+                s.lr
+            );
+        }
+        losses.push(out.stats.loss);
+        samples += out.stats.global_samples;
+        let mine = &plan.ranks[rank];
+        metrics.record(&json!({
+            "run": run_id,
+            "job": s.job,
+            "rank": rank,
+            "world_size": world,
+            "step": step,
+            "loss": out.stats.loss,
+            "samples": out.stats.local_samples,
+            "global_samples": out.stats.global_samples,
+            "share": mine.share,
+            "micro_batch": mine.micro_batch,
+            "micro_batches": out.micro_batches,
+            "accumulation": out.micro_batches.len(),
+            "compute_s": out.stats.compute.as_secs_f64(),
+            "allreduce_s": out.stats.all_reduce.as_secs_f64(),
+            "step_s": step_s,
+            "all_reduces": out.stats.collectives,
+            "peak_bytes": if threads { None } else { Some(out.peak_bytes) },
+            "budget_bytes": s.device_memory.get(rank),
+            "predicted_peak_bytes": mine.predicted_peak_bytes,
+            "offload": mine.offload,
+            "oom_retries": out.oom_retries,
+            "plan_changed": out.plan_changed,
+            "swap_warning": out.swap_warning,
+        }))?;
+        state.step += 1;
+        if let Some(p) = &progress {
+            p.update(state.step, &out.stats, &plan, step_s);
+        }
+        if let Some(cp) = &checkpointer {
+            if state.step % s.checkpoint_every == 0 || state.step == steps {
+                // Rank 0 writes; the others wait so that nobody runs ahead of a failed save.
+                let written = if rank == 0 {
+                    state.plan = serde_json::to_value(balancer.plan()).ok();
+                    Some(cp.save(&model, balancer.host().map(|h| h.adam()), &state)?)
+                } else {
+                    None
+                };
+                ddp.comm().barrier()?;
+                last_checkpoint = written;
+            }
+        }
+    }
+    ddp.verify_replicas(&model)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some(p) = progress {
+        p.finish();
+    }
+    Ok(Summary {
+        world_size: world,
+        first_step,
+        steps: steps - first_step,
+        losses,
+        seconds,
+        samples_per_sec: samples as f64 / seconds.max(1e-9),
+        checksum: crate::ddp::checksum(&model),
+        last_checkpoint,
+    })
+}
+
+/// Rank 0's view: a progress bar on a terminal, a line every `log_every` steps otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    log_every: u64,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(steps: u64, log_every: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(steps);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed_precise} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.enable_steady_tick(Duration::from_millis(500));
+            bar
+        });
+        Self {
+            bar,
+            log_every,
+            started: Instant::now(),
+        }
+    }
+
+    fn update(&self, step: u64, stats: &crate::StepStats, plan: &ballast_balancer::Plan, step_s: f64) {
+        let slowest = stats
+            .rank_compute
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(r, _)| r);
+        let micro: Vec<String> = plan.ranks.iter().map(|r| r.micro_batch.to_string()).collect();
+        let memory: Vec<String> = plan
+            .ranks
+            .iter()
+            .map(|r| format!("{:.1}", r.predicted_peak_bytes as f64 / (1u64 << 20) as f64))
+            .collect();
+        let msg = format!(
+            "loss {:.4} | {:.0} samples/s | slowest rank {slowest} | micro-batch {} | memory {} MiB",
+            stats.loss,
+            stats.global_samples as f64 / step_s.max(1e-9),
+            micro.join("/"),
+            memory.join("/")
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(step);
+                bar.set_message(msg);
+            }
+            None => {
+                if step % self.log_every == 0 || step == 1 {
+                    println!("step {step:>5}  {:>6.1}s  {msg}", self.started.elapsed().as_secs_f64());
+                }
+            }
+        }
+    }
+
+    fn finish(self) {
+        if let Some(bar) = self.bar {
+            bar.finish();
+        }
+    }
+}
+
+/// Prints rank 0's closing lines: loss at the start and the end, throughput.
+pub fn print_summary(summary: &Summary) {
+    let k = (summary.losses.len() / 10).clamp(1, 10);
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+    if summary.losses.is_empty() {
+        println!("nothing to train: already at the last step");
+        return;
+    }
+    let head = mean(&summary.losses[..k]);
+    let tail = mean(&summary.losses[summary.losses.len() - k..]);
+    println!(
+        "trained steps {}..{} on {} ranks in {:.1}s ({:.1} samples/s); loss {head:.4} -> {tail:.4} (mean of first/last {k} steps); replicas identical (checksum {:016x})",
+        summary.first_step,
+        summary.first_step + summary.steps,
+        summary.world_size,
+        summary.seconds,
+        summary.samples_per_sec,
+        summary.checksum
+    );
+    if let Some(cp) = &summary.last_checkpoint {
+        println!("checkpoint: {}", cp.display());
+    }
+}
