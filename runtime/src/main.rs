@@ -28,8 +28,11 @@ enum Command {
     Bench(cmd::bench::Bench),
     /// Dry-run the planner for a described cluster: shares, micro-batches, memory, step time.
     Plan(cmd::plan::Args),
-    /// A short demonstration on ranks as threads: fused-bucket all-reduce of "gradients".
+    /// Train a small regression MLP with the full job loop (threads on simulated devices, or
+    /// one process per rank under mpirun): plan, balanced steps, metrics, checkpoints.
     Demo(cmd::demo::Args),
+    /// Summarise a job's metrics file per rank; draw throughput and memory over time (--svg).
+    Report(cmd::report::Args),
     /// Conformance checks of the collectives on this world (used by the test suite).
     #[command(hide = true)]
     Selftest(cmd::selftest::Args),
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Bench(bench) => cmd::bench::run(bench),
         Command::Demo(args) => cmd::demo::run(&args),
         Command::Plan(args) => cmd::plan::run(&args),
+        Command::Report(args) => cmd::report::run(&args),
         Command::Selftest(args) => cmd::selftest::run(&args),
     };
     match result {

@@ -19,6 +19,8 @@ pub enum Bench {
     Adam(super::adam_bench::AdamArgs),
     /// Step time of a 1-rank DataParallel loop against a plain burn loop, alternated.
     Overhead(OverheadArgs),
+    /// Checkpoint load (map, checksum, copy) against a plain sequential read of the file.
+    Checkpoint(super::checkpoint_bench::CheckpointArgs),
 }
 
 /// Options of `ballast bench overhead`.
@@ -65,6 +67,7 @@ pub fn run(bench: Bench) -> Result<ExitCode> {
         Bench::Overhead(args) => super::overhead::run(&args),
         Bench::Hetero(args) => super::hetero::run(&args),
         Bench::Adam(args) => super::adam_bench::run(&args),
+        Bench::Checkpoint(args) => super::checkpoint_bench::run(&args),
     }
 }
 

@@ -2,9 +2,11 @@
 
 pub mod adam_bench;
 pub mod bench;
+pub mod checkpoint_bench;
 pub mod demo;
 pub mod doctor;
 pub mod hetero;
 pub mod overhead;
 pub mod plan;
+pub mod report;
 pub mod selftest;

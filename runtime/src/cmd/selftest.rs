@@ -66,6 +66,9 @@ enum Check {
     Equivalence,
     /// Balanced training with per-rank memory budgets; prints one JSON record per rank.
     Balance,
+    /// Writes checkpoints of a `--width` MLP into `--out-dir` forever, printing `saved STEP`
+    /// after each is in place (crash-during-save tests kill it at random moments).
+    CheckpointWriter,
 }
 
 /// Runs the command.
@@ -83,6 +86,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
     if let Check::Balance = check {
         return balance(&launch, options, args);
+    }
+    if let Check::CheckpointWriter = check {
+        return checkpoint_writer(args);
     }
     let outcomes: Vec<(usize, usize, &'static str, Result<String, String>)> =
         match launched_communicator(&launch, options.clone())? {
@@ -108,7 +114,7 @@ fn one(comm: &mut dyn Communicator, check: Check) -> (usize, usize, &'static str
         Check::Collectives => conformance::check_all(comm).map(|p| p.join("; ")),
         Check::WrongLength => conformance::check_wrong_length(comm),
         Check::MissingRank => conformance::check_missing_rank(comm, last),
-        Check::Equivalence | Check::Balance => Err("has its own runner".into()),
+        Check::Equivalence | Check::Balance | Check::CheckpointWriter => Err("has its own runner".into()),
     };
     (comm.rank(), comm.world_size(), comm.backend(), result)
 }
@@ -241,4 +247,50 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
         }
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn checkpoint_writer(args: &Args) -> Result<ExitCode> {
+    use std::io::Write;
+
+    use ballast::{
+        checkpoint::{Checkpointer, TrainState},
+        offload::{HostAdam, HostAdamConfig},
+        testing::WideMlp,
+    };
+    use burn::module::Module;
+    let dir = args
+        .out_dir
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("checkpoint-writer needs --out-dir"))?;
+    let device = burn::tensor::Device::flex();
+    let model = WideMlp::with_width(args.width, &device);
+    let params = model.num_params();
+    let mut adam = HostAdam::new(params, HostAdamConfig::default());
+    let mut master = ballast::ddp::flatten_params(&model);
+    let grads = vec![1e-3f32; params];
+    let cp = Checkpointer::new(dir, 3)?;
+    // Continue from the newest good checkpoint, so the Adam step count equals the step.
+    let mut start = 0;
+    if let Some(path) = cp.newest()? {
+        let loaded = ballast::checkpoint::load(&path, &model)?;
+        if let Some(saved) = loaded.adam {
+            adam.restore(saved.m, saved.v, saved.t).map_err(anyhow::Error::msg)?;
+        }
+        start = loaded.state.step;
+    }
+    for step in start + 1.. {
+        adam.step(&mut master, &grads, 1e-3);
+        let state = TrainState {
+            step,
+            seed: 1,
+            global_batch: 1,
+            world_size: 1,
+            job: "checkpoint-writer".into(),
+            plan: None,
+        };
+        cp.save(&model, Some(&adam), &state)?;
+        println!("saved {step}");
+        std::io::stdout().flush()?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
