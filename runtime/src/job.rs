@@ -186,6 +186,8 @@ fn rank_main<T: Task>(comm: Box<dyn Communicator>, task: &T, s: &Settings, threa
         slowdown: if threads { s.slowdown(rank) } else { 1.0 },
         shared_heap: threads,
         host_optimizer: true,
+        // The host Adam keeps its state in host memory: none of it counts against the device.
+        optimizer_bytes_per_param: 0,
         initial: if s.equal_start {
             crate::balance::InitialPlan::Equal
         } else {

@@ -23,6 +23,7 @@ pub mod job;
 pub mod memory;
 pub mod metrics;
 pub mod offload;
+pub mod report;
 pub mod sampler;
 pub mod testing;
 pub mod world;

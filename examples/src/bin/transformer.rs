@@ -48,7 +48,7 @@ struct ModelArgs {
     /// Layers [default: 2].
     #[arg(long)]
     layers: Option<usize>,
-    /// Context length in bytes [default: 32].
+    /// Context length in bytes [default: 64].
     #[arg(long)]
     seq_len: Option<usize>,
     /// Accept a --data file that is not UTF-8 and train on its raw bytes.
@@ -62,10 +62,10 @@ struct ModelArgs {
 
 const DEFAULTS: Defaults = Defaults {
     job: "transformer",
-    global_batch: 32,
+    global_batch: 64,
     lr: 2e-3,
-    steps: 120,
-    device_memory: &["24MiB", "16MiB", "8MiB"],
+    steps: 200,
+    device_memory: &["12MiB", "8MiB", "4MiB"],
     speeds: &[3.0, 2.0, 1.0],
 };
 
@@ -113,7 +113,7 @@ fn run(cli: &Cli) -> Result<()> {
         d_model: pick(cli.model.d_model, file_model.d_model, 64),
         heads: pick(cli.model.heads, file_model.heads, 4),
         layers: pick(cli.model.layers, file_model.layers, 2),
-        seq_len: pick(cli.model.seq_len, file_model.seq_len, 32),
+        seq_len: pick(cli.model.seq_len, file_model.seq_len, 64),
         vocab: text::VOCAB,
     };
     anyhow::ensure!(

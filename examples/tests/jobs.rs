@@ -1,0 +1,177 @@
+//! The example jobs end to end: the README's main command on simulated devices, and both jobs
+//! under `mpirun -np 3` with memory budgets 3:2:1, read back from their metrics files.
+
+use std::{
+    path::Path,
+    process::{Command, Output},
+    time::Instant,
+};
+
+/// One job at a time: they would share the cores, and the main command's time limit is for a
+/// machine of its own.
+static ONE_JOB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_job() -> std::sync::MutexGuard<'static, ()> {
+    ONE_JOB.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// (first, last) from the summary line "loss A -> B".
+fn loss_change(out: &Output) -> (f64, f64) {
+    let s = String::from_utf8_lossy(&out.stdout);
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("trained steps"))
+        .unwrap_or_else(|| panic!("no summary line\n{}", text(out)));
+    let after = &line[line.find("loss ").unwrap() + 5..];
+    let mut parts = after.split(" -> ");
+    let first: f64 = parts.next().unwrap().parse().unwrap();
+    let last: f64 = parts.next().unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    (first, last)
+}
+
+#[test]
+fn main_command_trains_resnet_on_simulated_devices_within_three_minutes() {
+    let _alone = one_job();
+    let d = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_resnet")).current_dir(d.path()).output().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("rank  device"), "the plan table is printed first\n{stdout}");
+    assert!(stdout.contains("3 ranks (threads on simulated devices)"), "{stdout}");
+    let (first, last) = loss_change(&out);
+    println!("main command: {secs:.1}s, loss {first:.4} -> {last:.4}");
+    assert!(last < 0.5 * first, "loss must go down clearly: {first} -> {last}");
+    assert!(secs < 180.0, "took {secs:.1}s");
+    // The report of this run too (threads: memory is the plan's per-rank prediction).
+    let svg = d.path().join("run.svg");
+    ballast::report::svg(&d.path().join("runs/resnet/metrics.jsonl"), None, &svg).unwrap();
+    assert_eq!(svg_series(&std::fs::read_to_string(&svg).unwrap(), 200), vec![3, 3]);
+}
+
+/// Lines of at least `points` points in each chart of a report SVG, counted by colour: parses
+/// the SVG as XML and returns the number of distinct series per chart (top, bottom).
+pub fn svg_series(svg: &str, points: usize) -> Vec<usize> {
+    let doc = roxmltree::Document::parse(svg).expect("the report is well-formed XML");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let labels: Vec<&str> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    let mut charts: Vec<std::collections::BTreeSet<String>> = Vec::new();
+    let mut last_y_was_top = None;
+    for n in doc.descendants().filter(|n| n.has_tag_name("polyline")) {
+        let pts: Vec<&str> = n.attribute("points").unwrap_or("").split_whitespace().collect();
+        if pts.len() < points {
+            continue;
+        }
+        let y: f64 = pts[0].split(',').nth(1).unwrap().parse().unwrap();
+        let top = y < 350.0;
+        if last_y_was_top != Some(top) {
+            charts.push(Default::default());
+            last_y_was_top = Some(top);
+        }
+        charts.last_mut().unwrap().insert(n.attribute("stroke").unwrap_or("").to_string());
+    }
+    for k in 0..charts.first().map_or(0, |c| c.len()) {
+        assert!(labels.contains(&format!("rank {k}").as_str()), "legend lacks rank {k}: {labels:?}");
+    }
+    charts.iter().map(|c| c.len()).collect()
+}
+
+#[cfg(feature = "mpi")]
+mod under_mpirun {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Rec {
+        run: String,
+        rank: usize,
+        step: u64,
+        loss: f64,
+        micro_batch: usize,
+        micro_batches: Vec<usize>,
+        samples: usize,
+        global_samples: usize,
+        all_reduces: usize,
+        peak_bytes: Option<u64>,
+        budget_bytes: Option<u64>,
+    }
+
+    fn mpirun(bin: &str, dir: &Path, args: &[&str]) -> Output {
+        Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", "3", bin])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot start mpirun ({e}); apt-get install -y openmpi-bin libopenmpi-dev"))
+    }
+
+    fn check_job(bin: &str, budgets: &str) {
+        let _alone = one_job();
+        let d = tempfile::tempdir().unwrap();
+        let out = mpirun(bin, d.path(), &["--device-memory", budgets, "--steps", "200", "--metrics", "m.jsonl", "--log-every", "50"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let recs: Vec<Rec> = std::fs::read_to_string(d.path().join("m.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(recs.len(), 600, "200 steps x 3 ranks");
+        assert!(recs.iter().all(|r| r.run == recs[0].run));
+        let mut unequal_steps = 0;
+        for step in 0..200u64 {
+            let at: Vec<&Rec> = recs.iter().filter(|r| r.step == step).collect();
+            assert_eq!(at.len(), 3, "step {step}");
+            // Exactly one all-reduce per step on every rank, and all samples accounted for.
+            assert!(at.iter().all(|r| r.all_reduces == 1), "step {step}: {at:?}");
+            assert_eq!(at.iter().map(|r| r.samples).sum::<usize>(), at[0].global_samples);
+            for r in &at {
+                assert_eq!(r.micro_batches.iter().sum::<usize>(), r.samples);
+                assert!(r.micro_batches.iter().all(|&m| m <= r.micro_batch.max(1)));
+                // Measured peaks stay within each process's budget.
+                assert!(r.peak_bytes.unwrap() <= r.budget_bytes.unwrap(), "{r:?}");
+            }
+            let mut micro: Vec<usize> = at.iter().map(|r| r.micro_batch).collect();
+            micro.dedup();
+            unequal_steps += usize::from(micro.len() > 1);
+        }
+        assert_eq!(unequal_steps, 200, "micro-batches differ between ranks at every step");
+        let rank0: Vec<f64> = recs.iter().filter(|r| r.rank == 0).map(|r| r.loss).collect();
+        let head = rank0[..20].iter().sum::<f64>() / 20.0;
+        let tail = rank0[180..].iter().sum::<f64>() / 20.0;
+        let micro: Vec<usize> = (0..3)
+            .map(|k| recs.iter().find(|r| r.rank == k).unwrap().micro_batch)
+            .collect();
+        println!("{bin}: budgets {budgets}, micro-batches {micro:?}, loss (mean of 20 steps) {head:.4} -> {tail:.4}");
+        assert!(tail < 0.5 * head, "loss must go down: {head} -> {tail}");
+
+        // The operator's report of this run: a valid SVG with one series per rank per chart.
+        let svg = d.path().join("run.svg");
+        ballast::report::svg(&d.path().join("m.jsonl"), None, &svg).unwrap();
+        let series = svg_series(&std::fs::read_to_string(&svg).unwrap(), 200);
+        assert_eq!(series, vec![3, 3], "one line per rank in each chart");
+    }
+
+    #[test]
+    fn resnet_under_mpirun_with_budgets_3_2_1() {
+        check_job(env!("CARGO_BIN_EXE_resnet"), "30MiB,20MiB,10MiB");
+    }
+
+    #[test]
+    fn transformer_under_mpirun_with_budgets_3_2_1() {
+        check_job(env!("CARGO_BIN_EXE_transformer"), "12MiB,8MiB,4MiB");
+    }
+}
