@@ -13,6 +13,12 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libopenmpi-dev openmpi-bin libclang-dev clang pkg-config >/dev/null
 fi
+# Python's safetensors reads a ballast checkpoint in the test suite.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c "import safetensors, numpy" >/dev/null 2>&1; then
+  echo "setup: installing Python packages safetensors numpy"
+  python3 -m pip install -q safetensors numpy 2>/dev/null || python3 -m pip install -q --user safetensors numpy \
+    || echo "setup: could not install safetensors for python3; its test will say it was skipped" >&2
+fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust from https://rustup.rs first" >&2
   exit 1

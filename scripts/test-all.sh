@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 # mpirun refuses to run as root unless told it may; the tests oversubscribe cores themselves.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
-cargo test --release --workspace --features ballast/mpi,ballast-collectives/nccl "$@"
+cargo test --release --workspace --features ballast/mpi,ballast-examples/mpi,ballast-collectives/nccl "$@"

@@ -2,7 +2,6 @@
 //! under `mpirun -np 3` with memory budgets 3:2:1, read back from their metrics files.
 
 use std::{
-    path::Path,
     process::{Command, Output},
     time::Instant,
 };
@@ -34,7 +33,14 @@ fn loss_change(out: &Output) -> (f64, f64) {
     let after = &line[line.find("loss ").unwrap() + 5..];
     let mut parts = after.split(" -> ");
     let first: f64 = parts.next().unwrap().parse().unwrap();
-    let last: f64 = parts.next().unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let last: f64 = parts
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     (first, last)
 }
 
@@ -43,11 +49,17 @@ fn main_command_trains_resnet_on_simulated_devices_within_three_minutes() {
     let _alone = one_job();
     let d = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_resnet")).current_dir(d.path()).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_resnet"))
+        .current_dir(d.path())
+        .output()
+        .unwrap();
     let secs = started.elapsed().as_secs_f64();
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("rank  device"), "the plan table is printed first\n{stdout}");
+    assert!(
+        stdout.contains("rank  device"),
+        "the plan table is printed first\n{stdout}"
+    );
     assert!(stdout.contains("3 ranks (threads on simulated devices)"), "{stdout}");
     let (first, last) = loss_change(&out);
     println!("main command: {secs:.1}s, loss {first:.4} -> {last:.4}");
@@ -83,16 +95,24 @@ pub fn svg_series(svg: &str, points: usize) -> Vec<usize> {
             charts.push(Default::default());
             last_y_was_top = Some(top);
         }
-        charts.last_mut().unwrap().insert(n.attribute("stroke").unwrap_or("").to_string());
+        charts
+            .last_mut()
+            .unwrap()
+            .insert(n.attribute("stroke").unwrap_or("").to_string());
     }
     for k in 0..charts.first().map_or(0, |c| c.len()) {
-        assert!(labels.contains(&format!("rank {k}").as_str()), "legend lacks rank {k}: {labels:?}");
+        assert!(
+            labels.contains(&format!("rank {k}").as_str()),
+            "legend lacks rank {k}: {labels:?}"
+        );
     }
     charts.iter().map(|c| c.len()).collect()
 }
 
 #[cfg(feature = "mpi")]
 mod under_mpirun {
+    use std::path::Path;
+
     use super::*;
 
     #[derive(Debug, serde::Deserialize)]
@@ -122,7 +142,20 @@ mod under_mpirun {
     fn check_job(bin: &str, budgets: &str) {
         let _alone = one_job();
         let d = tempfile::tempdir().unwrap();
-        let out = mpirun(bin, d.path(), &["--device-memory", budgets, "--steps", "200", "--metrics", "m.jsonl", "--log-every", "50"]);
+        let out = mpirun(
+            bin,
+            d.path(),
+            &[
+                "--device-memory",
+                budgets,
+                "--steps",
+                "200",
+                "--metrics",
+                "m.jsonl",
+                "--log-every",
+                "50",
+            ],
+        );
         assert!(out.status.success(), "{}", text(&out));
         let recs: Vec<Rec> = std::fs::read_to_string(d.path().join("m.jsonl"))
             .unwrap()

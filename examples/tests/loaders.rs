@@ -88,7 +88,11 @@ fn bad_input_cifar_empty_file() {
 fn bad_input_cifar_label_out_of_range() {
     let d = dir();
     let f = d.path().join("data_batch_1.bin");
-    std::fs::write(&f, cifar::encode(&[(3, vec![0; IMAGE_BYTES]), (12, vec![0; IMAGE_BYTES])])).unwrap();
+    std::fs::write(
+        &f,
+        cifar::encode(&[(3, vec![0; IMAGE_BYTES]), (12, vec![0; IMAGE_BYTES])]),
+    )
+    .unwrap();
     let e = cifar_err(&f);
     assert!(e.contains("record 1 has label 12") && e.contains("CIFAR-100"), "{e}");
 }
@@ -105,7 +109,10 @@ fn bad_input_cifar_directory_without_batches() {
 fn bad_input_cifar_missing_path() {
     let d = dir();
     let e = cifar_err(&d.path().join("nope.bin"));
-    assert!(e.contains("cannot read CIFAR-10 data at") && e.contains("--data"), "{e}");
+    assert!(
+        e.contains("cannot read CIFAR-10 data at") && e.contains("--data"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -141,7 +148,10 @@ fn bad_input_text_not_utf8() {
     std::fs::write(&f, b"first line\nsecond \xff\xfe line\n").unwrap();
     let e: TextError = TextSet::load(&f, 4, false).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("is not UTF-8 text: invalid byte 0xff at offset 18 (line 2)"), "{msg}");
+    assert!(
+        msg.contains("is not UTF-8 text: invalid byte 0xff at offset 18 (line 2)"),
+        "{msg}"
+    );
     assert!(msg.contains("--allow-binary"), "{msg}");
     // Accepted as raw bytes when asked.
     assert!(TextSet::load(&f, 4, true).is_ok());
@@ -161,13 +171,18 @@ fn bad_input_text_zero_sequence_length() {
     let d = dir();
     let f = d.path().join("t.txt");
     std::fs::write(&f, "some text").unwrap();
-    assert!(TextSet::load(&f, 0, false).unwrap_err().to_string().contains("--seq-len must be at least 1"));
+    assert!(TextSet::load(&f, 0, false)
+        .unwrap_err()
+        .to_string()
+        .contains("--seq-len must be at least 1"));
 }
 
 #[test]
 fn bad_input_text_missing_file() {
     let d = dir();
-    let msg = TextSet::load(&d.path().join("none.txt"), 8, false).unwrap_err().to_string();
+    let msg = TextSet::load(&d.path().join("none.txt"), 8, false)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("cannot read text at"), "{msg}");
 }
 
@@ -190,6 +205,9 @@ fn bad_input_data_file_through_the_binaries() {
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(err.contains(expected), "{err}");
         assert!(!err.contains("panicked"), "{err}");
-        assert!(!d.path().join("runs").exists(), "nothing is written for a refused input");
+        assert!(
+            !d.path().join("runs").exists(),
+            "nothing is written for a refused input"
+        );
     }
 }

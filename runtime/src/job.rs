@@ -86,10 +86,11 @@ pub fn launch() -> Result<Launch> {
 pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Summary> {
     let options = CommOptions::from_env()?;
     if let Some(comm) = crate::world::launched_communicator(launch, options.clone())? {
-        return rank_main(comm, task, settings, false);
+        let device = training_device(launch)?;
+        return rank_main(comm, task, settings, false, device);
     }
     let results = local::run(settings.ranks, options, |comm| {
-        rank_main(Box::new(comm), task, settings, true)
+        rank_main(Box::new(comm), task, settings, true, Device::flex().autodiff())
     });
     // The first error, preferring one that is not another rank's timeout caused by it.
     let mut summary = None;
@@ -109,11 +110,30 @@ pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Su
     summary.context("no rank returned")
 }
 
-fn rank_main<T: Task>(comm: Box<dyn Communicator>, task: &T, s: &Settings, threads: bool) -> Result<Summary> {
+/// The device of a launched rank: with the `cuda` feature and a GPU present, the GPU for this
+/// local rank (not yet verified on a GPU); otherwise the CPU.
+fn training_device(launch: &Launch) -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    if ballast_collectives::nccl::cuda_present() {
+        let count = cudarc::driver::CudaContext::device_count().ok().map(|c| c as usize);
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        let index = ballast_cluster::device_for_local_rank(launch.local_rank, visible.as_deref(), count)?;
+        return Ok(Device::cuda(index).autodiff());
+    }
+    let _ = launch;
+    Ok(Device::flex().autodiff())
+}
+
+fn rank_main<T: Task>(
+    comm: Box<dyn Communicator>,
+    task: &T,
+    s: &Settings,
+    threads: bool,
+    device: Device,
+) -> Result<Summary> {
     let rank = comm.rank();
     let world = comm.world_size();
     let mut comm = comm;
-    let device = Device::flex().autodiff();
     let meter = DeviceMeter::start();
     // The seeded generator is process-wide: ranks as threads build (and lazily initialise) their
     // models one at a time, so rank 0's initial weights depend on the seed alone.

@@ -4,10 +4,7 @@
 //! A metrics file may hold several runs (it is appended to); [`select`] picks one, by default
 //! the newest.
 
-use std::{
-    collections::BTreeMap,
-    path::Path,
-};
+use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
@@ -134,7 +131,10 @@ pub fn table(by_rank: &ByRank) -> String {
 /// Reading, selecting or drawing failed.
 pub fn svg(metrics: &Path, run: Option<&str>, svg: &Path) -> Result<ByRank> {
     if same_file(svg, metrics) {
-        bail!("--svg {} is the metrics file itself; choose another output path", svg.display());
+        bail!(
+            "--svg {} is the metrics file itself; choose another output path",
+            svg.display()
+        );
     }
     let (_, by_rank) = select(&read(metrics)?, run)?;
     draw(&by_rank, svg)?;
