@@ -57,10 +57,10 @@ pub struct TrainArgs {
     /// Training data (see the job's --help); omit to generate a small synthetic set.
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
-    /// Directory for generated data, metrics and checkpoints [default: runs/<job>].
+    /// Directory for generated data, metrics and checkpoints [default: runs/JOB].
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
-    /// Metrics file: one JSON line per step and rank, appended [default: <work-dir>/metrics.jsonl].
+    /// Metrics file: one JSON line per step and rank, appended [default: WORK_DIR/metrics.jsonl].
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
     /// Directory for checkpoints (safetensors); omit for none.
