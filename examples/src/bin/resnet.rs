@@ -28,7 +28,7 @@ static ALLOC: ballast::memory::CountingAlloc = ballast::memory::CountingAlloc;
 /// Train a ResNet on CIFAR-10 (binary files) over unequal devices.
 ///
 /// --data takes a data_batch_*.bin file or the `cifar-10-batches-bin` directory from
-/// https://www.cs.toronto.edu/~kriz/cifar.html; without it a synthetic set is generated.
+/// the CIFAR-10 binary version (www.cs.toronto.edu/~kriz/cifar.html); without it a synthetic set is generated.
 #[derive(Parser)]
 #[command(name = "resnet", version)]
 struct Cli {
