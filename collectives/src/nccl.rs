@@ -23,13 +23,20 @@
 //! # Timeouts
 //! Before launching a collective the control plane runs the arrival handshake (a barrier with
 //! the [contract](crate::communicator)'s checks), so a missing rank is named there and the GPU
-//! never waits on it.
+//! never waits on it. A peer that dies *during* the transfer is caught by polling: the wait
+//! records an event after the collective and checks, until the communicator's timeout, whether
+//! it completed and whether `ncclCommGetAsyncError` reports a failure; on either failure the
+//! NCCL communicator is aborted (`ncclCommAbort`), every later call fails at once, and the error
+//! says which and why.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use cudarc::{
-    driver::{CudaContext, CudaSlice, CudaStream},
-    nccl::{Comm, Id, ReduceOp},
+    driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut},
+    nccl::{result as nccl_result, sys as nccl_sys, Id},
 };
 
 use crate::{Communicator, Error, Result};
@@ -66,11 +73,31 @@ pub fn require_libraries() -> Result<()> {
     Ok(())
 }
 
+/// The raw NCCL communicator: aborted on drop or on a failed wait, and null after that.
+struct RawComm(nccl_sys::ncclComm_t);
+
+impl RawComm {
+    fn abort(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: a communicator created by ncclCommInitRank and not yet aborted.
+            let _ = unsafe { nccl_result::comm_abort(self.0) };
+            self.0 = std::ptr::null_mut();
+        }
+    }
+}
+
+impl Drop for RawComm {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
 /// One GPU rank of an NCCL communicator.
 pub struct NcclCommunicator {
     control: Box<dyn Communicator>,
-    comm: Comm,
+    comm: RawComm,
     stream: Arc<CudaStream>,
+    aborted: Option<String>,
 }
 
 // SAFETY: the NCCL communicator and CUDA stream are only used through `&mut self`, one thread at
@@ -108,9 +135,74 @@ impl NcclCommunicator {
         for (dst, src) in internal.iter_mut().zip(&id_bytes) {
             *dst = *src as std::ffi::c_char;
         }
-        let comm = Comm::from_rank(Arc::clone(&stream), rank, world, Id::uninit(internal))
-            .map_err(|e| gpu("ncclCommInitRank", rank, e))?;
-        Ok(Self { control, comm, stream })
+        let _ = Id::uninit(internal);
+        let mut raw = std::mem::MaybeUninit::uninit();
+        let nranks = i32::try_from(world).map_err(|e| gpu("ncclCommInitRank", rank, e))?;
+        let me = i32::try_from(rank).map_err(|e| gpu("ncclCommInitRank", rank, e))?;
+        ctx.bind_to_thread().map_err(|e| gpu("cuCtxSetCurrent", rank, e))?;
+        // SAFETY: `raw` is written by ncclCommInitRank on success and read only then.
+        let comm = unsafe {
+            nccl_result::comm_init_rank(raw.as_mut_ptr(), nranks, nccl_sys::ncclUniqueId { internal }, me)
+                .map_err(|e| gpu("ncclCommInitRank", rank, e))?;
+            raw.assume_init()
+        };
+        Ok(Self {
+            control,
+            comm: RawComm(comm),
+            stream,
+            aborted: None,
+        })
+    }
+
+    /// Waits for the work enqueued on the stream, polling NCCL's asynchronous error state,
+    /// until the control communicator's timeout; aborts the NCCL communicator on failure.
+    fn wait(&mut self, op: &'static str) -> Result<()> {
+        let rank = self.control.rank();
+        let event = self
+            .stream
+            .record_event(None)
+            .map_err(|e| gpu("cuEventRecord", rank, e))?;
+        let timeout = self.control.timeout();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if event.try_is_complete().map_err(|e| gpu("cuEventQuery", rank, e))? {
+                return Ok(());
+            }
+            let mut state = nccl_sys::ncclResult_t::ncclSuccess;
+            // SAFETY: a live communicator (checked by the callers) and a valid out-pointer.
+            unsafe { nccl_sys::ncclCommGetAsyncError(self.comm.0, &mut state) };
+            let code = state as u32;
+            let failure = if code != 0 && code != 7 {
+                Some(format!("NCCL reported {state:?} during {op}"))
+            } else if Instant::now() > deadline {
+                Some(format!(
+                    "{op} did not complete within {timeout:?}: a peer stopped or died during the transfer (every \
+                     rank had arrived at the handshake); raise BALLAST_TIMEOUT_SECS if transfers are that slow"
+                ))
+            } else {
+                None
+            };
+            if let Some(message) = failure {
+                self.comm.abort();
+                self.aborted = Some(message.clone());
+                return Err(Error::Gpu {
+                    call: op,
+                    rank,
+                    message,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        match &self.aborted {
+            Some(reason) => Err(Error::Poisoned {
+                rank: self.control.rank(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Sums a device buffer over all ranks in place, then waits for the result.
@@ -134,17 +226,31 @@ impl NcclCommunicator {
                 lengths: len,
             });
         }
-        self.comm
-            .all_reduce_in_place(buf, &ReduceOp::Sum)
-            .map_err(|e| gpu("ncclAllReduce", rank, e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| gpu("cuStreamSynchronize", rank, e))
+        self.check_alive()?;
+        let count = buf.len();
+        let (ptr, written) = buf.device_ptr_mut(&self.stream);
+        // SAFETY: `ptr` addresses `count` f32 on this communicator's device; the stream orders
+        // the collective after earlier work on the buffer (`device_ptr_mut`'s contract).
+        unsafe {
+            nccl_result::all_reduce(
+                ptr as *const std::ffi::c_void,
+                ptr as *mut std::ffi::c_void,
+                count,
+                nccl_sys::ncclDataType_t::ncclFloat32,
+                nccl_sys::ncclRedOp_t::ncclSum,
+                self.comm.0,
+                self.stream.cu_stream() as _,
+            )
+        }
+        .map_err(|e| gpu("ncclAllReduce", rank, e))?;
+        drop(written);
+        self.wait("ncclAllReduce")
     }
 
     /// Copies a host buffer to the device, sums it over ranks and copies it back (the path the
     /// host-side [`Communicator`] methods take).
     fn all_reduce_host(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.check_alive()?;
         let rank = self.control.rank();
         let mut dev = self.stream.clone_htod(buf).map_err(|e| gpu("cuMemcpyHtoD", rank, e))?;
         self.all_reduce_sum_device(&mut dev)?;
