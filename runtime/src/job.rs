@@ -86,11 +86,17 @@ pub fn launch() -> Result<Launch> {
 pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Summary> {
     let options = CommOptions::from_env()?;
     if let Some(comm) = crate::world::launched_communicator(launch, options.clone())? {
-        let device = training_device(launch)?;
-        return rank_main(comm, task, settings, false, device);
+        let (device, ordinal) = training_device(launch)?;
+        // GPU ranks sum gradients over NCCL; MPI stays the control plane underneath.
+        #[cfg(feature = "cuda")]
+        let comm: Box<dyn Communicator> = match ordinal {
+            Some(gpu) => Box::new(ballast_collectives::nccl::NcclCommunicator::new(comm, gpu)?),
+            None => comm,
+        };
+        return rank_main(comm, task, settings, false, device, ordinal);
     }
     let results = local::run(settings.ranks, options, |comm| {
-        rank_main(Box::new(comm), task, settings, true, Device::flex().autodiff())
+        rank_main(Box::new(comm), task, settings, true, Device::flex().autodiff(), None)
     });
     // The first error, preferring one that is not another rank's timeout caused by it.
     let mut summary = None;
@@ -110,18 +116,18 @@ pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Su
     summary.context("no rank returned")
 }
 
-/// The device of a launched rank: with the `cuda` feature and a GPU present, the GPU for this
-/// local rank (not yet verified on a GPU); otherwise the CPU.
-fn training_device(launch: &Launch) -> Result<Device> {
+/// The device of a launched rank and its GPU ordinal: with the `cuda` feature and a GPU
+/// present, the GPU for this local rank (not yet verified on a GPU); otherwise the CPU.
+fn training_device(launch: &Launch) -> Result<(Device, Option<usize>)> {
     #[cfg(feature = "cuda")]
     if ballast_collectives::nccl::cuda_present() {
         let count = cudarc::driver::CudaContext::device_count().ok().map(|c| c as usize);
         let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
         let index = ballast_cluster::device_for_local_rank(launch.local_rank, visible.as_deref(), count)?;
-        return Ok(Device::cuda(index).autodiff());
+        return Ok((Device::cuda(index).autodiff(), Some(index)));
     }
     let _ = launch;
-    Ok(Device::flex().autodiff())
+    Ok((Device::flex().autodiff(), None))
 }
 
 fn rank_main<T: Task>(
@@ -130,11 +136,21 @@ fn rank_main<T: Task>(
     s: &Settings,
     threads: bool,
     device: Device,
+    gpu: Option<usize>,
 ) -> Result<Summary> {
     let rank = comm.rank();
     let world = comm.world_size();
     let mut comm = comm;
-    let meter = DeviceMeter::start();
+    #[cfg(feature = "cuda")]
+    let meter = match gpu {
+        Some(ordinal) => DeviceMeter::start_gpu(ordinal).map_err(anyhow::Error::msg)?,
+        None => DeviceMeter::start(),
+    };
+    #[cfg(not(feature = "cuda"))]
+    let meter = {
+        let _ = gpu;
+        DeviceMeter::start()
+    };
     // The seeded generator is process-wide: ranks as threads build (and lazily initialise) their
     // models one at a time, so rank 0's initial weights depend on the seed alone.
     let mut built = None;
