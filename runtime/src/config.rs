@@ -113,6 +113,26 @@ pub struct Defaults {
     pub speeds: &'static [f64],
 }
 
+impl Defaults {
+    /// The job's defaults as a help paragraph.
+    pub fn describe(&self) -> String {
+        let memory = if self.device_memory.is_empty() {
+            "unlimited".to_string()
+        } else {
+            self.device_memory.join(",")
+        };
+        let speeds: Vec<String> = self.speeds.iter().map(|s| s.to_string()).collect();
+        format!(
+            "Defaults of this job: --global-batch {} --lr {} --steps {} --device-memory {memory} --speeds {} \
+             (the last two only when ranks run as threads; under mpirun budgets are unlimited unless given).",
+            self.global_batch,
+            self.lr,
+            self.steps,
+            speeds.join(",")
+        )
+    }
+}
+
 /// Validated settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {

@@ -19,7 +19,7 @@ use burn::{
     nn::loss::CrossEntropyLossConfig,
     tensor::{Device, Tensor},
 };
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use serde::Deserialize;
 
 #[global_allocator]
@@ -29,7 +29,7 @@ static ALLOC: ballast::memory::CountingAlloc = ballast::memory::CountingAlloc;
 ///
 /// --data takes a data_batch_*.bin file or the `cifar-10-batches-bin` directory from
 /// the CIFAR-10 binary version (www.cs.toronto.edu/~kriz/cifar.html); without it a synthetic set is generated.
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "resnet", version)]
 struct Cli {
     #[command(flatten)]
@@ -138,7 +138,11 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().after_help(DEFAULTS.describe()).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -19,14 +19,14 @@ use burn::{
     nn::loss::CrossEntropyLossConfig,
     tensor::{Device, Tensor},
 };
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use serde::Deserialize;
 
 #[global_allocator]
 static ALLOC: ballast::memory::CountingAlloc = ballast::memory::CountingAlloc;
 
 /// Train a byte-level Transformer language model on a UTF-8 text file over unequal devices.
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "transformer", version)]
 struct Cli {
     #[command(flatten)]
@@ -146,7 +146,11 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().after_help(DEFAULTS.describe()).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
