@@ -12,7 +12,14 @@ pub mod cifar;
 pub mod models;
 pub mod text;
 
-use std::{io::Write, path::Path};
+use std::{io::Write, path::Path, process::ExitCode};
+
+use ballast::{
+    config::{self, Defaults, Settings, TrainArgs},
+    job::{self, Task},
+};
+use clap::{CommandFactory, FromArgMatches};
+use serde::de::DeserializeOwned;
 
 /// A tiny deterministic generator for synthetic data (the same bytes on every machine).
 #[derive(Debug, Clone)]
@@ -65,5 +72,52 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// An example binary's `main`: parses `C` (with the job's defaults appended to `--help`), runs
+/// `run`, and turns an error into `<name>: error: ...` on stderr and exit code 2.
+pub fn main_with<C: CommandFactory + FromArgMatches>(
+    name: &str,
+    defaults: &Defaults,
+    run: impl FnOnce(&C) -> anyhow::Result<()>,
+) -> ExitCode {
+    let matches = C::command().after_help(defaults.describe()).get_matches();
+    let cli = match C::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The launcher's view and the validated settings (flags over the `--config` file over
+/// `defaults`), with the file's `[model]` table.
+///
+/// # Errors
+/// Launcher variables or settings that are invalid.
+pub fn settings<M: DeserializeOwned + Default>(
+    train: &TrainArgs,
+    defaults: &Defaults,
+) -> anyhow::Result<(ballast::cluster::Launch, Settings, M)> {
+    let launch = job::launch()?;
+    let (settings, model) = config::load::<M>(train, defaults, launch.is_launched().then_some(launch.world_size))?;
+    Ok((launch, settings, model))
+}
+
+/// Runs `task` on every rank and prints rank 0's summary.
+///
+/// # Errors
+/// As [`job::run`].
+pub fn train<T: Task>(task: &T, settings: &Settings, launch: &ballast::cluster::Launch) -> anyhow::Result<()> {
+    let summary = job::run(task, settings, launch)?;
+    if launch.rank == 0 {
+        job::print_summary(&summary);
+    }
     Ok(())
 }

@@ -8,8 +8,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use ballast::{
-    config::{self, Defaults, TrainArgs},
-    job::{self, Task},
+    config::{Defaults, TrainArgs},
+    job::Task,
 };
 use ballast_examples::{
     cifar::{self, Cifar10},
@@ -19,7 +19,6 @@ use burn::{
     nn::loss::CrossEntropyLossConfig,
     tensor::{Device, Tensor},
 };
-use clap::{CommandFactory, FromArgMatches};
 use serde::Deserialize;
 
 #[global_allocator]
@@ -105,9 +104,7 @@ impl Task for Resnet {
 }
 
 fn run(cli: &Cli) -> Result<()> {
-    let launch = job::launch()?;
-    let (settings, file_model) =
-        config::load::<ModelArgs>(&cli.train, &DEFAULTS, launch.is_launched().then_some(launch.world_size))?;
+    let (launch, settings, file_model) = ballast_examples::settings::<ModelArgs>(&cli.train, &DEFAULTS)?;
     let pick = |a: Option<usize>, b: Option<usize>, d: usize| a.or(b).unwrap_or(d);
     let shape = ResNetShape {
         width: pick(cli.model.width, file_model.width, 16),
@@ -130,24 +127,9 @@ fn run(cli: &Cli) -> Result<()> {
         }
     };
     let data = Cifar10::load(&data_path)?;
-    let summary = job::run(&Resnet { data, shape }, &settings, &launch)?;
-    if launch.rank == 0 {
-        job::print_summary(&summary);
-    }
-    Ok(())
+    ballast_examples::train(&Resnet { data, shape }, &settings, &launch)
 }
 
 fn main() -> ExitCode {
-    let matches = Cli::command().after_help(DEFAULTS.describe()).get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(cli) => cli,
-        Err(e) => e.exit(),
-    };
-    match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("resnet: error: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    ballast_examples::main_with::<Cli>("resnet", &DEFAULTS, run)
 }
