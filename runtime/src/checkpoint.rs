@@ -519,7 +519,7 @@ pub fn load<M: Module>(path: &Path, model: &M) -> Result<Loaded> {
         .and_then(|s| s.parse::<i32>().ok())
         .unwrap_or(-1)
         >= 0;
-    // Where each tensor's values go: (destination, offset into it).
+    // Where each tensor's values go: (destination, next offset into it).
     let mut targets: HashMap<String, (usize, usize)> = HashMap::new();
     let mut offset = 0;
     for slot in &slots {
@@ -575,17 +575,15 @@ pub fn load<M: Module>(path: &Path, model: &M) -> Result<Loaded> {
         vec![0f32; if has_adam { offset } else { 0 }],
         vec![0f32; if has_adam { offset } else { 0 }],
     ];
-    let mut cursor: HashMap<String, usize> = HashMap::new();
     check_sum(path, &parsed, |name, chunk| {
-        let Some(&(dest, start)) = targets.get(name) else {
+        let Some((dest, at)) = targets.get_mut(name) else {
             return;
         };
-        let at = cursor.entry(name.to_string()).or_insert(start);
-        let dst = &mut out[dest][*at..*at + chunk.len() / 4];
-        for (d, b) in dst.iter_mut().zip(chunk.chunks_exact(4)) {
+        let n = chunk.len() / 4;
+        for (d, b) in out[*dest][*at..*at + n].iter_mut().zip(chunk.chunks_exact(4)) {
             *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         }
-        *at += chunk.len() / 4;
+        *at += n;
     })?;
     let state: TrainState = parsed
         .meta
