@@ -22,7 +22,10 @@ mod rebalance;
 mod solve;
 
 pub use rebalance::Rebalancer;
-pub use solve::{cap_with_offload, memory_cap, solve, DeviceReport, OffloadPolicy, Plan, RankAssignment, Tunables};
+pub use solve::{
+    cap_with_offload, compute_groups, memory_cap, operating_point, solve, speed_at, DeviceReport, MicroBatchPolicy,
+    OffloadPolicy, Plan, RankAssignment, SpeedPoint, Tunables,
+};
 
 use serde::{Deserialize, Serialize};
 

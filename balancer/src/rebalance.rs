@@ -9,35 +9,58 @@
 //! so for [`Tunables::rebalance_patience`] consecutive steps. A plan adopted under the current
 //! speeds predicts no gain over itself, so the plan then stays put.
 
-use crate::{solve, DeviceReport, Plan, Tunables};
+use crate::{compute_groups, solve, solve::speed_at, DeviceReport, Plan, SpeedPoint, Tunables};
 
-/// Smoothed per-rank speeds and the re-plan decision.
+/// Smoothed speeds and the re-plan decision.
+///
+/// Speeds are kept per compute group (see [`DeviceReport::compute_group`]; a rank with its
+/// device to itself is a group of one): a group's observed speed is its members' samples over
+/// the time its last member finished, which does not depend on how the group's work was split.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rebalancer {
     tunables: Tunables,
+    groups: Vec<usize>,
     sec_per_sample: Vec<Option<f64>>,
     streak: u32,
 }
 
 impl Rebalancer {
-    /// A rebalancer for `world` ranks.
+    /// A rebalancer for `world` ranks, each with its device to itself.
     pub fn new(world: usize, tunables: Tunables) -> Self {
         Self {
             tunables,
+            groups: (0..world).collect(),
             sec_per_sample: vec![None; world],
             streak: 0,
         }
     }
 
-    /// Records one step: samples and compute seconds of every rank. Ranks that ran no sample
-    /// keep their previous estimate.
+    /// A rebalancer for the ranks that sent `reports`, with their compute groups.
+    pub fn for_reports(reports: &[DeviceReport], tunables: Tunables) -> Self {
+        Self {
+            groups: compute_groups(reports),
+            ..Self::new(reports.len(), tunables)
+        }
+    }
+
+    /// Records one step: samples and compute seconds of every rank. Groups whose ranks ran no
+    /// sample keep their previous estimate.
     pub fn observe(&mut self, samples: &[usize], compute_s: &[f64]) {
         let a = self.tunables.smoothing.clamp(0.0, 1.0);
-        for ((est, &n), &t) in self.sec_per_sample.iter_mut().zip(samples).zip(compute_s) {
-            if n == 0 || !(t.is_finite() && t > 0.0) {
+        for u in 0..self.groups.len() {
+            let mut work = 0usize;
+            let mut finish = 0.0f64;
+            for (i, (&n, &t)) in samples.iter().zip(compute_s).enumerate() {
+                if self.groups.get(i) == Some(&u) && n > 0 && t.is_finite() && t > 0.0 {
+                    work += n;
+                    finish = finish.max(t);
+                }
+            }
+            if work == 0 {
                 continue;
             }
-            let x = t / n as f64;
+            let x = finish / work as f64;
+            let est = &mut self.sec_per_sample[u];
             *est = Some(match *est {
                 None => x,
                 Some(prev) => a * x + (1.0 - a) * prev,
@@ -45,24 +68,62 @@ impl Rebalancer {
         }
     }
 
-    /// Smoothed samples/s per rank, falling back to the reports where nothing was observed.
+    /// Smoothed samples/s per rank, falling back to the reports where nothing was observed. A
+    /// group's speed is divided among its members in proportion to their reported speeds.
     pub fn speeds(&self, reports: &[DeviceReport]) -> Vec<f64> {
-        self.sec_per_sample
-            .iter()
-            .zip(reports)
-            .map(|(e, r)| e.map_or(r.samples_per_sec, |s| 1.0 / s))
+        (0..reports.len())
+            .map(|i| {
+                let u = self.groups.get(i).copied().unwrap_or(i);
+                match self.sec_per_sample.get(u).copied().flatten() {
+                    None => reports[i].samples_per_sec,
+                    Some(x) => {
+                        let total: f64 = self.members(u).map(|j| reports[j].samples_per_sec).sum();
+                        (1.0 / x) * reports[i].samples_per_sec / total
+                    }
+                }
+            })
             .collect()
     }
 
+    fn members(&self, u: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..self.groups.len()).filter(move |&i| self.groups[i] == u)
+    }
+
     /// A better plan, when one beats `current` by the threshold for `patience` steps in a row.
+    ///
+    /// An observed speed holds at the micro-batches the group's ranks ran; their measured speed
+    /// curves are scaled by the ratio of the group's observed to planned speed, so the re-plan
+    /// keeps the curves' shapes (and the micro-batches chosen from them) and only the levels
+    /// move.
     pub fn propose(&mut self, current: &Plan, reports: &[DeviceReport]) -> Option<Plan> {
         let speeds = self.speeds(reports);
+        // What the measured curve says of the micro-batch each rank ran (not the plan's own
+        // figure, which may already be a scaled one).
+        let planned = |i: usize| match current.ranks.get(i) {
+            Some(a) if a.micro_batch > 0 => speed_at(&reports[i], a.micro_batch),
+            _ => reports[i].samples_per_sec,
+        };
         let updated: Vec<DeviceReport> = reports
             .iter()
-            .zip(&speeds)
-            .map(|(r, &v)| DeviceReport {
-                samples_per_sec: v,
-                ..r.clone()
+            .enumerate()
+            .map(|(i, r)| {
+                let u = self.groups.get(i).copied().unwrap_or(i);
+                let Some(sec) = self.sec_per_sample.get(u).copied().flatten() else {
+                    return r.clone();
+                };
+                let scale = (1.0 / sec) / self.members(u).map(planned).sum::<f64>();
+                DeviceReport {
+                    samples_per_sec: r.samples_per_sec * scale,
+                    speed_curve: r
+                        .speed_curve
+                        .iter()
+                        .map(|p| SpeedPoint {
+                            samples_per_sec: p.samples_per_sec * scale,
+                            ..*p
+                        })
+                        .collect(),
+                    ..r.clone()
+                }
             })
             .collect();
         let candidate = solve(&updated, current.global_batch, current.allreduce_s, &self.tunables).ok()?;
@@ -96,6 +157,8 @@ mod tests {
                 offloadable_bytes: 0,
                 host: String::new(),
                 host_available_bytes: None,
+                speed_curve: Vec::new(),
+                compute_group: None,
             })
             .collect()
     }
@@ -121,6 +184,114 @@ mod tests {
         assert_eq!(plan.shares(), vec![60, 30, 30]);
         assert_eq!(changes.len(), 1, "re-planned at steps {changes:?}");
         assert!(changes[0] < 10);
+    }
+
+    /// Ranks whose fastest micro-batch is smaller than their memory cap keep that micro-batch
+    /// while their shares follow the observed speeds.
+    #[test]
+    fn replans_keep_the_curve_s_micro_batch() {
+        let t = Tunables::default();
+        let reps: Vec<DeviceReport> = reports(2)
+            .into_iter()
+            .map(|r| DeviceReport {
+                speed_curve: [(8, 100.0), (64, 60.0)]
+                    .iter()
+                    .map(|&(micro_batch, samples_per_sec)| SpeedPoint {
+                        micro_batch,
+                        samples_per_sec,
+                    })
+                    .collect(),
+                ..r
+            })
+            .collect();
+        let mut plan = solve(&reps, 120, 0.0, &t).unwrap();
+        assert_eq!(plan.shares(), vec![60, 60]);
+        assert_eq!(plan.micro_batches(), vec![8, 8]);
+        let mut rb = Rebalancer::new(2, t);
+        let true_speed = [300.0, 100.0];
+        for _ in 0..10 {
+            let shares = plan.shares();
+            let times: Vec<f64> = shares.iter().zip(true_speed).map(|(&s, v)| s as f64 / v).collect();
+            rb.observe(&shares, &times);
+            if let Some(p) = rb.propose(&plan, &reps) {
+                plan = p;
+            }
+        }
+        assert_eq!(plan.shares(), vec![90, 30]);
+        assert_eq!(plan.micro_batches(), vec![8, 8]);
+        assert_eq!(plan.ranks[0].samples_per_sec, 300.0);
+    }
+
+    /// One step on two cores: rank 0 alone on the first (200 samples/s), ranks 1 and 2 sharing
+    /// the second (200 samples/s between them, each at half while both run, the survivor at
+    /// full speed once the other is done).
+    fn shared_core_times(shares: &[usize]) -> Vec<f64> {
+        let (s1, s2) = (shares[1] as f64, shares[2] as f64);
+        let first = 2.0 * s1.min(s2) / 200.0;
+        let both = (s1 + s2) / 200.0;
+        vec![
+            shares[0] as f64 / 200.0,
+            if s1 <= s2 { first } else { both },
+            if s2 < s1 { first } else { both },
+        ]
+    }
+
+    fn run_shared_core(grouped: bool) -> (Plan, Vec<usize>) {
+        let t = Tunables::default();
+        let mut reps = reports(3);
+        for (i, r) in reps.iter_mut().enumerate() {
+            r.samples_per_sec = if i == 0 { 200.0 } else { 100.0 };
+            if grouped && i > 0 {
+                r.compute_group = Some("host:1".into());
+            }
+        }
+        // Start from shares 120/100/140, as if the first measurements were off.
+        let off: Vec<DeviceReport> = reps
+            .iter()
+            .zip([120.0, 100.0, 140.0])
+            .map(|(r, v)| DeviceReport {
+                samples_per_sec: v,
+                compute_group: None,
+                ..r.clone()
+            })
+            .collect();
+        let mut plan = solve(&off, 360, 0.0, &t).unwrap();
+        assert_eq!(plan.shares(), vec![120, 100, 140]);
+        plan.groups = compute_groups(&reps);
+        for (a, r) in plan.ranks.iter_mut().zip(&reps) {
+            a.samples_per_sec = r.samples_per_sec;
+        }
+        let mut rb = Rebalancer::for_reports(&reps, t);
+        let mut history = Vec::new();
+        for _ in 0..40 {
+            let shares = plan.shares();
+            rb.observe(&shares, &shared_core_times(&shares));
+            if let Some(p) = rb.propose(&plan, &reps) {
+                plan = p;
+            }
+            history.push(plan.shares()[0]);
+        }
+        (plan, history)
+    }
+
+    /// Ranks sharing a core, planned as one device: rank 0 gets the half of the batch its core
+    /// can do, the sharing ranks split the rest evenly, and the plan stays put. Planned as
+    /// independent devices, the rank that finishes last on the shared core looks faster than it
+    /// is (it had the core alone at the end) and the plan leaves that core overloaded (here
+    /// 177/88/95: 0.915 s a step instead of 0.9 s).
+    #[test]
+    fn ranks_sharing_a_core_are_planned_as_one_device() {
+        let (plan, history) = run_shared_core(true);
+        assert_eq!(plan.shares(), vec![180, 90, 90], "{history:?}");
+        let step = |p: &Plan| shared_core_times(&p.shares()).into_iter().fold(0.0, f64::max);
+        assert!((step(&plan) - 0.9).abs() < 1e-9);
+        assert!(history[history.len() - 10..].iter().all(|&s| s == 180), "{history:?}");
+        let (independent, history) = run_shared_core(false);
+        assert!(
+            step(&independent) > step(&plan) + 0.01,
+            "{:?} {history:?}",
+            independent.shares()
+        );
     }
 
     #[test]

@@ -11,10 +11,15 @@
 //! cap_i = floor((M_i · (1 − μ) − F_i) / P_i)
 //! ```
 //!
-//! A device with `cap_i < 1` cannot hold one sample and gets share 0. The others share the
-//! global batch `B`; rank `i` runs `s_i` samples in `k_i = ceil(s_i / cap_i)` micro-batches of
-//! nearly equal size, taking `s_i / v_i` seconds. The predicted step time is the slowest rank's
-//! compute plus one all-reduce.
+//! A device with `cap_i < 1` cannot hold one sample and gets share 0. The cap is an upper
+//! bound, not a target: a device also reports its throughput at several micro-batch sizes (the
+//! probes), and under [`MicroBatchPolicy::Fastest`] (the default) it runs the largest size within
+//! [`Tunables::speed_tolerance`] of the fastest size it can hold. On a GPU throughput grows with
+//! the micro-batch, so that is the cap; on a CPU the fastest size is often smaller, where a
+//! micro-batch's activations still fit the caches. Rank `i` runs `s_i` samples in
+//! `k_i = ceil(s_i / m_i)` micro-batches, taking `s_i / v_i` seconds at the speed `v_i` measured
+//! for its micro-batch `m_i`. The predicted step time is the slowest rank's compute plus one
+//! all-reduce.
 //!
 //! # Solver
 //!
@@ -50,6 +55,56 @@ pub struct DeviceReport {
     /// `MemAvailable` of that host, when known.
     #[serde(default)]
     pub host_available_bytes: Option<u64>,
+    /// Throughput measured at several micro-batch sizes, ascending by size (empty: only
+    /// `samples_per_sec` is known, taken to hold at every size).
+    #[serde(default)]
+    pub speed_curve: Vec<SpeedPoint>,
+    /// Ranks reporting the same key share one compute device (CPU ranks pinned to the same
+    /// cores, or several ranks on one GPU); `None`: this rank has its device to itself.
+    ///
+    /// Members of a group measured their speeds while running side by side, so the group's
+    /// speed is the sum of theirs. Their finish times are coupled: one that finishes early hands
+    /// its share of the device to the others. The planner therefore gives the group as a whole
+    /// a share in proportion to its speed, splits it among the members in proportion to theirs,
+    /// and predicts that they all finish when the group's work is done.
+    #[serde(default)]
+    pub compute_group: Option<String>,
+}
+
+/// For each rank, the lowest rank of its compute group (itself when it has its device to
+/// itself): ranks with equal [`DeviceReport::compute_group`] keys form a group.
+pub fn compute_groups(reports: &[DeviceReport]) -> Vec<usize> {
+    reports
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match &r.compute_group {
+            None => i,
+            Some(key) => reports
+                .iter()
+                .position(|o| o.compute_group.as_ref() == Some(key))
+                .unwrap_or(i),
+        })
+        .collect()
+}
+
+/// Training throughput measured at one micro-batch size.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SpeedPoint {
+    /// Micro-batch size.
+    pub micro_batch: usize,
+    /// Samples per second at that size.
+    pub samples_per_sec: f64,
+}
+
+/// Which micro-batch a device runs, within its memory cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum MicroBatchPolicy {
+    /// The largest that fits: fills the memory budget (minus the margin).
+    Largest,
+    /// The largest measured size within [`Tunables::speed_tolerance`] of the fastest one that
+    /// fits; the cap itself when throughput is still rising at the largest measured size.
+    #[default]
+    Fastest,
 }
 
 /// When the planner moves optimizer state to host memory.
@@ -89,10 +144,22 @@ pub struct Tunables {
     /// Fraction of a host's `MemAvailable` that offloaded state must leave free (default 0.20).
     #[serde(default = "default_host_margin")]
     pub host_memory_margin: f64,
+    /// How each device's micro-batch is chosen within its memory cap (default: fastest).
+    #[serde(default)]
+    pub micro_batch_policy: MicroBatchPolicy,
+    /// A smaller micro-batch is chosen over a larger one only when it is measured faster by more
+    /// than this fraction (default 0.10): fewer, larger micro-batches cost less per step, and the
+    /// probes are noisy.
+    #[serde(default = "default_speed_tolerance")]
+    pub speed_tolerance: f64,
 }
 
 fn default_host_margin() -> f64 {
     0.20
+}
+
+fn default_speed_tolerance() -> f64 {
+    0.10
 }
 
 impl Default for Tunables {
@@ -105,6 +172,8 @@ impl Default for Tunables {
             smoothing: 0.3,
             offload: OffloadPolicy::WhenNeeded,
             host_memory_margin: default_host_margin(),
+            micro_batch_policy: MicroBatchPolicy::Fastest,
+            speed_tolerance: default_speed_tolerance(),
         }
     }
 }
@@ -125,6 +194,9 @@ pub struct RankAssignment {
     /// Optimizer state lives in host memory.
     #[serde(default)]
     pub offload: bool,
+    /// Throughput the plan assumes for this rank at its micro-batch, samples per second.
+    #[serde(default)]
+    pub samples_per_sec: f64,
 }
 
 impl RankAssignment {
@@ -162,6 +234,49 @@ pub fn cap_with_offload(r: &DeviceReport, t: &Tunables, share_hint: usize) -> (u
     }
 }
 
+/// The micro-batch device `r` runs when it may hold at most `cap` samples, and its throughput
+/// there, under the tunables' [`MicroBatchPolicy`].
+///
+/// Sizes between measured ones are taken to run at the speed of the nearest measured size below
+/// (the cap itself included), so a curve that is still rising at its largest point gives the cap.
+/// Without a curve, or with no measured size within the cap, the device runs its cap at
+/// `samples_per_sec`. Returns `(0, samples_per_sec)` for a cap of 0.
+pub fn operating_point(r: &DeviceReport, cap: usize, t: &Tunables) -> (usize, f64) {
+    let within: Vec<&SpeedPoint> = r
+        .speed_curve
+        .iter()
+        .filter(|p| {
+            p.micro_batch >= 1 && p.micro_batch <= cap && p.samples_per_sec.is_finite() && p.samples_per_sec > 0.0
+        })
+        .collect();
+    let Some(largest) = within.iter().max_by_key(|p| p.micro_batch) else {
+        return (cap, r.samples_per_sec);
+    };
+    if t.micro_batch_policy == MicroBatchPolicy::Largest {
+        return (cap, largest.samples_per_sec);
+    }
+    let best = within.iter().map(|p| p.samples_per_sec).fold(0.0, f64::max);
+    let good_enough = best * (1.0 - t.speed_tolerance.clamp(0.0, 1.0));
+    if largest.samples_per_sec >= good_enough {
+        return (cap, largest.samples_per_sec);
+    }
+    within
+        .iter()
+        .filter(|p| p.samples_per_sec >= good_enough)
+        .max_by_key(|p| p.micro_batch)
+        .map_or((cap, r.samples_per_sec), |p| (p.micro_batch, p.samples_per_sec))
+}
+
+/// The speed device `r` measured at the size nearest `micro_batch` from below (its reported
+/// speed when it measured none).
+pub fn speed_at(r: &DeviceReport, micro_batch: usize) -> f64 {
+    r.speed_curve
+        .iter()
+        .filter(|p| p.micro_batch <= micro_batch && p.samples_per_sec.is_finite() && p.samples_per_sec > 0.0)
+        .max_by_key(|p| p.micro_batch)
+        .map_or(r.samples_per_sec, |p| p.samples_per_sec)
+}
+
 /// Every rank's assignment for one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
@@ -173,6 +288,10 @@ pub struct Plan {
     pub allreduce_s: f64,
     /// Predicted step seconds: slowest rank plus all-reduce.
     pub predicted_step_s: f64,
+    /// For each rank, the lowest rank of its compute group (see [`compute_groups`]); empty:
+    /// every rank has its device to itself.
+    #[serde(default)]
+    pub groups: Vec<usize>,
 }
 
 impl Plan {
@@ -186,12 +305,30 @@ impl Plan {
         self.ranks.iter().map(|r| r.micro_batch).collect()
     }
 
-    /// Predicted step time of these shares under other speeds (for re-planning decisions).
+    /// The compute group of rank `i` (its lowest rank).
+    pub fn group_of(&self, i: usize) -> usize {
+        self.groups.get(i).copied().unwrap_or(i)
+    }
+
+    /// Predicted step time of these shares under other speeds (for re-planning decisions): a
+    /// compute group finishes when its members' work, done at their summed speed, is done.
     pub fn step_time_with(&self, samples_per_sec: &[f64]) -> f64 {
-        self.ranks
-            .iter()
-            .zip(samples_per_sec)
-            .map(|(r, v)| if r.share == 0 { 0.0 } else { r.share as f64 / v })
+        (0..self.ranks.len())
+            .filter(|&u| self.group_of(u) == u)
+            .map(|u| {
+                let members = (0..self.ranks.len()).filter(|&i| self.group_of(i) == u);
+                let (work, speed) = members.fold((0usize, 0.0f64), |(w, v), i| {
+                    (
+                        w + self.ranks[i].share,
+                        v + samples_per_sec.get(i).copied().unwrap_or(0.0),
+                    )
+                });
+                if work == 0 {
+                    0.0
+                } else {
+                    work as f64 / speed
+                }
+            })
             .fold(0.0, f64::max)
             + self.allreduce_s
     }
@@ -291,35 +428,59 @@ pub fn solve(reports: &[DeviceReport], global_batch: usize, allreduce_s: f64, t:
             }
         }
     }
-    let speeds: Vec<f64> = reports
+    let operating: Vec<(usize, f64)> = reports
         .iter()
         .zip(&caps)
-        .map(|(r, &c)| if c == 0 { 0.0 } else { r.samples_per_sec })
+        .map(|(r, &c)| if c == 0 { (0, 0.0) } else { operating_point(r, c, t) })
         .collect();
-    let mut shares = split_proportional(global_batch, &speeds)?;
+    for (rank, &(_, v)) in operating.iter().enumerate() {
+        if caps[rank] > 0 && !(v.is_finite() && v > 0.0) {
+            return Err(Error::BadReport {
+                rank,
+                reason: format!("throughput at its micro-batch must be a positive number, got {v}"),
+            });
+        }
+    }
+    let speeds: Vec<f64> = operating.iter().map(|o| o.1).collect();
+    // Plan compute groups as single devices (indexed by their lowest rank), then split each
+    // group's share among its members.
+    let groups = compute_groups(reports);
+    let n = reports.len();
+    let unit_speed: Vec<f64> = (0..n)
+        .map(|u| (0..n).filter(|&i| groups[i] == u).map(|i| speeds[i]).sum())
+        .collect();
+    let mut units = split_proportional(global_batch, &unit_speed)?;
     // Greedy refinement: move one sample from the last finisher to the earliest finisher.
-    let time = |i: usize, s: usize| s as f64 / speeds[i];
+    let time = |u: usize, s: usize| s as f64 / unit_speed[u];
     loop {
-        let (slow, t_slow) = (0..shares.len())
-            .filter(|&i| shares[i] > 0)
-            .map(|i| (i, time(i, shares[i])))
+        let (slow, t_slow) = (0..n)
+            .filter(|&u| units[u] > 0)
+            .map(|u| (u, time(u, units[u])))
             .fold((usize::MAX, f64::MIN), |a, b| if b.1 > a.1 { b } else { a });
-        let best = (0..shares.len())
-            .filter(|&i| speeds[i] > 0.0 && i != slow)
-            .map(|i| (i, time(i, shares[i] + 1)))
+        let best = (0..n)
+            .filter(|&u| unit_speed[u] > 0.0 && u != slow)
+            .map(|u| (u, time(u, units[u] + 1)))
             .fold((usize::MAX, f64::MAX), |a, b| if b.1 < a.1 { b } else { a });
         if best.0 == usize::MAX || best.1 >= t_slow - 1e-12 {
             break;
         }
-        shares[slow] -= 1;
-        shares[best.0] += 1;
+        units[slow] -= 1;
+        units[best.0] += 1;
+    }
+    let mut shares = vec![0usize; n];
+    for u in (0..n).filter(|&u| units[u] > 0) {
+        let members: Vec<usize> = (0..n).filter(|&i| groups[i] == u).collect();
+        let weights: Vec<f64> = members.iter().map(|&i| speeds[i]).collect();
+        for (&i, part) in members.iter().zip(split_proportional(units[u], &weights)?) {
+            shares[i] = part;
+        }
     }
     let ranks: Vec<RankAssignment> = reports
         .iter()
         .enumerate()
         .map(|(i, r)| {
             let share = shares[i];
-            let micro_batch = if share == 0 { 0 } else { caps[i].min(share) };
+            let micro_batch = if share == 0 { 0 } else { operating[i].0.min(share) };
             let plan = RankPlan {
                 share,
                 micro_batch_cap: micro_batch.max(1),
@@ -336,8 +497,13 @@ pub fn solve(reports: &[DeviceReport], global_batch: usize, allreduce_s: f64, t:
                 micro_batch,
                 accumulation: plan.accumulation_steps(),
                 predicted_peak_bytes: fixed + largest as u64 * r.bytes_per_sample,
-                predicted_compute_s: if share == 0 { 0.0 } else { time(i, share) },
+                predicted_compute_s: if share == 0 {
+                    0.0
+                } else {
+                    time(groups[i], units[groups[i]])
+                },
                 offload,
+                samples_per_sec: speeds[i],
             }
         })
         .collect();
@@ -347,6 +513,11 @@ pub fn solve(reports: &[DeviceReport], global_batch: usize, allreduce_s: f64, t:
         ranks,
         allreduce_s,
         predicted_step_s: slowest + allreduce_s,
+        groups: if groups.iter().enumerate().all(|(i, &g)| g == i) {
+            Vec::new()
+        } else {
+            groups
+        },
     })
 }
 
@@ -366,7 +537,67 @@ mod tests {
             offloadable_bytes: 0,
             host: String::new(),
             host_available_bytes: None,
+            speed_curve: Vec::new(),
+            compute_group: None,
         }
+    }
+
+    fn curve(points: &[(usize, f64)]) -> Vec<SpeedPoint> {
+        points
+            .iter()
+            .map(|&(micro_batch, samples_per_sec)| SpeedPoint {
+                micro_batch,
+                samples_per_sec,
+            })
+            .collect()
+    }
+
+    /// A CPU-like curve (fastest at 8, a third slower at 64) picks 8; a GPU-like curve (still
+    /// rising) picks the memory cap; `Largest` always picks the cap.
+    #[test]
+    fn micro_batch_follows_the_measured_curve() {
+        let t = Tunables::default();
+        let cpu = DeviceReport {
+            speed_curve: curve(&[
+                (1, 600.0),
+                (2, 700.0),
+                (4, 900.0),
+                (8, 2300.0),
+                (16, 2200.0),
+                (32, 1900.0),
+                (64, 1600.0),
+            ]),
+            ..report(1 << 30, 0, 1000, 2300.0)
+        };
+        let cap = memory_cap(&cpu, &t);
+        assert!(cap > 64);
+        assert_eq!(operating_point(&cpu, cap, &t), (16, 2200.0));
+        assert_eq!(operating_point(&cpu, 12, &t), (12, 2300.0));
+        assert_eq!(operating_point(&cpu, 6, &t), (6, 900.0));
+        let strict = Tunables {
+            speed_tolerance: 0.0,
+            ..Tunables::default()
+        };
+        assert_eq!(operating_point(&cpu, cap, &strict), (8, 2300.0));
+        let largest = Tunables {
+            micro_batch_policy: MicroBatchPolicy::Largest,
+            ..Tunables::default()
+        };
+        assert_eq!(operating_point(&cpu, cap, &largest), (cap, 1600.0));
+        let gpu = DeviceReport {
+            speed_curve: curve(&[(1, 100.0), (8, 700.0), (64, 4000.0)]),
+            ..report(1 << 30, 0, 1000, 4000.0)
+        };
+        assert_eq!(operating_point(&gpu, 500, &t), (500, 4000.0));
+        // No curve: the cap at the reported speed.
+        assert_eq!(operating_point(&report(1 << 30, 0, 1000, 50.0), 300, &t), (300, 50.0));
+        // The plan uses the chosen size and the speed measured there.
+        let plan = solve(&[cpu, gpu], 1000, 0.0, &t).unwrap();
+        // The second device can hold all of its share at once.
+        assert_eq!(plan.micro_batches(), vec![16, 645]);
+        assert_eq!(plan.ranks[0].samples_per_sec, 2200.0);
+        assert_eq!(plan.ranks[1].samples_per_sec, 4000.0);
+        assert_eq!(plan.shares(), vec![355, 645]);
     }
 
     /// A device whose budget cannot hold optimizer state plus one sample gets offload and a
@@ -408,8 +639,19 @@ mod tests {
     }
 
     prop_compose! {
-        fn device()(budget in 1u64..10_000_000, fixed in 0u64..2_000_000, per in 1u64..200_000, speed in 0.1f64..1000.0) -> DeviceReport {
-            report(budget, fixed, per, speed)
+        fn device()(
+            budget in 1u64..10_000_000,
+            fixed in 0u64..2_000_000,
+            per in 1u64..200_000,
+            speed in 0.1f64..1000.0,
+            measured in proptest::collection::vec((1usize..200, 0.1f64..1000.0), 0..6),
+            group in proptest::option::of(0u8..3),
+        ) -> DeviceReport {
+            let mut speed_curve = curve(&measured);
+            speed_curve.sort_by_key(|p| p.micro_batch);
+            speed_curve.dedup_by_key(|p| p.micro_batch);
+            let compute_group = group.map(|g| format!("cores-{g}"));
+            DeviceReport { speed_curve, compute_group, ..report(budget, fixed, per, speed) }
         }
     }
 
@@ -435,17 +677,65 @@ mod tests {
                         // Accumulation covers the share.
                         prop_assert!(r.accumulation * r.micro_batch >= r.share);
                     }
+                    // Every device runs at the operating point of its memory cap.
+                    let points: Vec<(usize, f64)> = devices
+                        .iter()
+                        .map(|d| match memory_cap(d, &t) {
+                            0 => (0, 0.0),
+                            cap => operating_point(d, cap, &t),
+                        })
+                        .collect();
+                    for (r, &(m, v)) in plan.ranks.iter().zip(&points) {
+                        if r.share > 0 {
+                            prop_assert_eq!(r.micro_batch, m.min(r.share));
+                            prop_assert_eq!(r.samples_per_sec, v);
+                        }
+                    }
                     // Within one sample-time (of the slowest eligible device) of the continuous optimum.
-                    let eligible: Vec<&DeviceReport> = devices.iter().filter(|d| memory_cap(d, &t) > 0).collect();
-                    let total_speed: f64 = eligible.iter().map(|d| d.samples_per_sec).sum();
+                    let eligible: Vec<f64> = points.iter().filter(|p| p.0 > 0).map(|p| p.1).collect();
+                    let total_speed: f64 = eligible.iter().sum();
                     let optimum = b as f64 / total_speed;
-                    let slowest_sample = eligible.iter().map(|d| 1.0 / d.samples_per_sec).fold(0.0, f64::max);
+                    let slowest_sample = eligible.iter().map(|v| 1.0 / v).fold(0.0, f64::max);
                     let compute = plan.predicted_step_s - plan.allreduce_s;
                     prop_assert!(compute <= optimum + slowest_sample + 1e-9, "{} > {} + {}", compute, optimum, slowest_sample);
+                    // Members of a compute group are predicted to finish together, and a group
+                    // takes its share in proportion to its members' speeds.
+                    let groups = compute_groups(&devices);
+                    for (i, r) in plan.ranks.iter().enumerate() {
+                        let leader = &plan.ranks[groups[i]];
+                        if r.share > 0 && leader.share > 0 {
+                            prop_assert!((r.predicted_compute_s - leader.predicted_compute_s).abs() <= 1e-9 * r.predicted_compute_s.max(1.0));
+                        }
+                        prop_assert_eq!(plan.group_of(i), groups[i]);
+                    }
+                    prop_assert!((plan.step_time_with(&points.iter().map(|p| p.1).collect::<Vec<_>>()) - plan.predicted_step_s).abs() <= 1e-9 * plan.predicted_step_s.max(1.0));
                     // Deterministic.
                     prop_assert_eq!(solve(&devices, b, 0.001, &t).unwrap(), plan);
                 }
             }
+        }
+
+        /// The chosen micro-batch fits, runs within the tolerance of the fastest measured size
+        /// that fits, and no larger measured size does.
+        #[test]
+        fn operating_points_are_fast_and_as_large_as_allowed(d in device(), cap in 1usize..300) {
+            let t = Tunables::default();
+            let (m, v) = operating_point(&d, cap, &t);
+            prop_assert!(m >= 1 && m <= cap);
+            let within: Vec<&SpeedPoint> = d.speed_curve.iter().filter(|p| p.micro_batch <= cap).collect();
+            match within.iter().map(|p| p.samples_per_sec).reduce(f64::max) {
+                None => prop_assert_eq!((m, v), (cap, d.samples_per_sec)),
+                Some(best) => {
+                    prop_assert!(v >= best * (1.0 - t.speed_tolerance) - 1e-9);
+                    prop_assert!(within.iter().any(|p| p.samples_per_sec == v && p.micro_batch <= m));
+                    let larger_ok = within
+                        .iter()
+                        .filter(|p| p.micro_batch > m)
+                        .any(|p| p.samples_per_sec >= best * (1.0 - t.speed_tolerance));
+                    prop_assert!(!larger_ok);
+                }
+            }
+            prop_assert_eq!(operating_point(&d, cap, &t), (m, v));
         }
 
         #[test]

@@ -292,6 +292,17 @@ pub fn swappiness(root: &Path) -> Option<u32> {
         .ok()
 }
 
+/// The CPUs this process may run on (`Cpus_allowed_list` of `/proc/self/status`, e.g. `0-3,8`),
+/// or `None` where the kernel does not say.
+pub fn cpu_affinity() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
 /// This host's name.
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -24,7 +24,10 @@ use burn::{
     tensor::{Gradients, Tensor},
 };
 
-use ballast_balancer::{solve, split_proportional, DeviceReport, Plan, RankAssignment, RankPlan, Rebalancer, Tunables};
+use ballast_balancer::{
+    solve, split_proportional, DeviceReport, MicroBatchPolicy, Plan, RankAssignment, RankPlan, Rebalancer, SpeedPoint,
+    Tunables,
+};
 use ballast_collectives::CommunicatorExt;
 
 use crate::{
@@ -68,7 +71,8 @@ pub enum BalanceError {
 pub enum InitialPlan {
     /// From the probes' measured speeds and memory (default).
     Measured,
-    /// Equal shares, micro-batches capped by memory: to watch rebalancing converge.
+    /// Equal shares, each device at the micro-batch the planner would choose: to watch
+    /// rebalancing converge.
     Equal,
     /// Naive DDP: equal shares and one micro-batch size everywhere, capped by the smallest
     /// budget. Never rebalanced.
@@ -204,7 +208,12 @@ impl Balancer {
         } else {
             probe_points(model, loss_fn, pool, &options, || meter.peak())
         };
-        let report = report_from_probes(&points, params, &options);
+        let mut report = report_from_probes(&points, params, &options);
+        // CPU ranks pinned to the same cores share them (ranks as threads stand for separate
+        // simulated devices; GPU ranks each have their own device).
+        if !options.shared_heap && meter.gpu().is_none() {
+            report.compute_group = ballast_cluster::cpu_affinity().map(|cpus| format!("{}:cpus {cpus}", report.host));
+        }
         let reports: Vec<DeviceReport> = ddp.comm().all_gather(&report)?;
         let world = reports.len();
         let mut balancer = Self {
@@ -213,8 +222,9 @@ impl Balancer {
                 ranks: Vec::new(),
                 allreduce_s: 0.0,
                 predicted_step_s: 0.0,
+                groups: Vec::new(),
             },
-            rebalancer: Rebalancer::new(world, options.tunables.clone()),
+            rebalancer: Rebalancer::for_reports(&reports, options.tunables.clone()),
             cap_limits: vec![None; world],
             reports,
             meter,
@@ -267,9 +277,9 @@ impl Balancer {
                         let cap = if self.options.initial == InitialPlan::Naive {
                             naive_cap
                         } else {
-                            caps[i]
+                            ballast_balancer::operating_point(&self.reports[i], caps[i], t).0
                         };
-                        assignment(&self.reports[i], share, cap.min(share.max(1)))
+                        assignment(&self.reports[i], share, cap.min(share.max(1)), t)
                     })
                     .collect();
                 let mut plan = Plan {
@@ -277,8 +287,9 @@ impl Balancer {
                     ranks,
                     allreduce_s: 0.0,
                     predicted_step_s: 0.0,
+                    groups: ballast_balancer::compute_groups(&self.reports),
                 };
-                let speeds: Vec<f64> = self.reports.iter().map(|r| r.samples_per_sec).collect();
+                let speeds: Vec<f64> = plan.ranks.iter().map(|r| r.samples_per_sec).collect();
                 plan.predicted_step_s = plan.step_time_with(&speeds);
                 Ok(plan)
             }
@@ -300,7 +311,7 @@ impl Balancer {
             options,
             reports: self.reports.clone(),
             plan: self.plan.clone(),
-            rebalancer: Rebalancer::new(self.reports.len(), self.options.tunables.clone()),
+            rebalancer: Rebalancer::for_reports(&self.reports, self.options.tunables.clone()),
             meter: self.meter,
             cap_limits: vec![None; self.reports.len()],
             injected: false,
@@ -480,7 +491,7 @@ impl Balancer {
             if let Some(limit) = *limit {
                 let r = &mut self.plan.ranks[i];
                 if r.micro_batch > limit {
-                    *r = assignment(&self.reports[i], r.share, limit);
+                    *r = assignment(&self.reports[i], r.share, limit, &self.options.tunables);
                 }
             }
         }
@@ -532,6 +543,13 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// Runs at the largest probe size before the sweep.
+const PROBE_WARMUP: usize = 3;
+/// Timed windows per probe size (the faster counts).
+const PROBE_WINDOWS: usize = 2;
+/// Least duration of a timed window.
+const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_millis(40);
+
 fn probe_points<M, F>(
     model: &M,
     loss_fn: &mut F,
@@ -543,18 +561,38 @@ where
     M: Module,
     F: FnMut(&M, &[usize]) -> Tensor<1>,
 {
+    let sizes: Vec<usize> = options
+        .probe_sizes
+        .iter()
+        .copied()
+        .filter(|&m| m <= pool.len())
+        .collect();
+    // Warm up at the largest size first: the allocator's pools (and its threshold for handing
+    // big blocks straight to the OS) settle, so the sweep sees steady-state speeds.
+    if let Some(&largest) = sizes.iter().max() {
+        for _ in 0..PROBE_WARMUP {
+            drop(loss_fn(model, &pool[..largest]).backward());
+        }
+    }
     let mut points = Vec::new();
-    for &m in options.probe_sizes.iter().filter(|&&m| m <= pool.len()) {
-        // Twice per size: the first run warms caches and allocator pools.
+    for &m in &sizes {
+        // Seconds per micro-batch over a window of several runs, the better of two windows:
+        // noise only ever slows a window down, and a window long enough to span the
+        // scheduler's time slices measures ranks that share a core at the speed they get when
+        // both run (one short run can fit inside a slice and look twice as fast).
         let mut best = f64::MAX;
         let mut most = 0;
-        for _ in 0..2 {
-            memory::reset_peak();
+        for _ in 0..PROBE_WINDOWS {
             let started = Instant::now();
-            let grads = loss_fn(model, &pool[..m]).backward();
-            drop(grads);
-            best = best.min(started.elapsed().as_secs_f64() * options.slowdown.max(1.0));
-            most = most.max(peak());
+            let mut runs = 0u32;
+            while runs == 0 || started.elapsed() < PROBE_WINDOW {
+                memory::reset_peak();
+                let grads = loss_fn(model, &pool[..m]).backward();
+                drop(grads);
+                most = most.max(peak());
+                runs += 1;
+            }
+            best = best.min(started.elapsed().as_secs_f64() / f64::from(runs) * options.slowdown.max(1.0));
         }
         points.push(ProbePoint {
             samples: m,
@@ -565,24 +603,32 @@ where
     points
 }
 
-fn assignment(report: &DeviceReport, share: usize, cap: usize) -> RankAssignment {
+/// `share` samples in micro-batches of at most `cap`, at the speed measured nearest below `cap`.
+fn assignment(report: &DeviceReport, share: usize, cap: usize, t: &Tunables) -> RankAssignment {
     let plan = RankPlan {
         share,
         micro_batch_cap: cap.max(1),
     };
     let largest = plan.micro_batches().into_iter().max().unwrap_or(0);
+    let at_cap = Tunables {
+        micro_batch_policy: MicroBatchPolicy::Largest,
+        ..t.clone()
+    };
+    let speed = ballast_balancer::operating_point(report, cap.max(1), &at_cap).1;
     RankAssignment {
         share,
         micro_batch: if share == 0 { 0 } else { cap.min(share) },
         accumulation: plan.accumulation_steps(),
         predicted_peak_bytes: report.fixed_bytes + largest as u64 * report.bytes_per_sample,
-        predicted_compute_s: share as f64 / report.samples_per_sec,
+        predicted_compute_s: share as f64 / speed,
         offload: false,
+        samples_per_sec: speed,
     }
 }
 
 /// A device report from probe measurements: least-squares line through (samples, peak), plus
-/// optimizer state that does not exist yet; speed from the largest probe.
+/// optimizer state that does not exist yet; the probes' speeds as the device's speed curve, and
+/// the fastest of them as its speed.
 pub fn report_from_probes(points: &[ProbePoint], params: u64, options: &BalanceOptions) -> DeviceReport {
     // The smallest micro-batches hit one-time allocations (kernel workspaces that appear from
     // batch 2 on); fit the line through the larger half, where the plan will operate.
@@ -613,10 +659,14 @@ pub fn report_from_probes(points: &[ProbePoint], params: u64, options: &BalanceO
     } else {
         (upper.first().map_or(0.0, |p| p.peak_bytes as f64), 0.0)
     };
-    let speed = points
+    let speed_curve: Vec<SpeedPoint> = points
         .iter()
-        .map(|p| p.samples as f64 / p.seconds.max(1e-9))
-        .fold(0.0, f64::max);
+        .map(|p| SpeedPoint {
+            micro_batch: p.samples,
+            samples_per_sec: p.samples as f64 / p.seconds.max(1e-9),
+        })
+        .collect();
+    let speed = speed_curve.iter().map(|p| p.samples_per_sec).fold(0.0, f64::max);
     DeviceReport {
         name: "cpu".into(),
         budget_bytes: options.budget_bytes,
@@ -628,5 +678,7 @@ pub fn report_from_probes(points: &[ProbePoint], params: u64, options: &BalanceO
         host_available_bytes: ballast_cluster::host_memory(&options.proc_root)
             .ok()
             .map(|m| m.available),
+        speed_curve,
+        compute_group: None,
     }
 }

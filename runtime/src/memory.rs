@@ -125,6 +125,11 @@ impl DeviceMeter {
         })
     }
 
+    /// The GPU this meter reads, when it meters one.
+    pub fn gpu(&self) -> Option<usize> {
+        self.gpu
+    }
+
     /// Stops counting `bytes` allocated after the start as device memory: buffers that live in
     /// host memory on a real accelerator (offloaded optimizer state) share the heap with the
     /// simulated device on CPU ranks.

@@ -94,6 +94,8 @@ fn offload_planning_fails_on_low_mem_available() {
         offloadable_bytes: 8_000_000,
         host: "node".into(),
         host_available_bytes: Some(mem.available),
+        speed_curve: Vec::new(),
+        compute_group: None,
     };
     let err = solve(&[report], 8, 0.0, &Tunables::default()).unwrap_err().to_string();
     assert!(err.contains("MemAvailable 1024000"), "{err}");

@@ -146,6 +146,8 @@ fn parse_device(i: usize, spec: &str, fixed: u64, per_sample: u64, base_speed: f
         offloadable_bytes: 0,
         host: "host".into(),
         host_available_bytes: None,
+        speed_curve: Vec::new(),
+        compute_group: None,
     })
 }
 

@@ -48,6 +48,10 @@ pub struct Args {
     /// `balance`: never offload optimizer state to the host.
     #[arg(long)]
     no_offload: bool,
+    /// `balance`: micro-batch per device: `fastest` measured within its memory, or `largest`
+    /// (fills the memory budget).
+    #[arg(long, default_value = "fastest")]
+    micro_batch: String,
     /// `balance`: write each rank's full record to DIR/rank-R.json (stdout gets a summary).
     #[arg(long)]
     out_dir: Option<std::path::PathBuf>,
@@ -157,6 +161,11 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
         "naive" => InitialPlan::Naive,
         other => anyhow::bail!("--initial {other:?}: use measured, equal or naive"),
     };
+    let micro_batch_policy = match args.micro_batch.as_str() {
+        "fastest" => ballast::balancer::MicroBatchPolicy::Fastest,
+        "largest" => ballast::balancer::MicroBatchPolicy::Largest,
+        other => anyhow::bail!("--micro-batch {other:?}: use fastest or largest"),
+    };
     let budgets: Vec<u64> = args
         .budgets
         .iter()
@@ -203,6 +212,7 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
                     } else {
                         ballast::balancer::OffloadPolicy::WhenNeeded
                     },
+                    micro_batch_policy,
                     ..Default::default()
                 },
                 ..BalanceOptions::default()
