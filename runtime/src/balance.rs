@@ -1,11 +1,14 @@
 //! The balancer at work: measure this device, agree on a plan, run steps by it, adapt.
 //!
-//! [`Balancer::probe`] runs forward and backward passes at a few micro-batch sizes (1, 2, 4, 8
-//! by default) and measures each: peak memory above the device's baseline (CPU: the counting
-//! allocator; GPU: the memory pool) and time. A least-squares line through the peaks gives the
-//! fixed bytes and the bytes per sample; optimizer state that does not exist yet (Adam: 8 bytes
-//! per parameter) is added to the fixed part. Every rank's report is all-gathered and every rank
-//! solves the same plan (`ballast_balancer::solve`).
+//! [`Balancer::probe`] runs forward and backward passes at a few micro-batch sizes (1 to 64 by
+//! default, after a warm-up at the largest) and measures each: peak memory above the device's
+//! baseline (CPU: the counting allocator; GPU: the device's memory in use) and samples/s over a
+//! window of runs. A least-squares line through the peaks gives the fixed bytes and the bytes per
+//! sample; optimizer state that does not exist yet (Adam: 8 bytes per parameter) is added to the
+//! fixed part. The speeds form the device's speed curve, from which the planner picks its
+//! micro-batch. CPU ranks report the cores they may run on, so ranks pinned to the same cores
+//! are planned as one compute group. Every rank's report is all-gathered and every rank solves
+//! the same plan (`ballast_balancer::solve`).
 //!
 //! [`Balancer::step`] runs this rank's share in micro-batches of the planned size and finishes
 //! the step with one all-reduce, which also carries every rank's compute time. Those feed the
@@ -71,8 +74,8 @@ pub enum BalanceError {
 pub enum InitialPlan {
     /// From the probes' measured speeds and memory (default).
     Measured,
-    /// Equal shares, each device at the micro-batch the planner would choose: to watch
-    /// rebalancing converge.
+    /// Equal shares, micro-batches capped by memory (no timing involved, so reproducible): to
+    /// watch rebalancing converge.
     Equal,
     /// Naive DDP: equal shares and one micro-batch size everywhere, capped by the smallest
     /// budget. Never rebalanced.
@@ -277,7 +280,7 @@ impl Balancer {
                         let cap = if self.options.initial == InitialPlan::Naive {
                             naive_cap
                         } else {
-                            ballast_balancer::operating_point(&self.reports[i], caps[i], t).0
+                            caps[i]
                         };
                         assignment(&self.reports[i], share, cap.min(share.max(1)), t)
                     })

@@ -90,6 +90,10 @@ pub struct TrainArgs {
     /// memory: reproducible bit for bit across runs, with --no-rebalance) [default: measured].
     #[arg(long, value_name = "measured|equal")]
     pub initial_plan: Option<String>,
+    /// Micro-batch per device: `fastest` (the largest size measured within 10 % of the fastest
+    /// that fits its memory) or `largest` (fills the memory budget) [default: fastest].
+    #[arg(long, value_name = "fastest|largest")]
+    pub micro_batch: Option<String>,
     /// Abort the process when this step is about to start (fault-injection tests).
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -172,6 +176,8 @@ pub struct Settings {
     pub rebalance: bool,
     /// Start from equal shares instead of measured ones.
     pub equal_start: bool,
+    /// How each device's micro-batch is chosen within its memory.
+    pub micro_batch_policy: ballast_balancer::MicroBatchPolicy,
     /// Abort when this step is about to start (tests).
     pub crash_at_step: Option<u64>,
 }
@@ -340,6 +346,11 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
             None | Some("measured") => false,
             Some("equal") => true,
             Some(other) => bail!("--initial-plan is {other:?}; use `measured` or `equal`"),
+        },
+        micro_batch_policy: match pick!(micro_batch).as_deref() {
+            None | Some("fastest") => ballast_balancer::MicroBatchPolicy::Fastest,
+            Some("largest") => ballast_balancer::MicroBatchPolicy::Largest,
+            Some(other) => bail!("--micro-batch is {other:?}; use `fastest` or `largest`"),
         },
         crash_at_step: cli.crash_at_step,
     })

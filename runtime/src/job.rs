@@ -229,6 +229,10 @@ fn rank_main<T: Task>(
         } else {
             crate::balance::InitialPlan::Measured
         },
+        tunables: ballast_balancer::Tunables {
+            micro_batch_policy: s.micro_batch_policy,
+            ..ballast_balancer::Tunables::default()
+        },
         ..BalanceOptions::default()
     };
     let pool: Vec<usize> = (0..task.len().min(probe_max)).collect();

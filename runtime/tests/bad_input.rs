@@ -154,6 +154,16 @@ fn bad_input_unknown_initial_plan() {
 }
 
 #[test]
+fn bad_input_unknown_micro_batch_policy() {
+    let d = tmp();
+    refused(
+        d.path(),
+        &["--micro-batch", "biggest"],
+        &["--micro-batch is \"biggest\"; use `fastest` or `largest`"],
+    );
+}
+
+#[test]
 fn bad_input_config_file_missing() {
     let d = tmp();
     refused(
