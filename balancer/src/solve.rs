@@ -148,7 +148,7 @@ pub struct Tunables {
     #[serde(default)]
     pub micro_batch_policy: MicroBatchPolicy,
     /// A smaller micro-batch is chosen over a larger one only when it is measured faster by more
-    /// than this fraction (default 0.10): fewer, larger micro-batches cost less per step, and the
+    /// than this fraction (default 0.05): fewer, larger micro-batches cost less per step, and the
     /// probes are noisy.
     #[serde(default = "default_speed_tolerance")]
     pub speed_tolerance: f64,
@@ -159,7 +159,7 @@ fn default_host_margin() -> f64 {
 }
 
 fn default_speed_tolerance() -> f64 {
-    0.10
+    0.05
 }
 
 impl Default for Tunables {

@@ -242,10 +242,11 @@ impl Balancer {
         // If any rank keeps its optimizer state on the host, every rank runs the host Adam: the
         // replicas must apply bit-identical updates, and burn's Adam rounds differently.
         if balancer.options.host_optimizer || balancer.plan.ranks.iter().any(|r| r.offload) {
-            let host = crate::offload::HostOffload::new(
+            let host = crate::offload::HostOffload::for_device(
                 model,
                 crate::offload::HostAdamConfig::default(),
                 &balancer.options.proc_root,
+                balancer.meter.gpu(),
             )?;
             balancer.meter.exclude(host.host_bytes());
             balancer.host = Some(host);

@@ -20,6 +20,8 @@
 
 use rayon::prelude::*;
 
+use super::StateBuffer;
+
 /// Elements per parallel chunk: 16 Ki f32 = 64 KiB per buffer, four buffers fit in L2.
 const CHUNK: usize = 16 * 1024;
 
@@ -50,12 +52,12 @@ impl Default for HostAdamConfig {
     }
 }
 
-/// Adam state (two moments) for `len` parameters, in host memory.
+/// Adam state (two moments) for `len` parameters, in host-visible memory.
 #[derive(Clone, PartialEq)]
 pub struct HostAdam {
     config: HostAdamConfig,
-    m: Vec<f32>,
-    v: Vec<f32>,
+    m: StateBuffer,
+    v: StateBuffer,
     t: i32,
 }
 
@@ -70,14 +72,25 @@ impl std::fmt::Debug for HostAdam {
 }
 
 impl HostAdam {
-    /// Zeroed moments for `len` parameters.
+    /// Zeroed moments for `len` parameters, in host memory.
     pub fn new(len: usize, config: HostAdamConfig) -> Self {
-        Self {
-            config,
-            m: vec![0.0; len],
-            v: vec![0.0; len],
-            t: 0,
-        }
+        Self::with_buffers(StateBuffer::host(len), StateBuffer::host(len), config)
+    }
+
+    /// Zeroed moments in the given buffers (host or, with `cuda`, managed memory).
+    ///
+    /// # Panics
+    /// If the buffers differ in length.
+    pub fn with_buffers(mut m: StateBuffer, mut v: StateBuffer, config: HostAdamConfig) -> Self {
+        assert_eq!(m.len(), v.len(), "moment buffers differ in length");
+        m.fill(0.0);
+        v.fill(0.0);
+        Self { config, m, v, t: 0 }
+    }
+
+    /// Whether the moments live in CUDA managed memory.
+    pub fn managed(&self) -> bool {
+        self.m.is_managed()
     }
 
     /// Bytes of optimizer state held (8 per parameter).
@@ -108,8 +121,9 @@ impl HostAdam {
                 self.m.len()
             ));
         }
-        self.m = m;
-        self.v = v;
+        // Copied into the existing buffers, so managed state stays where it was placed.
+        self.m.copy_from_slice(&m);
+        self.v.copy_from_slice(&v);
         self.t = t;
         Ok(())
     }
@@ -122,6 +136,8 @@ impl HostAdam {
     pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32) {
         assert_eq!(params.len(), self.m.len(), "parameter count changed");
         assert_eq!(grads.len(), self.m.len(), "gradient count differs from parameters");
+        self.m.prepare_for_host();
+        self.v.prepare_for_host();
         self.t += 1;
         let c = self.config;
         let bc2 = (1.0 - c.beta_2.powi(self.t)).sqrt();
@@ -286,5 +302,22 @@ mod tests {
         assert!((p[1] + 1.99).abs() < 1e-4, "{}", p[1]);
         assert_eq!(p[2], 0.5);
         assert_eq!(adam.state_bytes(), 24);
+    }
+
+    /// Buffers handed in are zeroed; a restore copies into them and keeps the step count.
+    #[test]
+    fn given_buffers_are_zeroed_and_restored_in_place() {
+        let m = StateBuffer::Host(vec![7.0; 4]);
+        let v = StateBuffer::Host(vec![9.0; 4]);
+        let mut adam = HostAdam::with_buffers(m, v, HostAdamConfig::default());
+        assert!(!adam.managed());
+        assert_eq!(adam.moments(), (&[0.0f32; 4][..], &[0.0f32; 4][..]));
+        adam.restore(vec![1.0, 2.0, 3.0, 4.0], vec![5.0; 4], 12).unwrap();
+        assert_eq!(adam.moments().0, &[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(adam.steps(), 12);
+        let copy = adam.clone();
+        assert_eq!(copy, adam);
+        let err = adam.restore(vec![0.0; 3], vec![0.0; 4], 1).unwrap_err();
+        assert!(err.contains("3 and 4 values but the model has 4 parameters"), "{err}");
     }
 }

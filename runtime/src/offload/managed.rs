@@ -116,6 +116,13 @@ impl ManagedBuffer {
             .map_err(|e| OffloadError::Cuda(format!("{e:?}")))
     }
 
+    /// The buffer as a host slice (see [`ManagedBuffer::as_mut_slice`]).
+    pub fn as_slice(&self) -> &[f32] {
+        // SAFETY: managed memory is addressable from the host and the allocation holds `len`
+        // f32; shared access only reads.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const f32, self.len) }
+    }
+
     /// The buffer as a host slice (after [`ManagedBuffer::prefetch_to_host`] and
     /// [`ManagedBuffer::wait`], host access does not fault).
     pub fn as_mut_slice(&mut self) -> &mut [f32] {

@@ -6,9 +6,9 @@
 //! [`HostAdam`], and the new parameters are loaded back into the model. The device saves
 //! 8 bytes per parameter of Adam state (12 with the master copy's gradient buffer).
 //!
-//! On CPU ranks the buffers are plain host vectors. With the `cuda` feature the state can live in
-//! managed memory (`managed::ManagedBuffer`), advised to the host and prefetched explicitly; that
-//! path is **not yet verified on a GPU**.
+//! On CPU ranks the buffers are plain host vectors. With the `cuda` feature, on a GPU rank, the
+//! Adam moments live in managed memory (`StateBuffer::Managed`), advised to the host and
+//! prefetched explicitly; that path is **not yet verified on a GPU**.
 //!
 //! Host RAM is finite and swapping destroys throughput: [`check_host_memory`] refuses offload
 //! buffers beyond `MemAvailable` minus a margin, and [`SwapMonitor`] reports rising `pswpout`
@@ -93,6 +93,88 @@ pub fn check_host_memory(root: &Path, needed: u64, margin: f64) -> Result<u64, O
     Ok(usable)
 }
 
+/// Optimizer state memory the host Adam works on: a host vector, or (with `cuda`, on a GPU rank)
+/// CUDA managed memory advised to live on the host and be accessed by the device.
+///
+/// The host Adam is the state's only user, so managed state is prefetched to the host before each
+/// update (explicit prefetch runs at copy speed; faulting page by page does not). A clone is a
+/// host copy.
+pub enum StateBuffer {
+    /// Plain host memory.
+    Host(Vec<f32>),
+    /// CUDA managed memory (not yet verified on a GPU).
+    #[cfg(feature = "cuda")]
+    Managed(managed::ManagedBuffer),
+}
+
+impl StateBuffer {
+    /// `len` zeros in host memory.
+    pub fn host(len: usize) -> Self {
+        Self::Host(vec![0.0; len])
+    }
+
+    /// `len` values in managed memory for GPU `ordinal`, after checking the device can hold
+    /// them.
+    ///
+    /// # Errors
+    /// [`OffloadError::NoCuda`], [`OffloadError::DeviceMemory`] or [`OffloadError::Cuda`].
+    #[cfg(feature = "cuda")]
+    pub fn managed(ordinal: usize, len: usize) -> Result<Self, OffloadError> {
+        managed::ManagedBuffer::new(ordinal, len).map(Self::Managed)
+    }
+
+    /// Whether this is managed memory.
+    pub fn is_managed(&self) -> bool {
+        !matches!(self, Self::Host(_))
+    }
+
+    /// Moves managed memory to the host and waits (a no-op for host memory). A failed
+    /// prefetch only costs speed: host access still works, by page faults.
+    pub fn prepare_for_host(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let Self::Managed(b) = self {
+            if b.prefetch_to_host().and_then(|()| b.wait()).is_err() {
+                eprintln!(
+                    "ballast: warning: prefetching optimizer state to the host failed; it will fault in page by page"
+                );
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for StateBuffer {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Self::Host(v) => v,
+            #[cfg(feature = "cuda")]
+            Self::Managed(b) => b.as_slice(),
+        }
+    }
+}
+
+impl std::ops::DerefMut for StateBuffer {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        match self {
+            Self::Host(v) => v,
+            #[cfg(feature = "cuda")]
+            Self::Managed(b) => b.as_mut_slice(),
+        }
+    }
+}
+
+impl Clone for StateBuffer {
+    fn clone(&self) -> Self {
+        Self::Host(self.to_vec())
+    }
+}
+
+impl PartialEq for StateBuffer {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
 /// The host side of an offloaded optimizer: master parameters and Adam state.
 #[derive(Clone)]
 pub struct HostOffload {
@@ -117,10 +199,33 @@ impl HostOffload {
     /// # Errors
     /// [`OffloadError::HostMemory`] when it cannot.
     pub fn new<M: Module>(model: &M, config: HostAdamConfig, root: &Path) -> Result<Self, OffloadError> {
+        Self::for_device(model, config, root, None)
+    }
+
+    /// As [`HostOffload::new`]; on a GPU rank (`gpu` = its ordinal, with `cuda`) the Adam moments
+    /// go to managed memory, advised to the host (see [`StateBuffer`]). Without `cuda` the
+    /// ordinal is ignored.
+    ///
+    /// # Errors
+    /// [`OffloadError::HostMemory`]; with `cuda`, the managed buffer's errors.
+    pub fn for_device<M: Module>(
+        model: &M,
+        config: HostAdamConfig,
+        root: &Path,
+        gpu: Option<usize>,
+    ) -> Result<Self, OffloadError> {
         let master = flatten_params(model);
         check_host_memory(root, master.len() as u64 * 12, DEFAULT_HOST_MARGIN)?;
-        let adam = HostAdam::new(master.len(), config);
-        Ok(Self { master, adam })
+        let n = master.len();
+        let (m, v) = match gpu {
+            #[cfg(feature = "cuda")]
+            Some(ordinal) => (StateBuffer::managed(ordinal, n)?, StateBuffer::managed(ordinal, n)?),
+            _ => (StateBuffer::host(n), StateBuffer::host(n)),
+        };
+        Ok(Self {
+            master,
+            adam: HostAdam::with_buffers(m, v, config),
+        })
     }
 
     /// Applies one Adam step to the master parameters and returns them.
