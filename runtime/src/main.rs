@@ -41,6 +41,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: the first thing main does, before any thread exists: restores the default action
+    // for SIGPIPE, so output into a closed pipe (`ballast plan ... | head -1`) ends the process
+    // quietly, as it does for other command-line tools, instead of a failed print panicking.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor(args) => cmd::doctor::run(&args),

@@ -29,6 +29,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.json {
         let v = json!({
             "host": cluster::hostname(),
+            "cpus_allowed": cluster::cpu_affinity(),
             "launcher": launcher,
             "rank": rank,
             "world_size": world,
@@ -45,6 +46,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!("host         {}", cluster::hostname());
+    // Ranks of one host with the same list share those cores: the planner treats them as one
+    // compute group.
+    println!(
+        "cpus         {}",
+        cluster::cpu_affinity().unwrap_or_else(|| "unknown".into())
+    );
     println!("launcher     {launcher}");
     println!("rank         {rank} of {world} (local rank {local_rank})");
     println!("mpi          {mpi}");
