@@ -133,6 +133,16 @@ impl RankPlan {
         }
     }
 
+    /// Micro-batch sizes of nearly equal size (differing by at most one), as few as the cap
+    /// allows: every micro-batch stays near the size that was chosen for its speed (a small
+    /// remainder can run at a fraction of the speed, e.g. below a kernel's batch threshold).
+    pub fn micro_batches_even(&self) -> Vec<usize> {
+        let k = self.accumulation_steps();
+        (0..k)
+            .map(|i| self.share / k + usize::from(i < self.share % k))
+            .collect()
+    }
+
     /// Micro-batch sizes in order: full micro-batches of the cap, then the remainder.
     ///
     /// Full-size micro-batches use the memory the cap was chosen for (and the per-call
@@ -222,6 +232,12 @@ mod tests {
             prop_assert_eq!(mbs.len(), plan.accumulation_steps());
             prop_assert!(mbs.iter().all(|&m| m >= 1 && m <= cap));
             prop_assert!(plan.accumulation_steps() * cap >= share);
+            let even = plan.micro_batches_even();
+            prop_assert_eq!(even.iter().sum::<usize>(), share);
+            prop_assert_eq!(even.len(), plan.accumulation_steps());
+            prop_assert!(even.iter().all(|&m| m >= 1 && m <= cap));
+            let (lo, hi) = (even.iter().min().copied().unwrap_or(0), even.iter().max().copied().unwrap_or(0));
+            prop_assert!(hi - lo <= 1);
         }
     }
 

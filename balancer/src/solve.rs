@@ -107,6 +107,19 @@ pub enum MicroBatchPolicy {
     Fastest,
 }
 
+impl MicroBatchPolicy {
+    /// How a rank runs `plan.share` samples: `Largest` runs full micro-batches of the cap and
+    /// then the remainder (every full one uses the memory the cap was chosen for); `Fastest`
+    /// runs as few micro-batches of nearly equal size, so none falls far below the size chosen
+    /// for its speed.
+    pub fn split(self, plan: &RankPlan) -> Vec<usize> {
+        match self {
+            Self::Largest => plan.micro_batches(),
+            Self::Fastest => plan.micro_batches_even(),
+        }
+    }
+}
+
 /// When the planner moves optimizer state to host memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum OffloadPolicy {
@@ -148,7 +161,7 @@ pub struct Tunables {
     #[serde(default)]
     pub micro_batch_policy: MicroBatchPolicy,
     /// A smaller micro-batch is chosen over a larger one only when it is measured faster by more
-    /// than this fraction (default 0.05): fewer, larger micro-batches cost less per step, and the
+    /// than this fraction (default 0.10): fewer, larger micro-batches cost less per step, and the
     /// probes are noisy.
     #[serde(default = "default_speed_tolerance")]
     pub speed_tolerance: f64,
@@ -159,7 +172,7 @@ fn default_host_margin() -> f64 {
 }
 
 fn default_speed_tolerance() -> f64 {
-    0.05
+    0.10
 }
 
 impl Default for Tunables {
@@ -485,7 +498,7 @@ pub fn solve(reports: &[DeviceReport], global_batch: usize, allreduce_s: f64, t:
                 share,
                 micro_batch_cap: micro_batch.max(1),
             };
-            let largest = plan.micro_batches().into_iter().max().unwrap_or(0);
+            let largest = t.micro_batch_policy.split(&plan).into_iter().max().unwrap_or(0);
             let offload = decided[i].1 && share > 0;
             let fixed = if offload {
                 r.fixed_bytes - r.offloadable_bytes

@@ -409,7 +409,11 @@ impl Balancer {
         let parts = split_batch(batch, &self.plan.shares());
         let mine = &parts[rank];
         let mut cap = self.plan.ranks[rank].micro_batch.max(1);
-        let mut queue = RankPlan::new(mine.len(), cap)?.micro_batches();
+        let mut queue = self
+            .options
+            .tunables
+            .micro_batch_policy
+            .split(&RankPlan::new(mine.len(), cap)?);
         let mut ran = Vec::new();
         let mut offset = 0;
         let mut peak_bytes = 0;
@@ -515,7 +519,12 @@ pub fn plan_table(plan: &Plan, reports: &[DeviceReport]) -> String {
             "{i:>4}  {:<14} {:>10} {:>8.1} {:>6} {:>6} {:>12} {:>10} {:>9.3}s {:>8}",
             d.name,
             human_bytes(d.budget_bytes),
-            d.samples_per_sec,
+            // The speed the plan assumes at this rank's micro-batch.
+            if r.samples_per_sec > 0.0 {
+                r.samples_per_sec
+            } else {
+                d.samples_per_sec
+            },
             r.share,
             r.micro_batch,
             r.accumulation,
@@ -523,6 +532,20 @@ pub fn plan_table(plan: &Plan, reports: &[DeviceReport]) -> String {
             r.predicted_compute_s,
             if r.offload { "host" } else { "-" }
         );
+    }
+    for leader in 0..plan.ranks.len() {
+        let members: Vec<String> = (0..plan.ranks.len())
+            .filter(|&i| plan.group_of(i) == leader)
+            .map(|i| i.to_string())
+            .collect();
+        if members.len() > 1 {
+            let _ = writeln!(
+                out,
+                "ranks {} share one device ({}): planned as one, their speeds added",
+                members.join(", "),
+                reports[leader].compute_group.as_deref().unwrap_or("same cores")
+            );
+        }
     }
     let _ = writeln!(
         out,
@@ -549,10 +572,10 @@ pub fn human_bytes(bytes: u64) -> String {
 
 /// Runs at the largest probe size before the sweep.
 const PROBE_WARMUP: usize = 3;
-/// Timed windows per probe size (the faster counts).
-const PROBE_WINDOWS: usize = 2;
+/// Sweeps over the probe sizes, one timed window per size each (the fastest counts).
+const PROBE_WINDOWS: usize = 3;
 /// Least duration of a timed window.
-const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_millis(40);
+const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_millis(30);
 
 fn probe_points<M, F>(
     model: &M,
@@ -578,31 +601,34 @@ where
             drop(loss_fn(model, &pool[..largest]).backward());
         }
     }
-    let mut points = Vec::new();
-    for &m in &sizes {
-        // Seconds per micro-batch over a window of several runs, the better of two windows:
-        // noise only ever slows a window down, and a window long enough to span the
-        // scheduler's time slices measures ranks that share a core at the speed they get when
-        // both run (one short run can fit inside a slice and look twice as fast).
-        let mut best = f64::MAX;
-        let mut most = 0;
-        for _ in 0..PROBE_WINDOWS {
+    // Seconds per micro-batch over a window of several runs, the best of three windows: noise
+    // only ever slows a window down, and a window long enough to span the scheduler's time
+    // slices measures ranks that share a core at the speed they get when both run (one short
+    // run can fit inside a slice and look twice as fast). The sizes are swept three times, so a
+    // slow spell of the machine costs one window of several sizes, not every window of one.
+    let mut points: Vec<ProbePoint> = sizes
+        .iter()
+        .map(|&m| ProbePoint {
+            samples: m,
+            peak_bytes: 0,
+            seconds: f64::MAX,
+        })
+        .collect();
+    for _ in 0..PROBE_WINDOWS {
+        for point in &mut points {
+            let m = point.samples;
             let started = Instant::now();
             let mut runs = 0u32;
             while runs == 0 || started.elapsed() < PROBE_WINDOW {
                 memory::reset_peak();
                 let grads = loss_fn(model, &pool[..m]).backward();
                 drop(grads);
-                most = most.max(peak());
+                point.peak_bytes = point.peak_bytes.max(peak());
                 runs += 1;
             }
-            best = best.min(started.elapsed().as_secs_f64() / f64::from(runs) * options.slowdown.max(1.0));
+            let seconds = started.elapsed().as_secs_f64() / f64::from(runs) * options.slowdown.max(1.0);
+            point.seconds = point.seconds.min(seconds);
         }
-        points.push(ProbePoint {
-            samples: m,
-            peak_bytes: most,
-            seconds: best,
-        });
     }
     points
 }
@@ -613,7 +639,7 @@ fn assignment(report: &DeviceReport, share: usize, cap: usize, t: &Tunables) -> 
         share,
         micro_batch_cap: cap.max(1),
     };
-    let largest = plan.micro_batches().into_iter().max().unwrap_or(0);
+    let largest = t.micro_batch_policy.split(&plan).into_iter().max().unwrap_or(0);
     let at_cap = Tunables {
         micro_batch_policy: MicroBatchPolicy::Largest,
         ..t.clone()
