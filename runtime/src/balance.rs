@@ -533,7 +533,7 @@ pub fn plan_table(plan: &Plan, reports: &[DeviceReport]) -> String {
             if r.offload { "host" } else { "-" }
         );
     }
-    for leader in 0..plan.ranks.len() {
+    for (leader, report) in reports.iter().enumerate() {
         let members: Vec<String> = (0..plan.ranks.len())
             .filter(|&i| plan.group_of(i) == leader)
             .map(|i| i.to_string())
@@ -543,7 +543,7 @@ pub fn plan_table(plan: &Plan, reports: &[DeviceReport]) -> String {
                 out,
                 "ranks {} share one device ({}): planned as one, their speeds added",
                 members.join(", "),
-                reports[leader].compute_group.as_deref().unwrap_or("same cores")
+                report.compute_group.as_deref().unwrap_or("same cores")
             );
         }
     }
