@@ -45,7 +45,7 @@ pub struct HeteroArgs {
     #[arg(long, default_value_t = 360)]
     pub global_batch: usize,
     /// Alternating naive/balanced block pairs.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub blocks: usize,
     /// Steps per block.
     #[arg(long, default_value_t = 5)]
