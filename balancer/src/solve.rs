@@ -751,14 +751,23 @@ mod tests {
             prop_assert_eq!(operating_point(&d, cap, &t), (m, v));
         }
 
+        /// Shares stay near their speed-proportional quotas `q_i = B·v_i/V`. When the greedy
+        /// refinement stops, the slowest finish `T` satisfies `(s_j + 1)/v_j ≥ T` for every
+        /// device (no move helps) and `T ≥ B/V`, so `s_j ≥ q_j − 1`; summing `s_j ≥ T·v_j − 1`
+        /// gives `T ≤ (B + n)/V`, so `s_i ≤ T·v_i ≤ q_i + n·v_i/V`. A dominant device can thus
+        /// sit more than one sample above its quota (one run found 1163 against 1160.9 with
+        /// five devices, one holding 62 % of the speed).
         #[test]
         fn shares_follow_throughput(speeds in proptest::collection::vec(1.0f64..100.0, 2..6), b in 100usize..5000) {
             let devices: Vec<DeviceReport> = speeds.iter().map(|&v| report(1 << 40, 0, 1, v)).collect();
             let plan = solve(&devices, b, 0.0, &Tunables::default()).unwrap();
             let total: f64 = speeds.iter().sum();
+            let n = speeds.len() as f64;
             for (r, v) in plan.ranks.iter().zip(&speeds) {
                 let quota = b as f64 * v / total;
-                prop_assert!((r.share as f64 - quota).abs() <= 1.0 + quota * 1e-9 + 1.0, "share {} quota {}", r.share, quota);
+                let share = r.share as f64;
+                prop_assert!(share >= quota - 1.0 - 1e-9, "share {} quota {}", r.share, quota);
+                prop_assert!(share <= quota + n * v / total + 1e-9, "share {} quota {}", r.share, quota);
             }
         }
     }
