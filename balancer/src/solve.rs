@@ -255,39 +255,37 @@ pub fn cap_with_offload(r: &DeviceReport, t: &Tunables, share_hint: usize) -> (u
 /// Without a curve, or with no measured size within the cap, the device runs its cap at
 /// `samples_per_sec`. Returns `(0, samples_per_sec)` for a cap of 0.
 pub fn operating_point(r: &DeviceReport, cap: usize, t: &Tunables) -> (usize, f64) {
-    let within: Vec<&SpeedPoint> = r
-        .speed_curve
-        .iter()
-        .filter(|p| {
-            p.micro_batch >= 1 && p.micro_batch <= cap && p.samples_per_sec.is_finite() && p.samples_per_sec > 0.0
-        })
-        .collect();
-    let Some(largest) = within.iter().max_by_key(|p| p.micro_batch) else {
-        return (cap, r.samples_per_sec);
-    };
-    if t.micro_batch_policy == MicroBatchPolicy::Largest {
-        return (cap, largest.samples_per_sec);
+    let within: Vec<&SpeedPoint> = measured(r).filter(|p| p.micro_batch <= cap).collect();
+    let at_cap = speed_at(r, cap);
+    if within.is_empty() || t.micro_batch_policy == MicroBatchPolicy::Largest {
+        return (cap, at_cap);
     }
     let best = within.iter().map(|p| p.samples_per_sec).fold(0.0, f64::max);
     let good_enough = best * (1.0 - t.speed_tolerance.clamp(0.0, 1.0));
-    if largest.samples_per_sec >= good_enough {
-        return (cap, largest.samples_per_sec);
+    if at_cap >= good_enough {
+        return (cap, at_cap);
     }
     within
         .iter()
         .filter(|p| p.samples_per_sec >= good_enough)
         .max_by_key(|p| p.micro_batch)
-        .map_or((cap, r.samples_per_sec), |p| (p.micro_batch, p.samples_per_sec))
+        .map_or((cap, at_cap), |p| (p.micro_batch, p.samples_per_sec))
 }
 
 /// The speed device `r` measured at the size nearest `micro_batch` from below (its reported
 /// speed when it measured none).
 pub fn speed_at(r: &DeviceReport, micro_batch: usize) -> f64 {
-    r.speed_curve
-        .iter()
-        .filter(|p| p.micro_batch <= micro_batch && p.samples_per_sec.is_finite() && p.samples_per_sec > 0.0)
+    measured(r)
+        .filter(|p| p.micro_batch <= micro_batch)
         .max_by_key(|p| p.micro_batch)
         .map_or(r.samples_per_sec, |p| p.samples_per_sec)
+}
+
+/// The usable points of `r`'s speed curve.
+fn measured(r: &DeviceReport) -> impl Iterator<Item = &SpeedPoint> {
+    r.speed_curve
+        .iter()
+        .filter(|p| p.micro_batch >= 1 && p.samples_per_sec.is_finite() && p.samples_per_sec > 0.0)
 }
 
 /// Every rank's assignment for one step.
@@ -565,8 +563,9 @@ mod tests {
             .collect()
     }
 
-    /// A CPU-like curve (fastest at 8, a third slower at 64) picks 8; a GPU-like curve (still
-    /// rising) picks the memory cap; `Largest` always picks the cap.
+    /// A CPU-like curve (fastest at 8, a third slower at 64) picks 16, the largest size within
+    /// 10 % of the fastest (8 with no tolerance); a GPU-like curve (still rising) picks the
+    /// memory cap; `Largest` always picks the cap.
     #[test]
     fn micro_batch_follows_the_measured_curve() {
         let t = Tunables::default();

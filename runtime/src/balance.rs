@@ -28,8 +28,7 @@ use burn::{
 };
 
 use ballast_balancer::{
-    solve, split_proportional, DeviceReport, MicroBatchPolicy, Plan, RankAssignment, RankPlan, Rebalancer, SpeedPoint,
-    Tunables,
+    solve, split_proportional, DeviceReport, Plan, RankAssignment, RankPlan, Rebalancer, SpeedPoint, Tunables,
 };
 use ballast_collectives::CommunicatorExt;
 
@@ -640,11 +639,7 @@ fn assignment(report: &DeviceReport, share: usize, cap: usize, t: &Tunables) -> 
         micro_batch_cap: cap.max(1),
     };
     let largest = t.micro_batch_policy.split(&plan).into_iter().max().unwrap_or(0);
-    let at_cap = Tunables {
-        micro_batch_policy: MicroBatchPolicy::Largest,
-        ..t.clone()
-    };
-    let speed = ballast_balancer::operating_point(report, cap.max(1), &at_cap).1;
+    let speed = ballast_balancer::speed_at(report, cap.max(1));
     RankAssignment {
         share,
         micro_batch: if share == 0 { 0 } else { cap.min(share) },
