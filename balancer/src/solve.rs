@@ -102,7 +102,8 @@ pub enum MicroBatchPolicy {
     /// The largest that fits: fills the memory budget (minus the margin).
     Largest,
     /// The largest measured size within [`Tunables::speed_tolerance`] of the fastest one that
-    /// fits; the cap itself when throughput is still rising at the largest measured size.
+    /// fits; the cap itself when the largest measured size that fits is the fastest (throughput
+    /// still rising there, as on GPUs).
     #[default]
     Fastest,
 }
@@ -161,7 +162,7 @@ pub struct Tunables {
     #[serde(default)]
     pub micro_batch_policy: MicroBatchPolicy,
     /// A smaller micro-batch is chosen over a larger one only when it is measured faster by more
-    /// than this fraction (default 0.10): fewer, larger micro-batches cost less per step, and the
+    /// than this fraction (default 0.05): fewer, larger micro-batches cost less per step, and the
     /// probes are noisy.
     #[serde(default = "default_speed_tolerance")]
     pub speed_tolerance: f64,
@@ -172,7 +173,7 @@ fn default_host_margin() -> f64 {
 }
 
 fn default_speed_tolerance() -> f64 {
-    0.10
+    0.05
 }
 
 impl Default for Tunables {
@@ -261,10 +262,12 @@ pub fn operating_point(r: &DeviceReport, cap: usize, t: &Tunables) -> (usize, f6
         return (cap, at_cap);
     }
     let best = within.iter().map(|p| p.samples_per_sec).fold(0.0, f64::max);
-    let good_enough = best * (1.0 - t.speed_tolerance.clamp(0.0, 1.0));
-    if at_cap >= good_enough {
+    // Beyond the largest measured size only while the curve still rises there: a size that
+    // was never timed is not assumed to run as fast as a smaller one that merely came close.
+    if at_cap >= best {
         return (cap, at_cap);
     }
+    let good_enough = best * (1.0 - t.speed_tolerance.clamp(0.0, 1.0));
     within
         .iter()
         .filter(|p| p.samples_per_sec >= good_enough)
@@ -564,7 +567,7 @@ mod tests {
     }
 
     /// A CPU-like curve (fastest at 8, a third slower at 64) picks 16, the largest size within
-    /// 10 % of the fastest (8 with no tolerance); a GPU-like curve (still rising) picks the
+    /// 5 % of the fastest (8 with no tolerance); a GPU-like curve (still rising) picks the
     /// memory cap; `Largest` always picks the cap.
     #[test]
     fn micro_batch_follows_the_measured_curve() {
@@ -745,6 +748,11 @@ mod tests {
                         .filter(|p| p.micro_batch > m)
                         .any(|p| p.samples_per_sec >= best * (1.0 - t.speed_tolerance));
                     prop_assert!(!larger_ok);
+                    // Past the largest measured size only when that size is the fastest.
+                    let top = within.iter().max_by_key(|p| p.micro_batch).unwrap();
+                    if m > top.micro_batch {
+                        prop_assert_eq!(top.samples_per_sec, best);
+                    }
                 }
             }
             prop_assert_eq!(operating_point(&d, cap, &t), (m, v));

@@ -90,7 +90,7 @@ pub struct TrainArgs {
     /// memory: reproducible bit for bit across runs, with --no-rebalance) [default: measured].
     #[arg(long, value_name = "measured|equal")]
     pub initial_plan: Option<String>,
-    /// Micro-batch per device: `fastest` (the largest size measured within 10 % of the fastest
+    /// Micro-batch per device: `fastest` (the largest size measured within 5 % of the fastest
     /// that fits its memory) or `largest` (fills the memory budget) [default: fastest].
     #[arg(long, value_name = "fastest|largest")]
     pub micro_batch: Option<String>,
