@@ -202,13 +202,31 @@ impl Balancer {
             for turn in 0..ddp.world_size() {
                 if turn == ddp.rank() {
                     let base = memory::in_use().saturating_sub(4 * params);
-                    mine = probe_points(model, loss_fn, pool, &options, || memory::peak().saturating_sub(base));
+                    mine = probe_points(
+                        model,
+                        loss_fn,
+                        pool,
+                        params,
+                        &options,
+                        || memory::peak().saturating_sub(base),
+                        None,
+                    )?;
                 }
                 ddp.comm().barrier()?;
             }
             mine
         } else {
-            probe_points(model, loss_fn, pool, &options, || meter.peak())
+            // Every rank times each size at the same time, so ranks that share a core measure
+            // it under the load they will run under.
+            probe_points(
+                model,
+                loss_fn,
+                pool,
+                params,
+                &options,
+                || meter.peak(),
+                Some(ddp.comm()),
+            )?
         };
         let mut report = report_from_probes(&points, params, &options);
         // CPU ranks pinned to the same cores share them (ranks as threads stand for separate
@@ -470,7 +488,8 @@ impl Balancer {
             }
         }
         if self.options.rebalance && self.options.initial != InitialPlan::Naive {
-            self.rebalancer.observe(&stats.rank_samples, &stats.rank_compute);
+            let spans = group_spans(&self.plan, &stats.rank_compute, &stats.rank_started);
+            self.rebalancer.observe(&stats.rank_samples, &spans);
             if let Some(better) = self.rebalancer.propose(&self.plan, &self.reports) {
                 self.plan = better;
                 plan_changed = true;
@@ -503,6 +522,29 @@ impl Balancer {
             }
         }
     }
+}
+
+/// Each rank's compute time, counted for members of a compute group from the moment the first
+/// of them began: a member that left the previous all-reduce late (its partner had the core)
+/// started late, and the group's step lasted from its first start to its last finish. Ranks
+/// with a device to themselves keep their own compute time.
+fn group_spans(plan: &Plan, compute: &[f64], started: &[f64]) -> Vec<f64> {
+    let n = compute.len().min(started.len());
+    (0..n)
+        .map(|i| {
+            let u = plan.group_of(i);
+            let members = (0..n).filter(|&j| plan.group_of(j) == u);
+            let first = members
+                .map(|j| crate::ddp::start_offset(started[u], started[j]))
+                .fold(f64::INFINITY, f64::min);
+            let mine = crate::ddp::start_offset(started[u], started[i]);
+            if first.is_finite() {
+                mine - first + compute[i]
+            } else {
+                compute[i]
+            }
+        })
+        .collect()
 }
 
 /// The plan as a table, one row per device, and a summary line.
@@ -571,18 +613,28 @@ pub fn human_bytes(bytes: u64) -> String {
 
 /// Runs at the largest probe size before the sweep.
 const PROBE_WARMUP: usize = 3;
-/// Sweeps over the probe sizes, one timed window per size each (the fastest counts).
+/// Sweeps over the probe sizes, one timed window per size each (the median counts).
 const PROBE_WINDOWS: usize = 3;
 /// Least duration of a timed window.
-const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_millis(30);
+const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_millis(40);
+/// Least runs in a timed window.
+const PROBE_RUNS: u32 = 2;
 
-fn probe_points<M, F>(
+/// Sizes timed between the chosen size and the next larger probe size.
+const REFINE_SLOTS: usize = 3;
+
+/// Times forward and backward at the probe sizes; then, around the size the planner would
+/// pick from those (see [`refine_sizes`]), at a few sizes in between.
+#[allow(clippy::too_many_arguments)]
+fn probe_points<'c, M, F>(
     model: &M,
     loss_fn: &mut F,
     pool: &[usize],
+    params: u64,
     options: &BalanceOptions,
     peak: impl Fn() -> u64,
-) -> Vec<ProbePoint>
+    mut together: Option<&mut (dyn ballast_collectives::Communicator + 'c)>,
+) -> Result<Vec<ProbePoint>, BalanceError>
 where
     M: Module,
     F: FnMut(&M, &[usize]) -> Tensor<1>,
@@ -600,36 +652,105 @@ where
             drop(loss_fn(model, &pool[..largest]).backward());
         }
     }
-    // Seconds per micro-batch over a window of several runs, the best of three windows: noise
-    // only ever slows a window down, and a window long enough to span the scheduler's time
-    // slices measures ranks that share a core at the speed they get when both run (one short
-    // run can fit inside a slice and look twice as fast). The sizes are swept three times, so a
-    // slow spell of the machine costs one window of several sizes, not every window of one.
+    let mut points = time_sizes(model, loss_fn, pool, &sizes, options, &peak, together.as_deref_mut())?;
+    let report = report_from_probes(&points, params, options);
+    let mut extra: Vec<usize> = refine_sizes(&report, &options.tunables);
+    // Ranks time the same sizes at the same time (every rank's refinements), so a rank that
+    // shares a core never times a size while its partner idles.
+    if let Some(comm) = together.as_deref_mut() {
+        extra = comm.all_gather(&extra)?.concat();
+    }
+    extra.sort_unstable();
+    extra.dedup();
+    extra.retain(|&m| m <= pool.len() && !sizes.contains(&m));
+    points.extend(time_sizes(model, loss_fn, pool, &extra, options, &peak, together)?);
+    points.sort_by_key(|p| p.samples);
+    Ok(points)
+}
+
+/// Sizes worth timing after the first sweep: up to [`REFINE_SLOTS`] evenly spaced sizes between
+/// the micro-batch the planner would choose from the sweep and the next larger measured size
+/// (or the memory cap, if smaller), and the cap itself when it lies in that gap. The sweep's sizes are a factor of two apart, and the
+/// fastest size often lies in between (on a CPU, just below the size whose activations leave
+/// the caches).
+fn refine_sizes(report: &DeviceReport, t: &Tunables) -> Vec<usize> {
+    let cap = ballast_balancer::memory_cap(report, t);
+    if cap == 0 || t.micro_batch_policy == ballast_balancer::MicroBatchPolicy::Largest {
+        return Vec::new();
+    }
+    let (chosen, _) = ballast_balancer::operating_point(report, cap, t);
+    let upper = report
+        .speed_curve
+        .iter()
+        .map(|p| p.micro_batch)
+        .filter(|&m| m > chosen)
+        .min()
+        .map_or(cap, |m| m.min(cap));
+    let mut sizes: Vec<usize> = (1..=REFINE_SLOTS)
+        .map(|k| chosen + (upper - chosen) * k / (REFINE_SLOTS + 1))
+        .filter(|&m| m > chosen && m < upper)
+        .collect();
+    if upper == cap && cap > chosen && !report.speed_curve.iter().any(|p| p.micro_batch == cap) {
+        sizes.push(cap);
+    }
+    sizes.dedup();
+    sizes.truncate(REFINE_SLOTS);
+    sizes
+}
+
+/// Seconds per micro-batch at each of `sizes` (the same on every rank in `together`, which
+/// start each window at a barrier).
+fn time_sizes<'c, M, F>(
+    model: &M,
+    loss_fn: &mut F,
+    pool: &[usize],
+    sizes: &[usize],
+    options: &BalanceOptions,
+    peak: &impl Fn() -> u64,
+    mut together: Option<&mut (dyn ballast_collectives::Communicator + 'c)>,
+) -> Result<Vec<ProbePoint>, BalanceError>
+where
+    M: Module,
+    F: FnMut(&M, &[usize]) -> Tensor<1>,
+{
+    // Seconds per micro-batch over a window of several runs, the median of three windows: a
+    // slow spell of the machine spoils one window, and so does a lucky one (a rank sharing a
+    // core whose partner is briefly idle runs up to twice as fast). All ranks start each window
+    // together, and a window spans several runs and the scheduler's time slices, so ranks that
+    // share a core measure the speed they get when both run. The sizes are swept three times,
+    // so a spell costs one window of several sizes, not every window of one.
     let mut points: Vec<ProbePoint> = sizes
         .iter()
         .map(|&m| ProbePoint {
             samples: m,
             peak_bytes: 0,
-            seconds: f64::MAX,
+            seconds: 0.0,
         })
         .collect();
+    let mut windows = vec![Vec::with_capacity(PROBE_WINDOWS); points.len()];
     for _ in 0..PROBE_WINDOWS {
-        for point in &mut points {
+        for (point, times) in points.iter_mut().zip(&mut windows) {
+            if let Some(comm) = together.as_deref_mut() {
+                comm.barrier()?;
+            }
             let m = point.samples;
             let started = Instant::now();
             let mut runs = 0u32;
-            while runs == 0 || started.elapsed() < PROBE_WINDOW {
+            while runs < PROBE_RUNS || started.elapsed() < PROBE_WINDOW {
                 memory::reset_peak();
                 let grads = loss_fn(model, &pool[..m]).backward();
                 drop(grads);
                 point.peak_bytes = point.peak_bytes.max(peak());
                 runs += 1;
             }
-            let seconds = started.elapsed().as_secs_f64() / f64::from(runs) * options.slowdown.max(1.0);
-            point.seconds = point.seconds.min(seconds);
+            times.push(started.elapsed().as_secs_f64() / f64::from(runs) * options.slowdown.max(1.0));
         }
     }
-    points
+    for (point, mut times) in points.iter_mut().zip(windows) {
+        times.sort_by(f64::total_cmp);
+        point.seconds = times[times.len() / 2];
+    }
+    Ok(points)
 }
 
 /// `share` samples in micro-batches of at most `cap`, at the speed measured nearest below `cap`.

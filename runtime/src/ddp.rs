@@ -172,6 +172,10 @@ pub struct StepStats {
     pub rank_samples: Vec<usize>,
     /// Every rank's note (see [`DataParallel::set_note`]), indexed by rank.
     pub rank_notes: Vec<f32>,
+    /// When every rank's compute began (the start of its `compute` interval), in seconds on its
+    /// host's monotonic clock modulo [`START_CLOCK_PERIOD_S`], indexed by rank. Comparable only
+    /// between ranks of one host, and only through [`start_offset`].
+    pub rank_started: Vec<f64>,
 }
 
 /// One parameter as laid out in the fused buffer.
@@ -197,10 +201,35 @@ pub struct DataParallel {
     step: u64,
     note: f32,
     ready_since: Instant,
+    ready_clock: f64,
 }
 
 /// Per-rank values carried in the tail of the fused buffer: compute seconds, samples, note.
-const PER_RANK: usize = 3;
+const PER_RANK: usize = 4;
+
+/// Period of the start stamps in [`StepStats::rank_started`]: small enough that an `f32` in the
+/// all-reduce holds them to a few microseconds.
+pub const START_CLOCK_PERIOD_S: f64 = 64.0;
+
+/// `later − earlier` for two start stamps of ranks on one host (see
+/// [`StepStats::rank_started`]), taken to lie within half a clock period.
+pub fn start_offset(earlier: f64, later: f64) -> f64 {
+    let d = (later - earlier).rem_euclid(START_CLOCK_PERIOD_S);
+    if d > START_CLOCK_PERIOD_S / 2.0 {
+        d - START_CLOCK_PERIOD_S
+    } else {
+        d
+    }
+}
+
+/// Now on the host's monotonic clock (shared by all processes of the host), modulo
+/// [`START_CLOCK_PERIOD_S`].
+fn host_clock() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9).rem_euclid(START_CLOCK_PERIOD_S)
+}
 
 impl DataParallel {
     /// Wraps `model`: checks every rank holds the same structure, broadcasts rank 0's parameters
@@ -237,6 +266,7 @@ impl DataParallel {
             step: 0,
             note: 0.0,
             ready_since: Instant::now(),
+            ready_clock: host_clock(),
         };
         let mut flat = flatten_params(&model);
         ddp.comm.broadcast_f32(0, &mut flat)?;
@@ -319,6 +349,7 @@ impl DataParallel {
     /// previous step ends). Call it when a step's real work begins.
     pub fn mark_ready(&mut self) {
         self.ready_since = Instant::now();
+        self.ready_clock = host_clock();
     }
 
     /// A number this rank shares with all others in the next step's all-reduce (for example a
@@ -465,6 +496,7 @@ impl DataParallel {
             t[2 + PER_RANK * rank] = busy.as_secs_f32();
             t[2 + PER_RANK * rank + 1] = self.local_samples as f32;
             t[2 + PER_RANK * rank + 2] = self.note;
+            t[2 + PER_RANK * rank + 3] = self.ready_clock as f32;
         }
         let started = Instant::now();
         self.fused.all_reduce_sum(self.comm.as_mut())?;
@@ -475,6 +507,7 @@ impl DataParallel {
         let rank_compute: Vec<f64> = (0..world).map(|r| f64::from(t[2 + PER_RANK * r])).collect();
         let rank_samples: Vec<usize> = (0..world).map(|r| t[2 + PER_RANK * r + 1] as usize).collect();
         let rank_notes: Vec<f32> = (0..world).map(|r| t[2 + PER_RANK * r + 2]).collect();
+        let rank_started: Vec<f64> = (0..world).map(|r| f64::from(t[2 + PER_RANK * r + 3])).collect();
         if count <= 0.0 {
             return Err(DdpError::EmptyStep { step: self.step });
         }
@@ -490,12 +523,14 @@ impl DataParallel {
             rank_compute,
             rank_samples,
             rank_notes,
+            rank_started,
         };
         self.local_samples = 0;
         self.micro_batches = 0;
         self.note = 0.0;
         self.step += 1;
         self.ready_since = Instant::now();
+        self.ready_clock = host_clock();
         Ok((count, stats))
     }
 
