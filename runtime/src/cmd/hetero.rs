@@ -6,13 +6,16 @@
 //! (rank 0 alone on a core, ranks 1 and 2 sharing one: speeds about 2:1:1).
 //!
 //! - **ideal**: every rank trains on its own (forward and backward, no communication) for the
-//!   same wall-clock window, all at once, at each micro-batch it could run (the balanced plan's,
-//!   its memory cap, the naive one); the sum of each rank's fastest samples/s.
+//!   same wall-clock window, all at once, at the fastest of the micro-batches it could run (the
+//!   balanced plan's, its memory cap, the fastest its probes measured, the naive one); the sum
+//!   of the ranks' samples/s.
 //! - **naive**: equal shares, one micro-batch size everywhere capped by the smallest budget,
 //!   one all-reduce per step: what DDP does with unequal devices.
 //! - **balanced**: the measured plan with online rebalancing.
 //!
-//! Naive and balanced blocks alternate so drift in machine load hits both.
+//! Standalone, naive and balanced blocks follow each other in rounds, the order rotating, so
+//! drift in machine load hits all three; the summary gives the pooled ratios and the spread of
+//! the per-round ones.
 
 use std::{process::ExitCode, time::Instant};
 
@@ -44,14 +47,14 @@ pub struct HeteroArgs {
     /// Samples per optimizer step.
     #[arg(long, default_value_t = 360)]
     pub global_batch: usize,
-    /// Alternating naive/balanced block pairs.
-    #[arg(long, default_value_t = 5)]
+    /// Rounds of standalone, naive and balanced blocks.
+    #[arg(long, default_value_t = 8)]
     pub blocks: usize,
-    /// Steps per block.
-    #[arg(long, default_value_t = 5)]
+    /// Steps per naive or balanced block.
+    #[arg(long, default_value_t = 6)]
     pub steps_per_block: u64,
-    /// Seconds of the standalone (ideal) measurement.
-    #[arg(long, default_value_t = 2.0)]
+    /// Seconds of each standalone (ideal) block.
+    #[arg(long, default_value_t = 1.0)]
     pub standalone_secs: f64,
     /// Channels of the convolutional model.
     #[arg(long, default_value_t = 8)]
@@ -80,7 +83,10 @@ pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
     };
     let device = Device::flex().autodiff();
     device.seed(5);
-    let data = SyntheticSet::with_dims(4096, IMAGE_SIDE * IMAGE_SIDE, TARGETS, 5);
+    // A whole number of global batches, so every step is a full one (as in a long epoch; a
+    // short last batch costs a step's fixed overhead for a fraction of the samples).
+    let samples = 4096usize.div_ceil(args.global_batch.max(1)) * args.global_batch.max(1);
+    let data = SyntheticSet::with_dims(samples, IMAGE_SIDE * IMAGE_SIDE, TARGETS, 5);
     let sampler = GlobalSampler::new(data.len(), args.global_batch, 5)?;
     let meter = DeviceMeter::start();
     let (mut ddp, mut model) = DataParallel::wrap(
@@ -116,11 +122,22 @@ pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
     };
 
     // Ideal: every rank alone, all at once, for the same window. First each rank tries the
-    // micro-batches it could run (the balanced plan's, the largest its memory holds, the naive
-    // one) and keeps its fastest, so the ideal never suffers from the planner's choice.
+    // micro-batches it could run (the balanced plan's, the largest its memory holds, the fastest
+    // its probes measured, the naive one) in short windows over several sweeps, and keeps the
+    // one with the best window, so the ideal never suffers from the planner's choice or from
+    // one slow spell of the machine.
+    let report = &balanced.reports()[rank];
+    let cap = ballast::balancer::memory_cap(report, &options.tunables).max(1);
+    let fastest_probed = report
+        .speed_curve
+        .iter()
+        .filter(|p| p.micro_batch <= cap)
+        .max_by(|a, b| a.samples_per_sec.total_cmp(&b.samples_per_sec))
+        .map_or(cap, |p| p.micro_batch);
     let candidates = [
         balanced.plan().ranks[rank].micro_batch.max(1),
-        ballast::balancer::memory_cap(&balanced.reports()[rank], &options.tunables).max(1),
+        cap,
+        fastest_probed,
         naive.plan().ranks[rank].micro_batch.max(1),
     ];
     let mut next = 0usize;
@@ -136,19 +153,22 @@ pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
         }
         Ok(samples as f64 / started.elapsed().as_secs_f64())
     };
-    let mut best = (0.0f64, candidates[0]);
-    for micro_batch in candidates {
-        let rate = standalone(&mut ddp, &model, micro_batch, args.standalone_secs / 2.0)?;
-        if rate > best.0 {
-            best = (rate, micro_batch);
+    let mut best_window = [0.0f64; 4];
+    for _sweep in 0..3 {
+        for (best, &micro_batch) in best_window.iter_mut().zip(&candidates) {
+            let rate = standalone(&mut ddp, &model, micro_batch, args.standalone_secs / 4.0)?;
+            *best = best.max(rate);
         }
     }
-    let ideal_micro_batch = best.1;
-    let tried: Vec<[usize; 3]> = ddp.comm().all_gather(&candidates)?;
+    let pick = (0..candidates.len()).fold(0, |a, b| if best_window[b] > best_window[a] { b } else { a });
+    let ideal_micro_batch = candidates[pick];
+    let tried: Vec<[usize; 4]> = ddp.comm().all_gather(&candidates)?;
+    let tried_rates: Vec<[f64; 4]> = ddp.comm().all_gather(&best_window)?;
     let chosen: Vec<usize> = ddp.comm().all_gather(&ideal_micro_batch)?;
-    emit(
-        json!({"bench": "hetero", "phase": "candidates", "micro_batches_tried": tried, "ideal_micro_batches": chosen}),
-    );
+    emit(json!({
+        "bench": "hetero", "phase": "candidates", "micro_batches_tried": tried, "samples_per_sec_tried": tried_rates,
+        "ideal_micro_batches": chosen,
+    }));
 
     // Let rebalancing settle before measuring.
     let mut step = 0u64;
@@ -161,7 +181,9 @@ pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
     // speed over the run hits all three alike.
     let mut totals = [(0usize, 0f64), (0usize, 0f64)];
     let mut ideal_rates: Vec<f64> = Vec::new();
-    for block in 0..args.blocks {
+    // Per round: (naive, balanced, ideal) samples/s.
+    let mut rounds = vec![[0.0f64; 3]; args.blocks];
+    for (block, round) in rounds.iter_mut().enumerate() {
         for phase in 0..3 {
             let which = (phase + block) % 3;
             if which == 2 {
@@ -169,6 +191,7 @@ pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
                 let rates: Vec<f64> = ddp.comm().all_gather(&rate)?;
                 let ideal: f64 = rates.iter().sum();
                 ideal_rates.push(ideal);
+                round[2] = ideal;
                 emit(json!({
                     "bench": "hetero", "phase": "standalone", "block": block, "samples_per_sec": rates,
                     "ideal": ideal, "micro_batches": chosen,
@@ -199,6 +222,7 @@ pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
             let secs = started.elapsed().as_secs_f64();
             totals[which].0 += n;
             totals[which].1 += secs;
+            round[which] = n as f64 / secs;
             emit(json!({
                 "bench": "hetero", "phase": name, "block": block, "samples": n, "seconds": secs,
                 "samples_per_sec": n as f64 / secs, "shares": shares, "micro_batches": caps,
@@ -210,11 +234,21 @@ pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
     let naive_rate = totals[0].0 as f64 / totals[0].1;
     let balanced_rate = totals[1].0 as f64 / totals[1].1;
     ddp.verify_replicas(&model)?;
+    // Each round's ratios, its three phases measured back to back: their spread shows how much
+    // the machine's drift moves the pooled figures.
+    let spread = |f: &dyn Fn(&[f64; 3]) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        json!({"min": v.first(), "median": v.get(v.len() / 2), "max": v.last()})
+    };
+    let rounds_vs_naive = spread(&|r| r[1] / r[0]);
+    let rounds_vs_ideal = spread(&|r| r[1] / r[2]);
     emit(json!({
         "bench": "hetero", "summary": true, "ranks": chosen.len(),
         "naive_samples_per_sec": naive_rate, "balanced_samples_per_sec": balanced_rate, "ideal_samples_per_sec": ideal,
         "balanced_vs_naive": balanced_rate / naive_rate, "balanced_vs_ideal": balanced_rate / ideal,
         "targets": {"balanced_vs_naive": 1.30, "balanced_vs_ideal": 0.92},
+        "rounds": args.blocks, "rounds_balanced_vs_naive": rounds_vs_naive, "rounds_balanced_vs_ideal": rounds_vs_ideal,
         "balanced_shares": balanced.plan().shares(), "balanced_micro_batches": balanced.plan().micro_batches(),
         "naive_shares": naive.plan().shares(), "naive_micro_batches": naive.plan().micro_batches(),
     }));
