@@ -46,20 +46,31 @@ impl Rebalancer {
     /// Records one step: samples and compute seconds of every rank. Groups whose ranks ran no
     /// sample keep their previous estimate.
     pub fn observe(&mut self, samples: &[usize], compute_s: &[f64]) {
+        self.observe_timed(samples, &vec![0.0; compute_s.len()], compute_s);
+    }
+
+    /// As [`Rebalancer::observe`], with when each rank's compute began (`started_s`, seconds on a
+    /// clock the members of a compute group share). A group's time runs from its first member's
+    /// start to its last member's finish: a member that began late (its partner held the core)
+    /// still cost the group the time before it began.
+    pub fn observe_timed(&mut self, samples: &[usize], started_s: &[f64], compute_s: &[f64]) {
         let a = self.tunables.smoothing.clamp(0.0, 1.0);
         for u in 0..self.groups.len() {
             let mut work = 0usize;
-            let mut finish = 0.0f64;
+            let mut first = f64::INFINITY;
+            let mut last = f64::NEG_INFINITY;
             for (i, (&n, &t)) in samples.iter().zip(compute_s).enumerate() {
-                if self.groups.get(i) == Some(&u) && n > 0 && t.is_finite() && t > 0.0 {
+                let start = started_s.get(i).copied().unwrap_or(0.0);
+                if self.groups.get(i) == Some(&u) && n > 0 && t.is_finite() && t > 0.0 && start.is_finite() {
                     work += n;
-                    finish = finish.max(t);
+                    first = first.min(start);
+                    last = last.max(start + t);
                 }
             }
             if work == 0 {
                 continue;
             }
-            let x = finish / work as f64;
+            let x = (last - first) / work as f64;
             let est = &mut self.sec_per_sample[u];
             *est = Some(match *est {
                 None => x,
@@ -145,6 +156,32 @@ impl Rebalancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A group's time runs from its first member's start to its last member's finish; a rank
+    /// alone keeps its own compute time.
+    #[test]
+    fn groups_are_timed_from_their_first_start() {
+        let reps: Vec<DeviceReport> = reports(3)
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| DeviceReport {
+                compute_group: (i > 0).then(|| "host:cpus 1".to_string()),
+                ..r
+            })
+            .collect();
+        let mut rb = Rebalancer::for_reports(&reps, Tunables::default());
+        // Rank 2 began 0.1 s after rank 1 and finished at 1.0 s: the group took 1.0 s for 100
+        // samples, not max(0.9, 0.9) s.
+        rb.observe_timed(&[100, 50, 50], &[0.0, 0.0, 0.1], &[0.5, 0.9, 0.9]);
+        let v = rb.speeds(&reps);
+        assert!((v[0] - 200.0).abs() < 1e-9, "{v:?}");
+        assert!((v[1] + v[2] - 100.0).abs() < 1e-9, "{v:?}");
+        // Without start times the late start is not seen.
+        let mut blind = Rebalancer::for_reports(&reps, Tunables::default());
+        blind.observe(&[100, 50, 50], &[0.5, 0.9, 0.9]);
+        let w = blind.speeds(&reps);
+        assert!((w[1] + w[2] - 100.0 / 0.9).abs() < 1e-9, "{w:?}");
+    }
 
     fn reports(n: usize) -> Vec<DeviceReport> {
         (0..n)

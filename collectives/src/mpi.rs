@@ -14,10 +14,10 @@
 //!    algorithms, completed by polling `MPI_Test` and yielding the core between polls. Ranks
 //!    that share a core (pinned CPU ranks) hand it to each other at once; in the blocking call
 //!    a waiting rank spun until the scheduler preempted it, which cost milliseconds per
-//!    all-reduce with two ranks on one core. Every rank is known to be inside the call. If a peer stalls *during* the data
-//!    phase (it was stopped after announcing itself), a watchdog thread prints which operation
-//!    stalled and ends the process with exit code [`EXIT_STALLED`]; the launcher then tears the
-//!    job down. Returning an error instead is impossible there: MPI may still write into the
+//!    all-reduce with two ranks on one core. Every rank is known to be inside the call. If a
+//!    peer stalls *during* the data phase (it was stopped after announcing itself), a watchdog
+//!    thread prints which operation stalled and ends the process with exit code
+//!    [`EXIT_STALLED`]; the launcher then tears the job down. Returning an error instead is impossible there: MPI may still write into the
 //!    caller's buffer.
 //!
 //! # Thread level
@@ -259,6 +259,7 @@ impl MpiCommunicator {
         call: &'static str,
         start: impl FnOnce(ffi::MPI_Comm, *mut ffi::MPI_Request) -> c_int,
     ) -> Result<()> {
+        // SAFETY: reading a constant the MPI library exports.
         let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
         self.watchdog.arm(op.name(), seq, self.options.timeout);
         let rc = start(self.data, &mut req);

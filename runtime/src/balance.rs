@@ -488,8 +488,15 @@ impl Balancer {
             }
         }
         if self.options.rebalance && self.options.initial != InitialPlan::Naive {
-            let spans = group_spans(&self.plan, &stats.rank_compute, &stats.rank_started);
-            self.rebalancer.observe(&stats.rank_samples, &spans);
+            // Start stamps as offsets from rank 0's: meaningful between ranks of one host, which
+            // is all a compute group compares.
+            let started: Vec<f64> = stats
+                .rank_started
+                .iter()
+                .map(|&s| crate::ddp::start_offset(stats.rank_started[0], s))
+                .collect();
+            self.rebalancer
+                .observe_timed(&stats.rank_samples, &started, &stats.rank_compute);
             if let Some(better) = self.rebalancer.propose(&self.plan, &self.reports) {
                 self.plan = better;
                 plan_changed = true;
@@ -522,29 +529,6 @@ impl Balancer {
             }
         }
     }
-}
-
-/// Each rank's compute time, counted for members of a compute group from the moment the first
-/// of them began: a member that left the previous all-reduce late (its partner had the core)
-/// started late, and the group's step lasted from its first start to its last finish. Ranks
-/// with a device to themselves keep their own compute time.
-fn group_spans(plan: &Plan, compute: &[f64], started: &[f64]) -> Vec<f64> {
-    let n = compute.len().min(started.len());
-    (0..n)
-        .map(|i| {
-            let u = plan.group_of(i);
-            let members = (0..n).filter(|&j| plan.group_of(j) == u);
-            let first = members
-                .map(|j| crate::ddp::start_offset(started[u], started[j]))
-                .fold(f64::INFINITY, f64::min);
-            let mine = crate::ddp::start_offset(started[u], started[i]);
-            if first.is_finite() {
-                mine - first + compute[i]
-            } else {
-                compute[i]
-            }
-        })
-        .collect()
 }
 
 /// The plan as a table, one row per device, and a summary line.
@@ -670,9 +654,9 @@ where
 
 /// Sizes worth timing after the first sweep: up to [`REFINE_SLOTS`] evenly spaced sizes between
 /// the micro-batch the planner would choose from the sweep and the next larger measured size
-/// (or the memory cap, if smaller), and the cap itself when it lies in that gap. The sweep's sizes are a factor of two apart, and the
-/// fastest size often lies in between (on a CPU, just below the size whose activations leave
-/// the caches).
+/// (or the memory cap, if smaller), and the cap itself when it lies in that gap. The sweep's
+/// sizes are a factor of two apart, and the fastest size often lies in between (on a CPU, just
+/// below the size whose activations leave the caches).
 fn refine_sizes(report: &DeviceReport, t: &Tunables) -> Vec<usize> {
     let cap = ballast_balancer::memory_cap(report, t);
     if cap == 0 || t.micro_batch_policy == ballast_balancer::MicroBatchPolicy::Largest {

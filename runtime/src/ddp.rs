@@ -204,7 +204,8 @@ pub struct DataParallel {
     ready_clock: f64,
 }
 
-/// Per-rank values carried in the tail of the fused buffer: compute seconds, samples, note.
+/// Per-rank values carried in the tail of the fused buffer: compute seconds, samples, note, start
+/// stamp.
 const PER_RANK: usize = 4;
 
 /// Period of the start stamps in [`StepStats::rank_started`]: small enough that an `f32` in the
@@ -348,8 +349,7 @@ impl DataParallel {
     /// Starts this rank's compute clock for the current step (by default it starts when the
     /// previous step ends). Call it when a step's real work begins.
     pub fn mark_ready(&mut self) {
-        self.ready_since = Instant::now();
-        self.ready_clock = host_clock();
+        (self.ready_since, self.ready_clock) = (Instant::now(), host_clock());
     }
 
     /// A number this rank shares with all others in the next step's all-reduce (for example a
@@ -529,8 +529,7 @@ impl DataParallel {
         self.micro_batches = 0;
         self.note = 0.0;
         self.step += 1;
-        self.ready_since = Instant::now();
-        self.ready_clock = host_clock();
+        self.mark_ready();
         Ok((count, stats))
     }
 
