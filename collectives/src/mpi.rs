@@ -9,12 +9,15 @@
 //!    header never came; the receives are cancelled. Headers that disagree become
 //!    [`Error::ShapeMismatch`] / [`Error::OrderMismatch`] on every rank, because every rank
 //!    checks the same set of headers.
-//! 2. **Data phase** on a second duplicate: the blocking MPI collective (`MPI_Allreduce` with
-//!    `MPI_IN_PLACE`, `MPI_Bcast`, `MPI_Allgatherv`), so the data moves with the library's tuned
-//!    algorithms. Every rank is known to be inside the call. If a peer stalls *during* the data
-//!    phase (it was stopped after announcing itself), a watchdog thread prints which operation
-//!    stalled and ends the process with exit code [`EXIT_STALLED`]; the launcher then tears the
-//!    job down. Returning an error instead is impossible there: MPI may still write into the
+//! 2. **Data phase** on a second duplicate: the MPI collective (`MPI_Iallreduce` with
+//!    `MPI_IN_PLACE`, `MPI_Ibcast`, `MPI_Iallgatherv`), so the data moves with the library's
+//!    algorithms, completed by polling `MPI_Test` and yielding the core between polls. Ranks
+//!    that share a core (pinned CPU ranks) hand it to each other at once; in the blocking call
+//!    a waiting rank spun until the scheduler preempted it, which cost milliseconds per
+//!    all-reduce with two ranks on one core. Every rank is known to be inside the call. If a
+//!    peer stalls *during* the data phase (it was stopped after announcing itself), a watchdog
+//!    thread prints which operation stalled and ends the process with exit code
+//!    [`EXIT_STALLED`]; the launcher then tears the job down. Returning an error instead is impossible there: MPI may still write into the
 //!    caller's buffer.
 //!
 //! # Thread level
@@ -23,8 +26,8 @@
 //! never calls MPI.
 //!
 //! # Standard sections
-//! MPI 4.0 §3.7 (nonblocking point-to-point), §3.8.4 (cancel), §6.4 (`MPI_Bcast`), §6.7
-//! (`MPI_Allgatherv`), §6.9.6 (`MPI_Allreduce`, `MPI_IN_PLACE`).
+//! MPI 4.0 §3.7 (nonblocking point-to-point), §3.8.4 (cancel), §6.12 (nonblocking collectives:
+//! `MPI_Ibcast`, `MPI_Iallgatherv`, `MPI_Iallreduce`), §6.9.6 (`MPI_IN_PLACE`).
 
 use std::{
     ffi::{c_int, c_void},
@@ -245,18 +248,45 @@ impl MpiCommunicator {
         Ok(headers)
     }
 
-    /// Runs a blocking data-phase call under the watchdog.
+    /// Runs a nonblocking data-phase call to completion under the watchdog, polling with
+    /// `MPI_Test` and yielding the core between polls: a rank that shares its core with a peer
+    /// hands it over at once instead of spinning inside the library until the scheduler
+    /// preempts it.
     fn guarded(
         &mut self,
         op: OpKind,
         seq: u64,
         call: &'static str,
-        f: impl FnOnce(ffi::MPI_Comm) -> c_int,
+        start: impl FnOnce(ffi::MPI_Comm, *mut ffi::MPI_Request) -> c_int,
     ) -> Result<()> {
+        // SAFETY: reading a constant the MPI library exports.
+        let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
         self.watchdog.arm(op.name(), seq, self.options.timeout);
-        let rc = f(self.data);
+        let rc = start(self.data, &mut req);
+        if rc != 0 {
+            self.watchdog.disarm();
+            return self.check(rc, call);
+        }
+        let started = Instant::now();
+        loop {
+            let mut flag: c_int = 0;
+            // SAFETY: `req` is the active request started above.
+            let rc = unsafe { ffi::MPI_Test(&mut req, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+            if rc != 0 {
+                self.watchdog.disarm();
+                return self.check(rc, "MPI_Test");
+            }
+            if flag != 0 {
+                break;
+            }
+            if started.elapsed() < Duration::from_micros(20) {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
         self.watchdog.disarm();
-        self.check(rc, call)
+        Ok(())
     }
 
     fn all_reduce<T>(&mut self, op: OpKind, buf: &mut [T], dtype: ffi::MPI_Datatype) -> Result<()> {
@@ -266,14 +296,15 @@ impl MpiCommunicator {
         for chunk in buf.chunks_mut(c_int::MAX as usize) {
             // SAFETY: `chunk` is valid for `len` elements of `dtype`; every rank passes the same
             // length (checked by the handshake).
-            self.guarded(op, seq, "MPI_Allreduce", |comm| unsafe {
-                ffi::MPI_Allreduce(
+            self.guarded(op, seq, "MPI_Iallreduce", |comm, req| unsafe {
+                ffi::MPI_Iallreduce(
                     ballast_mpi_in_place(),
                     chunk.as_mut_ptr().cast(),
                     chunk.len() as c_int,
                     dtype,
                     ffi::RSMPI_SUM,
                     comm,
+                    req,
                 )
             })?;
         }
@@ -286,13 +317,14 @@ impl MpiCommunicator {
         while offset < bytes {
             let n = (bytes - offset).min(c_int::MAX as usize);
             // SAFETY: `ptr` is valid for `bytes` bytes on every rank (lengths checked or resized).
-            self.guarded(op, seq, "MPI_Bcast", |comm| unsafe {
-                ffi::MPI_Bcast(
+            self.guarded(op, seq, "MPI_Ibcast", |comm, req| unsafe {
+                ffi::MPI_Ibcast(
                     ptr.cast::<u8>().add(offset).cast(),
                     n as c_int,
                     dtype,
                     root as c_int,
                     comm,
+                    req,
                 )
             })?;
             offset += n;
@@ -393,8 +425,8 @@ impl Communicator for MpiCommunicator {
         let dtype = unsafe { ffi::RSMPI_UINT8_T };
         // SAFETY: `data`, `out`, `counts` and `displs` are valid for the sizes given, which every
         // rank computed from the same headers.
-        self.guarded(OpKind::AllGatherBytes, seq, "MPI_Allgatherv", |comm| unsafe {
-            ffi::MPI_Allgatherv(
+        self.guarded(OpKind::AllGatherBytes, seq, "MPI_Iallgatherv", |comm, req| unsafe {
+            ffi::MPI_Iallgatherv(
                 data.as_ptr().cast(),
                 data.len() as c_int,
                 dtype,
@@ -403,6 +435,7 @@ impl Communicator for MpiCommunicator {
                 displs.as_ptr(),
                 dtype,
                 comm,
+                req,
             )
         })?;
         let mut result = Vec::with_capacity(lens.len());

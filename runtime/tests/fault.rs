@@ -91,14 +91,48 @@ fn finish(mut child: Child, since: Instant, all: &[u32]) -> (Option<i32>, f64, S
             return (status.code(), elapsed, text);
         }
         if since.elapsed() > LIMIT + Duration::from_secs(10) {
-            let _ = child.kill();
+            // What every rank and its threads were doing, so a hang explains itself.
+            let mut states: Vec<String> = all.iter().map(|&p| process_state(p)).collect();
+            states.push(format!("mpirun {}", process_state(child.id())));
             for &p in all {
                 let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
             }
-            panic!("the job hung for {:?} after the fault", since.elapsed());
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the job hung for {:?} after the fault\nrank processes:\n{}\noutput:\n{}{}",
+                since.elapsed(),
+                states.join("\n"),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A process's state and, per thread, its name, state and kernel wait channel.
+fn process_state(pid: u32) -> String {
+    let read = |p: String| std::fs::read_to_string(p).unwrap_or_default().trim().to_string();
+    let mut lines = vec![format!("pid {pid}: {}", read(format!("/proc/{pid}/stat")))];
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let t = task.path();
+            let stat = read(t.join("stat").display().to_string());
+            let state = stat
+                .rsplit(") ")
+                .next()
+                .and_then(|s| s.split(' ').next())
+                .unwrap_or("?");
+            lines.push(format!(
+                "  thread {:?} {} state {state} wchan {}",
+                task.file_name(),
+                read(t.join("comm").display().to_string()),
+                read(t.join("wchan").display().to_string())
+            ));
+        }
+    }
+    lines.join("\n")
 }
 
 fn trial_dir(name: &str) -> PathBuf {
