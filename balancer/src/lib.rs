@@ -23,8 +23,8 @@ mod solve;
 
 pub use rebalance::Rebalancer;
 pub use solve::{
-    cap_with_offload, compute_groups, memory_cap, operating_point, solve, speed_at, DeviceReport, MicroBatchPolicy,
-    OffloadPolicy, Plan, RankAssignment, SpeedPoint, Tunables,
+    cap_with_offload, compute_groups, memory_cap, micro_batch_schedule, operating_point, solve, speed_at, DeviceReport,
+    MicroBatchPolicy, OffloadPolicy, Plan, RankAssignment, SpeedPoint, Tunables,
 };
 
 use serde::{Deserialize, Serialize};

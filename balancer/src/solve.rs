@@ -103,22 +103,10 @@ pub enum MicroBatchPolicy {
     Largest,
     /// The largest measured size within [`Tunables::speed_tolerance`] of the fastest one that
     /// fits; the cap itself when the largest measured size that fits is the fastest (throughput
-    /// still rising there, as on GPUs).
+    /// still rising there, as on GPUs). How a share is laid out in micro-batches of at most that
+    /// size: [`micro_batch_schedule`].
     #[default]
     Fastest,
-}
-
-impl MicroBatchPolicy {
-    /// How a rank runs `plan.share` samples: `Largest` runs full micro-batches of the cap and
-    /// then the remainder (every full one uses the memory the cap was chosen for); `Fastest`
-    /// runs as few micro-batches of nearly equal size, so none falls far below the size chosen
-    /// for its speed.
-    pub fn split(self, plan: &RankPlan) -> Vec<usize> {
-        match self {
-            Self::Largest => plan.micro_batches(),
-            Self::Fastest => plan.micro_batches_even(),
-        }
-    }
 }
 
 /// When the planner moves optimizer state to host memory.
@@ -273,6 +261,42 @@ pub fn operating_point(r: &DeviceReport, cap: usize, t: &Tunables) -> (usize, f6
         .filter(|p| p.samples_per_sec >= good_enough)
         .max_by_key(|p| p.micro_batch)
         .map_or((cap, at_cap), |p| (p.micro_batch, p.samples_per_sec))
+}
+
+/// The micro-batch sizes device `r` runs `share` samples in, none above `cap`, always
+/// `ceil(share / cap)` of them (the plan's accumulation steps).
+///
+/// Under [`MicroBatchPolicy::Largest`]: full micro-batches of `cap`, then the remainder (every
+/// full one uses the memory the cap was chosen for). Under
+/// [`MicroBatchPolicy::Fastest`]: the quickest, by the speeds `r` measured (see [`speed_at`]),
+/// of three layouts: near-equal parts; full parts and one remainder; full parts and the last
+/// two sharing the rest evenly. Near-equal parts win ties. Near-equal parts of a share that is
+/// not a multiple of `cap` run below it, and the size just below a chosen one may be much slower
+/// (on a CPU, a power of two whose strides contend for the same cache sets).
+pub fn micro_batch_schedule(r: &DeviceReport, share: usize, cap: usize, t: &Tunables) -> Vec<usize> {
+    let plan = RankPlan {
+        share,
+        micro_batch_cap: cap.max(1),
+    };
+    if t.micro_batch_policy == MicroBatchPolicy::Largest || share == 0 {
+        return plan.micro_batches();
+    }
+    let even = plan.micro_batches_even();
+    let full = plan.micro_batches();
+    let mut paired = full.clone();
+    if let [.., a, b] = paired.as_mut_slice() {
+        let rest = *a + *b;
+        (*a, *b) = (rest.div_ceil(2), rest / 2);
+    }
+    let seconds = |sizes: &[usize]| -> f64 { sizes.iter().map(|&m| m as f64 / speed_at(r, m)).sum() };
+    let mut best = (seconds(&even), even);
+    for layout in [full, paired] {
+        let s = seconds(&layout);
+        if s < best.0 * (1.0 - 1e-9) {
+            best = (s, layout);
+        }
+    }
+    best.1
 }
 
 /// The speed device `r` measured at the size nearest `micro_batch` from below (its reported
@@ -499,7 +523,10 @@ pub fn solve(reports: &[DeviceReport], global_batch: usize, allreduce_s: f64, t:
                 share,
                 micro_batch_cap: micro_batch.max(1),
             };
-            let largest = t.micro_batch_policy.split(&plan).into_iter().max().unwrap_or(0);
+            let largest = micro_batch_schedule(r, share, plan.micro_batch_cap, t)
+                .into_iter()
+                .max()
+                .unwrap_or(0);
             let offload = decided[i].1 && share > 0;
             let fixed = if offload {
                 r.fixed_bytes - r.offloadable_bytes
@@ -670,6 +697,19 @@ mod tests {
         }
     }
 
+    prop_compose! {
+        /// A device with many measured sizes close together.
+        fn dense_device()(
+            d in device(),
+            measured in proptest::collection::vec((1usize..40, 0.1f64..1000.0), 0..14),
+        ) -> DeviceReport {
+            let mut speed_curve = curve(&measured);
+            speed_curve.sort_by_key(|p| p.micro_batch);
+            speed_curve.dedup_by_key(|p| p.micro_batch);
+            DeviceReport { speed_curve, ..d }
+        }
+    }
+
     proptest! {
         #[test]
         fn plans_keep_every_invariant(devices in proptest::collection::vec(device(), 1..8), b in 1usize..2000) {
@@ -758,6 +798,16 @@ mod tests {
             prop_assert_eq!(operating_point(&d, cap, &t), (m, v));
         }
 
+        /// A rank's micro-batches hold its share exactly, in the plan's `ceil(share / cap)`
+        /// steps, none above the cap.
+        #[test]
+        fn micro_batch_layouts_hold_the_share(d in prop_oneof![device(), dense_device()], share in 0usize..500, cap in 1usize..64) {
+            let sizes = micro_batch_schedule(&d, share, cap, &Tunables::default());
+            prop_assert_eq!(sizes.iter().sum::<usize>(), share);
+            prop_assert_eq!(sizes.len(), share.div_ceil(cap));
+            prop_assert!(sizes.iter().all(|&m| m >= 1 && m <= cap));
+        }
+
         /// Shares stay near their speed-proportional quotas `q_i = B·v_i/V`. When the greedy
         /// refinement stops, the slowest finish `T` satisfies `(s_j + 1)/v_j ≥ T` for every
         /// device (no move helps) and `T ≥ B/V`, so `s_j ≥ q_j − 1`; summing `s_j ≥ T·v_j − 1`
@@ -777,6 +827,33 @@ mod tests {
                 prop_assert!(share <= quota + n * v / total + 1e-9, "share {} quota {}", r.share, quota);
             }
         }
+    }
+
+    /// A share that is not a multiple of the chosen size: near-equal parts would run mostly at
+    /// 16, measured much slower than 17, so full parts and one remainder run instead; on a flat
+    /// curve near-equal parts stay; `Largest` always runs full parts.
+    #[test]
+    fn micro_batch_layout_avoids_slow_sizes() {
+        let t = Tunables::default();
+        let dip = DeviceReport {
+            speed_curve: curve(&[(8, 2300.0), (16, 1600.0), (17, 2400.0)]),
+            ..report(1 << 30, 0, 1000, 2400.0)
+        };
+        let mut expected = vec![17; 10];
+        expected.push(9);
+        assert_eq!(micro_batch_schedule(&dip, 179, 17, &t), expected);
+        let flat = DeviceReport {
+            speed_curve: curve(&[(8, 2300.0), (16, 2300.0), (17, 2300.0)]),
+            ..report(1 << 30, 0, 1000, 2300.0)
+        };
+        let even = micro_batch_schedule(&flat, 179, 17, &t);
+        assert_eq!(even.iter().filter(|&&m| m == 16).count(), 8);
+        assert_eq!(even.iter().filter(|&&m| m == 17).count(), 3);
+        let largest = Tunables {
+            micro_batch_policy: MicroBatchPolicy::Largest,
+            ..Tunables::default()
+        };
+        assert_eq!(micro_batch_schedule(&flat, 179, 17, &largest), expected);
     }
 
     #[test]

@@ -426,11 +426,8 @@ impl Balancer {
         let parts = split_batch(batch, &self.plan.shares());
         let mine = &parts[rank];
         let mut cap = self.plan.ranks[rank].micro_batch.max(1);
-        let mut queue = self
-            .options
-            .tunables
-            .micro_batch_policy
-            .split(&RankPlan::new(mine.len(), cap)?);
+        let mut queue =
+            ballast_balancer::micro_batch_schedule(&self.reports[rank], mine.len(), cap, &self.options.tunables);
         let mut ran = Vec::new();
         let mut offset = 0;
         let mut peak_bytes = 0;
@@ -604,8 +601,8 @@ const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_millis(40);
 /// Least runs in a timed window.
 const PROBE_RUNS: u32 = 2;
 
-/// Sizes timed between the chosen size and the next larger probe size.
-const REFINE_SLOTS: usize = 3;
+/// Sizes timed on each side of the chosen size after the first sweep.
+const REFINE_SLOTS: usize = 4;
 
 /// Times forward and backward at the probe sizes; then, around the size the planner would
 /// pick from those (see [`refine_sizes`]), at a few sizes in between.
@@ -652,33 +649,37 @@ where
     Ok(points)
 }
 
-/// Sizes worth timing after the first sweep: up to [`REFINE_SLOTS`] evenly spaced sizes between
-/// the micro-batch the planner would choose from the sweep and the next larger measured size
-/// (or the memory cap, if smaller), and the cap itself when it lies in that gap. The sweep's
-/// sizes are a factor of two apart, and the fastest size often lies in between (on a CPU, just
-/// below the size whose activations leave the caches).
+/// Sizes worth timing after the first sweep: around the micro-batch the planner would choose
+/// from the sweep, at offsets of 1, 2, 4, … (up to [`REFINE_SLOTS`] on each side), strictly
+/// between the nearest measured sizes below and above it (above: or the memory cap, if
+/// smaller), and the cap itself when it lies in the gap above. The sweep's sizes are a factor
+/// of two apart, and the fastest size often lies in between: on a CPU just below the size whose
+/// activations leave the caches, and seldom at a power of two, whose strides contend for the
+/// same cache sets.
 fn refine_sizes(report: &DeviceReport, t: &Tunables) -> Vec<usize> {
     let cap = ballast_balancer::memory_cap(report, t);
     if cap == 0 || t.micro_batch_policy == ballast_balancer::MicroBatchPolicy::Largest {
         return Vec::new();
     }
     let (chosen, _) = ballast_balancer::operating_point(report, cap, t);
-    let upper = report
-        .speed_curve
-        .iter()
-        .map(|p| p.micro_batch)
-        .filter(|&m| m > chosen)
-        .min()
-        .map_or(cap, |m| m.min(cap));
-    let mut sizes: Vec<usize> = (1..=REFINE_SLOTS)
-        .map(|k| chosen + (upper - chosen) * k / (REFINE_SLOTS + 1))
-        .filter(|&m| m > chosen && m < upper)
+    let measured = || report.speed_curve.iter().map(|p| p.micro_batch);
+    let upper = measured().filter(|&m| m > chosen).min().map_or(cap, |m| m.min(cap));
+    let lower = measured().filter(|&m| m < chosen).max().unwrap_or(0);
+    let offsets = || (0..REFINE_SLOTS).map(|k| 1usize << k);
+    let mut sizes: Vec<usize> = offsets()
+        .map(|d| chosen + d)
+        .take_while(|&m| m < upper)
+        .chain(
+            offsets()
+                .filter_map(|d| chosen.checked_sub(d))
+                .take_while(|&m| m > lower),
+        )
         .collect();
-    if upper == cap && cap > chosen && !report.speed_curve.iter().any(|p| p.micro_batch == cap) {
+    if upper == cap && cap > chosen && !measured().any(|m| m == cap) {
         sizes.push(cap);
     }
+    sizes.sort_unstable();
     sizes.dedup();
-    sizes.truncate(REFINE_SLOTS);
     sizes
 }
 
@@ -743,7 +744,10 @@ fn assignment(report: &DeviceReport, share: usize, cap: usize, t: &Tunables) -> 
         share,
         micro_batch_cap: cap.max(1),
     };
-    let largest = t.micro_batch_policy.split(&plan).into_iter().max().unwrap_or(0);
+    let largest = ballast_balancer::micro_batch_schedule(report, share, plan.micro_batch_cap, t)
+        .into_iter()
+        .max()
+        .unwrap_or(0);
     let speed = ballast_balancer::speed_at(report, cap.max(1));
     RankAssignment {
         share,
@@ -810,5 +814,63 @@ pub fn report_from_probes(points: &[ProbePoint], params: u64, options: &BalanceO
             .map(|m| m.available),
         speed_curve,
         compute_group: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ballast_balancer::SpeedPoint;
+
+    fn report(curve: &[(usize, f64)], budget_bytes: u64) -> DeviceReport {
+        DeviceReport {
+            name: "cpu".into(),
+            budget_bytes,
+            fixed_bytes: 0,
+            bytes_per_sample: 1 << 20,
+            samples_per_sec: curve.iter().map(|p| p.1).fold(0.0, f64::max),
+            offloadable_bytes: 0,
+            host: String::new(),
+            host_available_bytes: None,
+            speed_curve: curve
+                .iter()
+                .map(|&(micro_batch, samples_per_sec)| SpeedPoint {
+                    micro_batch,
+                    samples_per_sec,
+                })
+                .collect(),
+            compute_group: None,
+        }
+    }
+
+    /// Around the chosen size (16: within the tolerance of 8, the fastest), at offsets of 1, 2,
+    /// 4, 8 on both sides, strictly between the measured neighbours 8 and 32.
+    #[test]
+    fn refines_on_both_sides_of_the_chosen_size() {
+        let curve = [
+            (1, 500.0),
+            (2, 1000.0),
+            (4, 1000.0),
+            (8, 2300.0),
+            (16, 2200.0),
+            (32, 2000.0),
+            (64, 1500.0),
+        ];
+        let t = Tunables::default();
+        let r = report(&curve, 1 << 40);
+        assert_eq!(ballast_balancer::operating_point(&r, 1 << 20, &t).0, 16);
+        assert_eq!(refine_sizes(&r, &t), vec![12, 14, 15, 17, 18, 20, 24]);
+    }
+
+    /// The memory cap bounds the sizes above, and is itself timed when it lies in the gap.
+    #[test]
+    fn refines_up_to_an_unmeasured_cap() {
+        let curve = [(1, 500.0), (2, 900.0), (4, 2300.0), (8, 2200.0), (16, 2000.0)];
+        let t = Tunables::default();
+        // Room for 11 samples after the 10 % margin: cap 11; 8 is within the tolerance of 4.
+        let r = report(&curve, (11.5 * (1u64 << 20) as f64 / 0.9) as u64);
+        assert_eq!(ballast_balancer::memory_cap(&r, &t), 11);
+        assert_eq!(ballast_balancer::operating_point(&r, 11, &t).0, 8);
+        assert_eq!(refine_sizes(&r, &t), vec![6, 7, 9, 10, 11]);
     }
 }
