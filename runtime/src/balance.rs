@@ -453,12 +453,18 @@ impl Balancer {
                         budget: self.options.budget_bytes,
                     });
                 }
-                // Discard, halve, and re-run the rest of the share at the smaller size.
+                // Discard, halve, and re-run the rest of the share at the smaller size, laid out
+                // as the following steps will lay it out.
                 cap = m / 2;
                 oom_retries += 1;
                 let rest: usize = queue[i..].iter().sum();
                 queue.truncate(i);
-                queue.extend(RankPlan::new(rest, cap)?.micro_batches());
+                queue.extend(ballast_balancer::micro_batch_schedule(
+                    &self.reports[rank],
+                    rest,
+                    cap,
+                    &self.options.tunables,
+                ));
                 ddp.set_note(cap as f32);
                 continue;
             }
