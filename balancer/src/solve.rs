@@ -137,8 +137,9 @@ pub struct Tunables {
     /// Consecutive steps the gain must persist before a re-plan (default 3): hysteresis
     /// against noise.
     pub rebalance_patience: u32,
-    /// Weight of the newest observation in the smoothed per-rank speed (default 0.3: a shared
-    /// machine's step times jitter by 10–20 %).
+    /// Weight of the newest observation in the smoothed per-rank speed (default 0.15: a shared
+    /// machine's step times jitter by 10–20 %, and a slow spell of two steps should not move a
+    /// plan).
     pub smoothing: f64,
     /// When to offload optimizer state to the host (default: when needed).
     #[serde(default)]
@@ -154,6 +155,25 @@ pub struct Tunables {
     /// probes are noisy.
     #[serde(default = "default_speed_tolerance")]
     pub speed_tolerance: f64,
+    /// A smaller predicted gain that re-plans when it persists for
+    /// [`Tunables::rebalance_steady_patience`] steps in a row (default 0.02). A steady
+    /// imbalance below the main threshold otherwise stays for good: 5 % of step time is about a
+    /// 10 % difference between two ranks' finish times.
+    #[serde(default = "default_steady_threshold")]
+    pub rebalance_steady_threshold: f64,
+    /// Consecutive steps a gain above [`Tunables::rebalance_steady_threshold`] must persist
+    /// before it re-plans (default 12): long enough that the jitter of a few steps does not
+    /// qualify.
+    #[serde(default = "default_steady_patience")]
+    pub rebalance_steady_patience: u32,
+}
+
+fn default_steady_threshold() -> f64 {
+    0.02
+}
+
+fn default_steady_patience() -> u32 {
+    12
 }
 
 fn default_host_margin() -> f64 {
@@ -171,11 +191,13 @@ impl Default for Tunables {
             max_micro_batch: 4096,
             rebalance_threshold: 0.05,
             rebalance_patience: 3,
-            smoothing: 0.3,
+            smoothing: 0.15,
             offload: OffloadPolicy::WhenNeeded,
             host_memory_margin: default_host_margin(),
             micro_batch_policy: MicroBatchPolicy::Fastest,
             speed_tolerance: default_speed_tolerance(),
+            rebalance_steady_threshold: default_steady_threshold(),
+            rebalance_steady_patience: default_steady_patience(),
         }
     }
 }
