@@ -15,6 +15,12 @@ const LIMIT: Duration = Duration::from_secs(30);
 fn start_job(dir: &Path, envs: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new("mpirun");
     cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", "3"]);
+    // Heartbeats inside the trial's directory: a killed rank cannot remove its file, and the
+    // trial's clean-up then removes them with the rest.
+    cmd.args([
+        "-x",
+        &format!("BALLAST_HEARTBEAT_DIR={}", dir.join("heartbeat").display()),
+    ]);
     for (k, v) in envs {
         cmd.args(["-x", &format!("{k}={v}")]);
     }

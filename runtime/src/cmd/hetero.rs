@@ -209,7 +209,9 @@ pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
             let started = Instant::now();
             let mut n = 0usize;
             let mut compute = vec![0.0; shares.len()];
+            let mut step_ms = Vec::new();
             for _ in 0..args.steps_per_block {
+                let step_started = Instant::now();
                 let batch = sampler.batch(step);
                 n += batch.len();
                 let (m, out) = b.step(&mut ddp, model, &mut optim, 1e-3, &batch, &mut loss_fn)?;
@@ -218,6 +220,7 @@ pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
                 }
                 model = m;
                 step += 1;
+                step_ms.push((step_started.elapsed().as_secs_f64() * 1e4).round() / 10.0);
             }
             let secs = started.elapsed().as_secs_f64();
             totals[which].0 += n;
@@ -226,7 +229,7 @@ pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
             emit(json!({
                 "bench": "hetero", "phase": name, "block": block, "samples": n, "seconds": secs,
                 "samples_per_sec": n as f64 / secs, "shares": shares, "micro_batches": caps,
-                "mean_rank_compute_s": compute,
+                "mean_rank_compute_s": compute, "step_ms": step_ms,
             }));
         }
     }
