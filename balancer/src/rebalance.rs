@@ -383,4 +383,48 @@ mod tests {
         assert_eq!(changes, vec![11], "re-planned at steps {changes:?}");
         assert_eq!(plan.shares(), vec![48, 52]);
     }
+
+    proptest::proptest! {
+        /// Under fixed true speeds with step-to-step jitter of up to ±3 %, the plan reaches
+        /// shares within 10 % (plus one sample of rounding) of speed-proportional and never
+        /// oscillates (no plan comes back after it was left), whatever the speeds and the
+        /// starting plan.
+        #[test]
+        fn jittered_speeds_converge_without_oscillation(
+            speeds in proptest::collection::vec(20.0f64..200.0, 2..6),
+            b in 200usize..2000,
+            seed in 0u64..1000,
+        ) {
+            let t = Tunables::default();
+            let reps = reports(speeds.len());
+            let mut plan = solve(&reps, b, 0.0, &t).unwrap();
+            let mut rb = Rebalancer::new(speeds.len(), t);
+            let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut jitter = || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                1.0 + 0.03 * ((state % 2001) as f64 / 1000.0 - 1.0)
+            };
+            let mut plans = vec![plan.shares()];
+            for _ in 0..80 {
+                let shares = plan.shares();
+                let times: Vec<f64> = shares.iter().zip(&speeds).map(|(&s, v)| s as f64 / v * jitter()).collect();
+                rb.observe(&shares, &times);
+                if let Some(p) = rb.propose(&plan, &reps) {
+                    plan = p;
+                    proptest::prop_assert!(!plans.contains(&plan.shares()), "plan came back: {:?} then {:?}", plans, plan.shares());
+                    plans.push(plan.shares());
+                }
+            }
+            let total: f64 = speeds.iter().sum();
+            for (s, v) in plan.shares().iter().zip(&speeds) {
+                let ideal = b as f64 * v / total;
+                proptest::prop_assert!(
+                    (*s as f64 - ideal).abs() <= 0.10 * ideal + 1.0,
+                    "shares {:?} against speeds {:?} (plans {:?})", plan.shares(), speeds, plans
+                );
+            }
+        }
+    }
 }
