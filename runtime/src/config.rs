@@ -36,9 +36,14 @@ pub struct TrainArgs {
     /// Samples per optimizer step over all ranks (the batch one big device would train on).
     #[arg(long)]
     pub global_batch: Option<usize>,
-    /// Learning rate of Adam.
+    /// Learning rate of Adam (the peak, with --lr-schedule cosine).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Learning rate over the run: `cosine` (from --lr at step 0 down to a tenth of it at the
+    /// last step, which keeps the last steps of a run from the loss spikes Adam shows at a
+    /// high rate) or `constant` [default: cosine].
+    #[arg(long, value_name = "cosine|constant")]
+    pub lr_schedule: Option<String>,
     /// Optimizer steps to train (counted from step 0, so a resumed run stops at the same step).
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<u64>,
@@ -146,8 +151,10 @@ pub struct Settings {
     pub ranks: usize,
     /// Global batch.
     pub global_batch: usize,
-    /// Learning rate.
+    /// Learning rate (the peak of a cosine schedule).
     pub lr: f64,
+    /// Learning rate over the run.
+    pub lr_schedule: LrSchedule,
     /// Steps, or epochs to convert once the data size is known.
     pub length: Length,
     /// Budget per rank, bytes (empty: unlimited).
@@ -182,6 +189,15 @@ pub struct Settings {
     pub crash_at_step: Option<u64>,
 }
 
+/// The learning rate over a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LrSchedule {
+    /// `lr` at every step.
+    Constant,
+    /// Half a cosine from `lr` at step 0 to `lr / 10` at the last step.
+    Cosine,
+}
+
 /// How long to train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Length {
@@ -192,6 +208,19 @@ pub enum Length {
 }
 
 impl Settings {
+    /// The learning rate of optimizer step `step` of a run of `steps` steps. It depends only on
+    /// the step, so a resumed run continues the same schedule.
+    pub fn lr_at(&self, step: u64, steps: u64) -> f64 {
+        match self.lr_schedule {
+            LrSchedule::Constant => self.lr,
+            LrSchedule::Cosine => {
+                let progress = step as f64 / steps.saturating_sub(1).max(1) as f64;
+                let cos = 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos());
+                self.lr * (0.1 + 0.9 * cos)
+            }
+        }
+    }
+
     /// Steps to train given `steps_per_epoch`.
     pub fn steps(&self, steps_per_epoch: usize) -> u64 {
         match self.length {
@@ -329,6 +358,11 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
         ranks,
         global_batch,
         lr,
+        lr_schedule: match pick!(lr_schedule).as_deref() {
+            None | Some("cosine") => LrSchedule::Cosine,
+            Some("constant") => LrSchedule::Constant,
+            Some(other) => bail!("--lr-schedule is {other:?}; use `cosine` or `constant`"),
+        },
         length,
         device_memory,
         speeds,
@@ -370,4 +404,48 @@ pub fn load<M: DeserializeOwned + Default>(
         None => (TrainArgs::default(), M::default()),
     };
     Ok((resolve(cli, &file, defaults, launched)?, model))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULTS: Defaults = Defaults {
+        job: "test",
+        global_batch: 8,
+        lr: 1e-3,
+        steps: 10,
+        device_memory: &[],
+        speeds: &[],
+    };
+
+    #[test]
+    fn cosine_runs_from_the_rate_to_a_tenth_of_it() {
+        let s = resolve(&TrainArgs::default(), &TrainArgs::default(), &DEFAULTS, None).unwrap();
+        assert_eq!(s.lr_schedule, LrSchedule::Cosine);
+        let lrs: Vec<f64> = (0..101).map(|t| s.lr_at(t, 101)).collect();
+        assert!((lrs[0] - 1e-3).abs() < 1e-15, "{}", lrs[0]);
+        assert!((lrs[50] - 0.55e-3).abs() < 1e-12, "{}", lrs[50]);
+        assert!((lrs[100] - 1e-4).abs() < 1e-15, "{}", lrs[100]);
+        assert!(lrs.windows(2).all(|w| w[1] < w[0]));
+        assert!((s.lr_at(0, 1) - 1e-3).abs() < 1e-15);
+    }
+
+    #[test]
+    fn constant_keeps_the_rate_and_unknown_schedules_are_errors() {
+        let cli = TrainArgs {
+            lr_schedule: Some("constant".into()),
+            ..TrainArgs::default()
+        };
+        let s = resolve(&cli, &TrainArgs::default(), &DEFAULTS, None).unwrap();
+        assert!((0..10).all(|t| s.lr_at(t, 10) == 1e-3));
+        let bad = TrainArgs {
+            lr_schedule: Some("linear".into()),
+            ..TrainArgs::default()
+        };
+        let err = resolve(&bad, &TrainArgs::default(), &DEFAULTS, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--lr-schedule") && err.contains("cosine"), "{err}");
+    }
 }

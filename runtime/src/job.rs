@@ -297,7 +297,8 @@ fn rank_main<T: Task>(
         let plan = balancer.plan().clone();
         let t0 = Instant::now();
         let batch = sampler.batch(step);
-        let (next, out) = balancer.step(&mut ddp, model, &mut optim, s.lr, &batch, &mut loss_fn)?;
+        let lr = s.lr_at(step, steps);
+        let (next, out) = balancer.step(&mut ddp, model, &mut optim, lr, &batch, &mut loss_fn)?;
         model = next;
         let step_s = t0.elapsed().as_secs_f64();
         if !out.stats.loss.is_finite() {
@@ -317,6 +318,7 @@ fn rank_main<T: Task>(
             "world_size": world,
             "step": step,
             "loss": out.stats.loss,
+            "lr": lr,
             "samples": out.stats.local_samples,
             "global_samples": out.stats.global_samples,
             "share": mine.share,

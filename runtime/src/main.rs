@@ -32,7 +32,7 @@ enum Command {
     /// one process per rank under mpirun): plan, balanced steps, metrics, checkpoints.
     /// Defaults: --global-batch 48 --lr 0.003 --steps 100, 3 ranks with --speeds 3,2,1 and no
     /// memory budgets.
-    Demo(cmd::demo::Args),
+    Demo(Box<cmd::demo::Args>),
     /// Summarise a job's metrics file per rank; draw throughput and memory over time (--svg).
     Report(cmd::report::Args),
     /// Conformance checks of the collectives on this world (used by the test suite).
