@@ -213,24 +213,30 @@ mod tests {
             .collect()
     }
 
+    /// Runs `steps` steps of ranks computing at exactly `true_speed`, adopting every proposed
+    /// plan; returns the steps at which the plan changed.
+    fn run_exact(plan: &mut Plan, reps: &[DeviceReport], true_speed: &[f64], steps: usize) -> Vec<usize> {
+        let mut rb = Rebalancer::new(reps.len(), Tunables::default());
+        let mut changes = Vec::new();
+        for step in 0..steps {
+            let shares = plan.shares();
+            let times: Vec<f64> = shares.iter().zip(true_speed).map(|(&s, v)| s as f64 / v).collect();
+            rb.observe(&shares, &times);
+            if let Some(p) = rb.propose(plan, reps) {
+                changes.push(step);
+                *plan = p;
+            }
+        }
+        changes
+    }
+
     #[test]
     fn converges_to_speed_proportional_shares_and_stays() {
         let t = Tunables::default();
         let reps = reports(3);
         let mut plan = solve(&reps, 120, 0.0, &t).unwrap();
         assert_eq!(plan.shares(), vec![40, 40, 40]);
-        let mut rb = Rebalancer::new(3, t);
-        let true_speed = [200.0, 100.0, 100.0];
-        let mut changes = Vec::new();
-        for step in 0..30 {
-            let shares = plan.shares();
-            let times: Vec<f64> = shares.iter().zip(true_speed).map(|(&s, v)| s as f64 / v).collect();
-            rb.observe(&shares, &times);
-            if let Some(p) = rb.propose(&plan, &reps) {
-                changes.push(step);
-                plan = p;
-            }
-        }
+        let changes = run_exact(&mut plan, &reps, &[200.0, 100.0, 100.0], 30);
         assert_eq!(plan.shares(), vec![60, 30, 30]);
         assert_eq!(changes.len(), 1, "re-planned at steps {changes:?}");
         assert!(changes[0] < 10);
@@ -368,18 +374,7 @@ mod tests {
         let reps = reports(2);
         let mut plan = solve(&reps, 100, 0.0, &t).unwrap();
         assert_eq!(plan.shares(), vec![50, 50]);
-        let mut rb = Rebalancer::new(2, t);
-        let true_speed = [100.0, 108.0];
-        let mut changes = Vec::new();
-        for step in 0..40 {
-            let shares = plan.shares();
-            let times: Vec<f64> = shares.iter().zip(true_speed).map(|(&s, v)| s as f64 / v).collect();
-            rb.observe(&shares, &times);
-            if let Some(p) = rb.propose(&plan, &reps) {
-                changes.push(step);
-                plan = p;
-            }
-        }
+        let changes = run_exact(&mut plan, &reps, &[100.0, 108.0], 40);
         assert_eq!(changes, vec![11], "re-planned at steps {changes:?}");
         assert_eq!(plan.shares(), vec![48, 52]);
     }
