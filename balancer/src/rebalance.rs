@@ -147,16 +147,9 @@ impl Rebalancer {
         let gain = (now - candidate.predicted_step_s) / now;
         let moves = candidate.shares() != current.shares();
         let t = &self.tunables;
-        self.streak = if moves && gain > t.rebalance_threshold {
-            self.streak + 1
-        } else {
-            0
-        };
-        self.steady_streak = if moves && gain > t.rebalance_steady_threshold {
-            self.steady_streak + 1
-        } else {
-            0
-        };
+        let held = |streak: u32, threshold: f64| if moves && gain > threshold { streak + 1 } else { 0 };
+        self.streak = held(self.streak, t.rebalance_threshold);
+        self.steady_streak = held(self.steady_streak, t.rebalance_steady_threshold);
         if self.streak >= t.rebalance_patience.max(1) || self.steady_streak >= t.rebalance_steady_patience.max(1) {
             self.streak = 0;
             self.steady_streak = 0;
