@@ -46,6 +46,9 @@ pub enum CifarError {
         /// Its length.
         len: u64,
     },
+    /// A held-out directory without `test_batch.bin`.
+    #[error("no test_batch.bin in {0}; pass --eval-data the test_batch.bin file or the `cifar-10-batches-bin` directory holding it")]
+    NoTestFile(PathBuf),
     /// An empty file.
     #[error("{0} is empty; a CIFAR-10 batch file holds 3073-byte records")]
     Empty(PathBuf),
@@ -111,6 +114,35 @@ impl Cifar10 {
             set.append(file, &bytes)?;
         }
         Ok(set)
+    }
+
+    /// Held-out images: a `test_batch.bin` file (or any batch file), or the directory holding
+    /// `test_batch.bin`.
+    ///
+    /// # Errors
+    /// As [`Cifar10::load`]; a directory without `test_batch.bin` is [`CifarError::NoTestFile`].
+    pub fn load_eval(path: &Path) -> Result<Self, CifarError> {
+        if path.is_dir() {
+            let file = path.join("test_batch.bin");
+            if !file.is_file() {
+                return Err(CifarError::NoTestFile(path.to_path_buf()));
+            }
+            return Self::load(&file);
+        }
+        Self::load(path)
+    }
+
+    /// The images `indices` (in that order) as a set of their own.
+    pub fn subset(&self, indices: &[usize]) -> Self {
+        let mut pixels = Vec::with_capacity(indices.len() * IMAGE_BYTES);
+        for &i in indices {
+            pixels.extend_from_slice(self.image(i));
+        }
+        Self {
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            pixels,
+            files: self.files.clone(),
+        }
     }
 
     /// Parses records from `bytes` (read from `path`, named in errors).

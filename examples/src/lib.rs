@@ -110,6 +110,16 @@ pub fn settings<M: DeserializeOwned + Default>(
     Ok((launch, settings, model))
 }
 
+/// The fraction of the training data to hold out: `--eval-fraction` if given, else 0.1 of
+/// generated data (so the default run reports held-out numbers), else none.
+pub fn eval_fraction(settings: &Settings) -> Option<f64> {
+    match (settings.eval_fraction, &settings.data, &settings.eval_data) {
+        (Some(f), _, _) => Some(f),
+        (None, None, None) => Some(0.1),
+        _ => None,
+    }
+}
+
 /// Runs `task` on every rank and prints rank 0's summary.
 ///
 /// # Errors

@@ -201,3 +201,67 @@ impl TransformerLm {
         self.head.forward(h.reshape([n * seq, d]))
     }
 }
+
+impl TransformerLm {
+    /// Continues `prompt` by `bytes` bytes, each drawn from the model's next-byte distribution
+    /// at `temperature` (0: always the most likely byte), seeded by `seed`; the model sees the
+    /// last `context` bytes (at most its training context).
+    pub fn generate(
+        &self,
+        prompt: &[u8],
+        bytes: usize,
+        temperature: f64,
+        context: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Vec<u8> {
+        let model = self.valid();
+        let mut rng = crate::Lcg::new(seed);
+        let mut text: Vec<u8> = if prompt.is_empty() {
+            b" ".to_vec()
+        } else {
+            prompt.to_vec()
+        };
+        let start = text.len();
+        for _ in 0..bytes {
+            let window = &text[text.len().saturating_sub(context.max(1))..];
+            let tokens: Vec<i64> = window.iter().map(|&b| i64::from(b)).collect();
+            let input = Tensor::<2, Int>::from_data(burn::tensor::TensorData::new(tokens, [1, window.len()]), device)
+                .without_autodiff();
+            let logits = model.forward(input);
+            let [rows, vocab] = logits.dims();
+            let last: Vec<f32> = logits
+                .slice([rows - 1..rows, 0..vocab])
+                .into_data()
+                .iter::<f32>()
+                .collect();
+            text.push(pick_byte(&last, temperature, &mut rng));
+        }
+        text.split_off(start)
+    }
+}
+
+/// The most likely byte (temperature 0) or one drawn from `softmax(logits / temperature)`.
+fn pick_byte(logits: &[f32], temperature: f64, rng: &mut crate::Lcg) -> u8 {
+    let best = logits
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i);
+    if temperature <= 0.0 {
+        return best as u8;
+    }
+    let top = f64::from(logits[best]);
+    let weights: Vec<f64> = logits
+        .iter()
+        .map(|&l| ((f64::from(l) - top) / temperature).exp())
+        .collect();
+    let mut draw = f64::from(rng.unit()) * weights.iter().sum::<f64>();
+    for (i, w) in weights.iter().enumerate() {
+        draw -= w;
+        if draw < 0.0 {
+            return i as u8;
+        }
+    }
+    best as u8
+}

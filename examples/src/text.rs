@@ -128,6 +128,46 @@ impl TextSet {
         &self.bytes[i * self.seq_len..i * self.seq_len + self.seq_len + 1]
     }
 
+    /// Splits off the last `round(windows · fraction)` windows as a held-out set. The two sets
+    /// share one byte at the seam, an input of the held-out side: no target byte is on both.
+    ///
+    /// # Errors
+    /// [`ballast::eval::SplitError`] for a bad fraction or a side left empty.
+    pub fn split_tail(&self, fraction: f64) -> Result<(Self, Self), ballast::eval::SplitError> {
+        let split = ballast::eval::held_out_tail(self.len(), fraction)?;
+        let cut = split.train.len() * self.seq_len;
+        let train = Self {
+            bytes: self.bytes[..=cut].to_vec(),
+            seq_len: self.seq_len,
+        };
+        let eval = Self {
+            bytes: self.bytes[cut..].to_vec(),
+            seq_len: self.seq_len,
+        };
+        Ok((train, eval))
+    }
+
+    /// The bytes predicted by this set's windows (every target, once).
+    pub fn targets(&self) -> &[u8] {
+        &self.bytes[1..=self.len() * self.seq_len]
+    }
+
+    /// Mean loss (nats per byte) on `eval`'s targets of a unigram byte model fitted to this set's
+    /// targets, with add-one smoothing: the reference a language model has to beat.
+    pub fn unigram_loss(&self, eval: &Self) -> f64 {
+        let mut counts = [1u64; VOCAB];
+        for &b in self.targets() {
+            counts[usize::from(b)] += 1;
+        }
+        let total: u64 = counts.iter().sum();
+        let targets = eval.targets();
+        let nats: f64 = targets
+            .iter()
+            .map(|&b| -(counts[usize::from(b)] as f64 / total as f64).ln())
+            .sum();
+        nats / targets.len().max(1) as f64
+    }
+
     /// Inputs `[n, seq_len]` and next-byte targets `[n * seq_len]` of `indices`.
     pub fn batch(&self, indices: &[usize], device: &Device) -> (Tensor<2, Int>, Tensor<1, Int>) {
         let l = self.seq_len;

@@ -65,10 +65,62 @@ fn main_command_trains_resnet_on_simulated_devices_within_three_minutes() {
     println!("main command: {secs:.1}s, loss {first:.4} -> {last:.4}");
     assert!(last < 0.5 * first, "loss must go down clearly: {first} -> {last}");
     assert!(secs < 180.0, "took {secs:.1}s");
+    let accuracy = held_out_number(&stdout, "accuracy ");
+    println!("main command: held-out accuracy {accuracy:.4}");
+    assert!(
+        accuracy >= 0.9,
+        "held-out accuracy {accuracy} on the generated set\n{stdout}"
+    );
     // The report of this run too (threads: memory is the plan's per-rank prediction).
     let svg = d.path().join("run.svg");
     ballast::report::svg(&d.path().join("runs/resnet/metrics.jsonl"), None, &svg).unwrap();
     assert_eq!(svg_series(&std::fs::read_to_string(&svg).unwrap(), 200), vec![3, 3]);
+}
+
+/// The number after `label` on rank 0's final held-out line.
+fn held_out_number(stdout: &str, label: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("held-out evaluation at step"))
+        .unwrap_or_else(|| panic!("no held-out line\n{stdout}"));
+    number_after(line, label)
+}
+
+fn number_after(line: &str, label: &str) -> f64 {
+    let at = line.find(label).unwrap_or_else(|| panic!("no {label:?} in {line:?}")) + label.len();
+    line[at..]
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+#[test]
+fn transformer_main_run_beats_a_unigram_model_and_writes_text() {
+    let _alone = one_job();
+    let d = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_transformer"))
+        .args(["--sample", "200"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let perplexity = held_out_number(&stdout, "perplexity ");
+    let reference = stdout
+        .lines()
+        .find(|l| l.starts_with("reference on the same held-out set: unigram byte model"))
+        .unwrap_or_else(|| panic!("no unigram reference\n{stdout}"));
+    let unigram = number_after(reference, "perplexity ");
+    println!("transformer: held-out perplexity {perplexity:.3}, unigram byte model {unigram:.3}");
+    assert!(perplexity < unigram, "{perplexity} vs unigram {unigram}\n{stdout}");
+    let generated = stdout
+        .split_once("generated (temperature 0.7, 200 bytes after \"the \"):\n")
+        .unwrap_or_else(|| panic!("no generated text\n{stdout}"))
+        .1;
+    assert!(generated.len() >= 200, "{generated:?}");
+    println!("generated: {:?}", generated.chars().take(240).collect::<String>());
 }
 
 /// Lines of at least `points` points in each chart of a report SVG, counted by colour: parses
@@ -157,11 +209,34 @@ mod under_mpirun {
             ],
         );
         assert!(out.status.success(), "{}", text(&out));
-        let recs: Vec<Rec> = std::fs::read_to_string(d.path().join("m.jsonl"))
-            .unwrap()
+        let lines = std::fs::read_to_string(d.path().join("m.jsonl")).unwrap();
+        let recs: Vec<Rec> = lines
             .lines()
+            .filter(|l| l.contains(r#""kind":"train""#))
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
+        // Held-out evaluations at steps 50, 100, 150 and 200, every rank the same totals.
+        let evals: Vec<serde_json::Value> = lines
+            .lines()
+            .filter(|l| l.contains(r#""kind":"eval""#))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(evals.len(), 12, "4 evaluations x 3 ranks");
+        for step in [50, 100, 150, 200] {
+            let at: Vec<&serde_json::Value> = evals.iter().filter(|e| e["step"] == step).collect();
+            assert_eq!(at.len(), 3, "step {step}");
+            let sum: u64 = at.iter().map(|e| e["eval_samples"].as_u64().unwrap()).sum();
+            assert_eq!(sum, at[0]["samples"].as_u64().unwrap());
+            assert!(at
+                .iter()
+                .all(|e| e["loss_sum_fixed"] == at[0]["loss_sum_fixed"] && e["correct"] == at[0]["correct"]));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let held = stdout
+            .lines()
+            .find(|l| l.starts_with("held-out evaluation at step 200"))
+            .unwrap_or_else(|| panic!("{stdout}"));
+        println!("{bin}: {held}");
         assert_eq!(recs.len(), 600, "200 steps x 3 ranks");
         assert!(recs.iter().all(|r| r.run == recs[0].run));
         let mut unequal_steps = 0;

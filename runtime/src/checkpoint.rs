@@ -339,6 +339,37 @@ impl Checkpointer {
     }
 }
 
+/// Writes `model`'s weights alone (no optimizer state) to `path` in the checkpoint format,
+/// atomically: under a temporary name in the same directory, fsynced, renamed. [`load`] reads
+/// it back (`--load`, `--eval-only`), and so does Python's `safetensors`.
+///
+/// # Errors
+/// IO errors, with the path.
+pub fn save_model<M: Module>(path: &Path, model: &M, state: &TrainState) -> Result<()> {
+    let bytes = encode(model, None, state).map_err(|reason| CheckpointError::Malformed {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|source| CheckpointError::Io {
+        action: "creating the directory of",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let name = path.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy());
+    let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
+    write_synced(&tmp, &bytes)?;
+    std::fs::rename(&tmp, path).map_err(|source| CheckpointError::Io {
+        action: "renaming model weights into place",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    sync_dir(&dir)
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |action, source| CheckpointError::Io {
         action,

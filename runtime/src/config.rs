@@ -99,6 +99,28 @@ pub struct TrainArgs {
     /// that fits its memory) or `largest` (fills the memory budget) [default: fastest].
     #[arg(long, value_name = "fastest|largest")]
     pub micro_batch: Option<String>,
+    /// Held-out data to evaluate on (the job's --help says which format: CIFAR-10
+    /// `test_batch.bin`, or a text file); never trained on.
+    #[arg(long, value_name = "PATH", conflicts_with = "eval_fraction")]
+    pub eval_data: Option<PathBuf>,
+    /// Hold out this fraction of the training data (a fixed, seeded choice) and evaluate on it
+    /// [default: 0.1 of generated data; none for --data without --eval-data].
+    #[arg(long, value_name = "F")]
+    pub eval_fraction: Option<f64>,
+    /// Evaluate on the held-out set every this many steps, and always after the last; 0 for the
+    /// end only [default: 50].
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<u64>,
+    /// After training, write the model's weights (safetensors, no optimizer state) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub save_model: Option<PathBuf>,
+    /// Start from the weights in this file (a --save-model file or a checkpoint).
+    #[arg(long, value_name = "FILE")]
+    pub load: Option<PathBuf>,
+    /// Do not train: evaluate the --load model on the held-out set and exit.
+    #[arg(long, requires = "load")]
+    #[serde(default)]
+    pub eval_only: bool,
     /// Abort the process when this step is about to start (fault-injection tests).
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -185,6 +207,18 @@ pub struct Settings {
     pub equal_start: bool,
     /// How each device's micro-batch is chosen within its memory.
     pub micro_batch_policy: ballast_balancer::MicroBatchPolicy,
+    /// Held-out data file or directory.
+    pub eval_data: Option<PathBuf>,
+    /// Fraction of the training data to hold out (validated: strictly between 0 and 1).
+    pub eval_fraction: Option<f64>,
+    /// Evaluate every this many steps (0: at the end only).
+    pub eval_every: u64,
+    /// Where to write the final weights.
+    pub save_model: Option<PathBuf>,
+    /// Weights to start from.
+    pub load: Option<PathBuf>,
+    /// Evaluate the loaded model only.
+    pub eval_only: bool,
     /// Abort when this step is about to start (tests).
     pub crash_at_step: Option<u64>,
 }
@@ -353,6 +387,33 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
     if resume && checkpoint_dir.is_none() {
         bail!("--resume needs --checkpoint-dir: the directory to resume from");
     }
+    let eval_fraction = pick!(eval_fraction);
+    if let Some(f) = eval_fraction {
+        if !(f.is_finite() && f > 0.0 && f < 1.0) {
+            bail!("--eval-fraction is {f}; give a number between 0 and 1, such as 0.1");
+        }
+    }
+    let eval_data = pick!(eval_data);
+    if eval_data.is_some() && eval_fraction.is_some() {
+        bail!("give either --eval-data or --eval-fraction, not both");
+    }
+    let eval_only = cli.eval_only || file.eval_only;
+    let load = pick!(load);
+    if eval_only && load.is_none() {
+        bail!("--eval-only needs --load FILE: the model to evaluate");
+    }
+    if eval_only && resume {
+        bail!("--eval-only does not train; drop --resume");
+    }
+    let save_model = pick!(save_model);
+    if let (Some(save), Some(data)) = (&save_model, &pick!(data)) {
+        if save == data {
+            bail!(
+                "--save-model {} is the training data; choose another path",
+                save.display()
+            );
+        }
+    }
     Ok(Settings {
         job: defaults.job.to_string(),
         ranks,
@@ -386,6 +447,12 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
             Some("largest") => ballast_balancer::MicroBatchPolicy::Largest,
             Some(other) => bail!("--micro-batch is {other:?}; use `fastest` or `largest`"),
         },
+        eval_data,
+        eval_fraction,
+        eval_every: pick!(eval_every).unwrap_or(50),
+        save_model,
+        load,
+        eval_only,
         crash_at_step: cli.crash_at_step,
     })
 }

@@ -22,6 +22,7 @@ use ballast_collectives::{local, CommOptions, Communicator, CommunicatorExt};
 use crate::{
     balance::{plan_table, BalanceOptions, Balancer},
     checkpoint::{self, Checkpointer, TrainState},
+    eval::{EvalBatch, EvalKind, EvalTotals},
     memory::DeviceMeter,
     metrics::MetricsWriter,
     DataParallel, DdpOptions, GlobalSampler,
@@ -51,6 +52,34 @@ pub trait Task: Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Held-out samples, addressed as `0..eval_len()` by [`Task::evaluate`]; 0 (the default)
+    /// when the task has none, and the job then does not evaluate.
+    fn eval_len(&self) -> usize {
+        0
+    }
+    /// Forward only: one loss per held-out sample of `indices` (summed over the sample's units),
+    /// with the units predicted correctly and the units counted. A task with
+    /// [`Task::eval_len`] > 0 implements it; the default returns nothing, which the job reports
+    /// as an error.
+    fn evaluate(&self, model: &Self::Model, indices: &[usize], device: &Device) -> EvalBatch {
+        let _ = (model, indices, device);
+        EvalBatch::default()
+    }
+    /// What [`Task::evaluate`] measures, for the printed lines.
+    fn eval_kind(&self) -> EvalKind {
+        EvalKind::Loss
+    }
+    /// A simple reference for the held-out numbers: its name and its mean loss per unit on the
+    /// held-out set (e.g. a unigram byte model for a language model).
+    fn eval_baseline(&self) -> Option<(String, f64)> {
+        None
+    }
+    /// Text rank 0 prints after the run from the final model (the language model prints text
+    /// it generates); called on rank 0 only.
+    fn final_note(&self, model: &Self::Model, device: &Device) -> Option<String> {
+        let _ = (model, device);
+        None
+    }
 }
 
 /// What a run did, as rank 0 saw it.
@@ -72,6 +101,17 @@ pub struct Summary {
     pub checksum: u64,
     /// Newest checkpoint written, if any.
     pub last_checkpoint: Option<PathBuf>,
+    /// Every held-out evaluation of this invocation, as (step, totals); the last is the final
+    /// model's.
+    pub evals: Vec<(u64, EvalTotals)>,
+    /// What the evaluations measure.
+    pub eval_kind: EvalKind,
+    /// The task's reference for the held-out numbers (name, mean loss per unit).
+    pub eval_baseline: Option<(String, f64)>,
+    /// Where the final weights were written (`--save-model`).
+    pub saved_model: Option<PathBuf>,
+    /// Rank 0's [`Task::final_note`].
+    pub note: Option<String>,
 }
 
 /// This process's place in the job: launched (one rank) or not (ranks as threads).
@@ -165,7 +205,23 @@ fn rank_main<T: Task>(
             comm.barrier()?;
         }
     }
-    let model = built.context("model not built")?;
+    let mut model = built.context("model not built")?;
+    let mut loaded_step = 0;
+    if let Some(path) = &s.load {
+        // Every rank reads the same file; wrap below checks that the replicas agree.
+        let loaded = checkpoint::load(path, &model)
+            .with_context(|| format!("--load {}: not weights of this model", path.display()))?;
+        if loaded.state.job != s.job {
+            anyhow::bail!(
+                "--load {} holds a `{}` model, not `{}`; load a file this job wrote",
+                path.display(),
+                loaded.state.job,
+                s.job
+            );
+        }
+        model = loaded.apply(model);
+        loaded_step = loaded.state.step;
+    }
     let (mut ddp, mut model) = DataParallel::wrap(comm, model, DdpOptions::default())?;
     let mut loss_fn = |m: &T::Model, idx: &[usize]| task.loss(m, idx, &device);
 
@@ -184,6 +240,10 @@ fn rank_main<T: Task>(
         job: s.job.clone(),
         plan: None,
     };
+    if s.eval_only {
+        // Evaluated as of the step the weights were saved at.
+        state.step = loaded_step;
+    }
     let mut resumed_optimizer = None;
     let mut resumed_plan = None;
     if s.resume {
@@ -282,13 +342,66 @@ fn rank_main<T: Task>(
         ddp.comm().broadcast_value(0, &id)?
     };
     let mut metrics = MetricsWriter::append(&s.metrics)?;
-    let progress = (rank == 0).then(|| Progress::new(steps.saturating_sub(state.step), s.log_every));
+    let train_steps = if s.eval_only { state.step } else { steps };
+    let progress = (rank == 0).then(|| Progress::new(train_steps.saturating_sub(state.step), s.log_every));
     let started = Instant::now();
     let first_step = state.step;
     let mut losses = Vec::new();
     let mut samples = 0usize;
     let mut last_checkpoint = None;
-    while state.step < steps {
+    let mut evals = Vec::new();
+    // Every rank evaluates its slice of the held-out set by the current plan's shares.
+    let mut held_out = |ddp: &mut DataParallel,
+                        model: &T::Model,
+                        plan: &ballast_balancer::Plan,
+                        step: u64,
+                        metrics: &mut MetricsWriter|
+     -> Result<()> {
+        if task.eval_len() == 0 {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let shares: Vec<usize> = plan.ranks.iter().map(|r| r.share).collect();
+        let micro = plan.ranks[rank].micro_batch.max(1);
+        let (totals, mine) = crate::eval::evaluate(ddp.comm(), task.eval_len(), &shares, micro, |idx| {
+            task.evaluate(model, idx, &device)
+        })
+        .with_context(|| format!("evaluating the held-out set after step {step}"))?;
+        let eval_s = t0.elapsed().as_secs_f64();
+        metrics.record(&json!({
+            "run": run_id,
+            "job": s.job,
+            "kind": "eval",
+            "rank": rank,
+            "world_size": world,
+            "step": step,
+            "eval_samples": mine,
+            "micro_batch": micro,
+            "samples": totals.samples,
+            "units": totals.units,
+            "correct": totals.correct,
+            "loss_sum": totals.loss_sum(),
+            // The exact integer sum (2^-32 nats), as text: JSON numbers lose its low bits.
+            "loss_sum_fixed": totals.loss_sum_fixed.to_string(),
+            "loss": totals.mean_loss(),
+            "accuracy": totals.accuracy(),
+            "perplexity": totals.perplexity(),
+            "eval_s": eval_s,
+            "eval_kind": task.eval_kind(),
+        }))?;
+        if let Some(p) = &progress {
+            p.note(&format!(
+                "held-out after step {step}: {} ({eval_s:.1}s)",
+                totals.describe(task.eval_kind())
+            ));
+        }
+        evals.push((step, totals));
+        Ok(())
+    };
+    if s.eval_only {
+        held_out(&mut ddp, &model, balancer.plan(), state.step, &mut metrics)?;
+    }
+    while state.step < train_steps {
         let step = state.step;
         if s.crash_at_step == Some(step) {
             eprintln!("ballast: rank {rank}: aborting before step {step} as asked (--crash-at-step)");
@@ -314,6 +427,7 @@ fn rank_main<T: Task>(
         metrics.record(&json!({
             "run": run_id,
             "job": s.job,
+            "kind": "train",
             "rank": rank,
             "world_size": world,
             "step": step,
@@ -354,8 +468,22 @@ fn rank_main<T: Task>(
                 last_checkpoint = written;
             }
         }
+        if state.step == steps || (s.eval_every > 0 && state.step % s.eval_every == 0) {
+            held_out(&mut ddp, &model, balancer.plan(), state.step, &mut metrics)?;
+        }
     }
     ddp.verify_replicas(&model)?;
+    let saved_model = match &s.save_model {
+        Some(path) => {
+            if rank == 0 {
+                checkpoint::save_model(path, &model, &state)?;
+            }
+            // Nobody reports success before the file is in place.
+            ddp.comm().barrier()?;
+            Some(path.clone())
+        }
+        None => None,
+    };
     let seconds = started.elapsed().as_secs_f64();
     if let Some(p) = progress {
         p.finish();
@@ -369,6 +497,15 @@ fn rank_main<T: Task>(
         samples_per_sec: samples as f64 / seconds.max(1e-9),
         checksum: crate::ddp::checksum(&model),
         last_checkpoint,
+        evals,
+        eval_kind: task.eval_kind(),
+        eval_baseline: task.eval_baseline(),
+        saved_model,
+        note: if rank == 0 {
+            task.final_note(&model, &device)
+        } else {
+            None
+        },
     })
 }
 
@@ -430,6 +567,14 @@ impl Progress {
         }
     }
 
+    /// A line above the bar (or on its own without one).
+    fn note(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => println!("{line}"),
+        }
+    }
+
     fn finish(self) {
         if let Some(bar) = self.bar {
             bar.finish();
@@ -442,7 +587,10 @@ pub fn print_summary(summary: &Summary) {
     let k = (summary.losses.len() / 10).clamp(1, 10);
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
     if summary.losses.is_empty() {
-        println!("nothing to train: already at the last step");
+        if summary.evals.is_empty() {
+            println!("nothing to train: already at the last step");
+        }
+        print_eval_summary(summary);
         return;
     }
     let head = mean(&summary.losses[..k]);
@@ -458,5 +606,30 @@ pub fn print_summary(summary: &Summary) {
     );
     if let Some(cp) = &summary.last_checkpoint {
         println!("checkpoint: {}", cp.display());
+    }
+    print_eval_summary(summary);
+}
+
+/// The final held-out line (and the task's reference), and where the model went.
+fn print_eval_summary(summary: &Summary) {
+    if let Some((step, totals)) = summary.evals.last() {
+        println!(
+            "held-out evaluation at step {step} on {} ranks: {}",
+            summary.world_size,
+            totals.describe(summary.eval_kind)
+        );
+        if let Some((name, loss)) = &summary.eval_baseline {
+            let extra = match summary.eval_kind {
+                EvalKind::LanguageModel => format!(", perplexity {:.3}", loss.exp()),
+                _ => String::new(),
+            };
+            println!("reference on the same held-out set: {name}: loss {loss:.4}{extra}");
+        }
+    }
+    if let Some(path) = &summary.saved_model {
+        println!("model weights: {}", path.display());
+    }
+    if let Some(note) = &summary.note {
+        println!("{note}");
     }
 }

@@ -9,6 +9,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Result;
 use ballast::{
     config::{Defaults, TrainArgs},
+    eval::{EvalBatch, EvalKind},
     job::Task,
 };
 use ballast_examples::{
@@ -16,8 +17,9 @@ use ballast_examples::{
     models::{ResNet, ResNetShape},
 };
 use burn::{
+    module::Module,
     nn::loss::CrossEntropyLossConfig,
-    tensor::{Device, Tensor},
+    tensor::{activation::log_softmax, Device, Tensor},
 };
 use serde::Deserialize;
 
@@ -66,7 +68,9 @@ const DEFAULTS: Defaults = Defaults {
 
 struct Resnet {
     data: Cifar10,
+    eval: Option<Cifar10>,
     shape: ResNetShape,
+    held_out: String,
 }
 
 impl Task for Resnet {
@@ -85,9 +89,49 @@ impl Task for Resnet {
         CrossEntropyLossConfig::new().init(device).forward(model.forward(x), y)
     }
 
+    fn eval_len(&self) -> usize {
+        self.eval.as_ref().map_or(0, Cifar10::len)
+    }
+
+    fn evaluate(&self, model: &ResNet, indices: &[usize], device: &Device) -> EvalBatch {
+        let Some(eval) = &self.eval else {
+            return EvalBatch::default();
+        };
+        let (x, y) = eval.batch(indices, device);
+        let n = indices.len();
+        let logits = model.valid().forward(x.without_autodiff());
+        let y = y.without_autodiff();
+        let losses = log_softmax(logits.clone(), 1)
+            .gather(1, y.clone().reshape([n, 1]))
+            .reshape([n])
+            .neg();
+        let predicted: Vec<i64> = logits.argmax(1).reshape([n]).into_data().iter::<i64>().collect();
+        let labels: Vec<i64> = y.into_data().iter::<i64>().collect();
+        EvalBatch {
+            losses: losses.into_data().iter::<f32>().collect(),
+            correct: predicted.iter().zip(&labels).filter(|(p, l)| p == l).count() as u64,
+            units: n as u64,
+        }
+    }
+
+    fn eval_kind(&self) -> EvalKind {
+        EvalKind::Classifier
+    }
+
+    fn eval_baseline(&self) -> Option<(String, f64)> {
+        Some((
+            format!(
+                "chance (uniform over {} classes, accuracy {:.4})",
+                self.shape.classes,
+                1.0 / self.shape.classes as f64
+            ),
+            (self.shape.classes as f64).ln(),
+        ))
+    }
+
     fn describe(&self) -> String {
         format!(
-            "ResNet: width {}, {} stages x {} blocks, {} classes; data: {} images from {}",
+            "ResNet: width {}, {} stages x {} blocks, {} classes; data: {} images from {}; held out: {}",
             self.shape.width,
             self.shape.stages,
             self.shape.blocks,
@@ -98,7 +142,8 @@ impl Task for Resnet {
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            self.held_out
         )
     }
 }
@@ -118,16 +163,47 @@ fn run(cli: &Cli) -> Result<()> {
         "--stages must be 1 to 5 (32x32 images halve per stage)"
     );
     anyhow::ensure!(shape.blocks >= 1, "--blocks must be at least 1");
+    // The held-out file is read first: a bad one stops the job before anything is written.
+    let eval_file = match &settings.eval_data {
+        Some(p) => Some(Cifar10::load_eval(p)?),
+        None => None,
+    };
     let data_path: PathBuf = match &settings.data {
         Some(p) => p.clone(),
         None => {
             let images = pick(cli.model.synthetic_images, file_model.synthetic_images, 2000);
             anyhow::ensure!(images >= 1, "--synthetic-images must be at least 1");
+            if let Some(fraction) = ballast_examples::eval_fraction(&settings) {
+                // Refused before the set is written.
+                ballast::eval::held_out(images, fraction, settings.seed)?;
+            }
             cifar::write_synthetic(&settings.work_dir.join("synthetic-cifar10"), images, settings.seed)?
         }
     };
-    let data = Cifar10::load(&data_path)?;
-    ballast_examples::train(&Resnet { data, shape }, &settings, &launch)
+    let all = Cifar10::load(&data_path)?;
+    let (data, eval, held_out) = match (eval_file, ballast_examples::eval_fraction(&settings)) {
+        (Some(eval), _) => {
+            let what = format!("{} images from {}", eval.len(), eval.files()[0].display());
+            (all, Some(eval), what)
+        }
+        (None, Some(fraction)) => {
+            let split = ballast::eval::held_out(all.len(), fraction, settings.seed)?;
+            let what = format!("{} images ({fraction} of the data, seeded)", split.eval.len());
+            (all.subset(&split.train), Some(all.subset(&split.eval)), what)
+        }
+        (None, None) => (
+            all,
+            None,
+            "none (--eval-data or --eval-fraction to evaluate)".to_string(),
+        ),
+    };
+    let task = Resnet {
+        data,
+        eval,
+        shape,
+        held_out,
+    };
+    ballast_examples::train(&task, &settings, &launch)
 }
 
 fn main() -> ExitCode {

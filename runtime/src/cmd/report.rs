@@ -1,5 +1,5 @@
 //! `ballast report METRICS`: per-rank summary of a run's metrics file, and with `--svg` a
-//! drawing of per-rank throughput and memory over the steps (see `ballast::report`).
+//! drawing of per-rank throughput and memory (and the held-out metric) over the steps (see `ballast::report`).
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -22,11 +22,11 @@ pub struct Args {
 /// Runs the command.
 pub fn run(args: &Args) -> Result<ExitCode> {
     let all = report::read(&args.metrics)?;
-    let (run, by_rank) = report::select(&all, args.run.as_deref())?;
-    println!("run {run}: {} ranks", by_rank.len());
-    print!("{}", report::table(&by_rank));
+    let run = report::select(&all, args.run.as_deref())?;
+    println!("run {}: {} ranks", run.id, run.by_rank.len());
+    print!("{}", report::table(&run));
     if let Some(svg) = &args.svg {
-        report::svg(&args.metrics, Some(&run), svg)?;
+        report::svg(&args.metrics, Some(&run.id), svg)?;
         println!("wrote {}", svg.display());
     }
     Ok(ExitCode::SUCCESS)
