@@ -144,6 +144,8 @@ fn evaluation_on_three_unequal_ranks_equals_one_rank() {
     let three = evals(&d.path().join("three.jsonl"));
     assert_eq!(three.len(), 6, "steps 4 and 8, on every rank: {three:?}");
     let last: Vec<&Eval> = three.iter().filter(|e| e.step == 8).collect();
+    let ranks: std::collections::BTreeSet<usize> = last.iter().map(|e| e.rank).collect();
+    assert_eq!(ranks.len(), 3, "one record per rank: {last:?}");
     assert!(last.iter().all(|e| totals(e) == totals(last[0])), "{last:?}");
     assert_eq!(last.iter().map(|e| e.eval_samples as u64).sum::<u64>(), 40);
     assert_eq!(last[0].samples, 40, "a tenth of 400 images is held out");

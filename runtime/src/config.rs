@@ -103,8 +103,9 @@ pub struct TrainArgs {
     /// `test_batch.bin`, or a text file); never trained on.
     #[arg(long, value_name = "PATH", conflicts_with = "eval_fraction")]
     pub eval_data: Option<PathBuf>,
-    /// Hold out this fraction of the training data (a fixed, seeded choice) and evaluate on it
-    /// [default: 0.1 of generated data; none for --data without --eval-data].
+    /// Hold out this fraction of the training data (a fixed, seeded choice; of generated data,
+    /// this fraction more is generated and held out) and evaluate on it [default: 0.1 with
+    /// generated data; none for --data without --eval-data].
     #[arg(long, value_name = "F")]
     pub eval_fraction: Option<f64>,
     /// Evaluate on the held-out set every this many steps, and always after the last; 0 for the

@@ -168,6 +168,10 @@ fn run(cli: &Cli) -> Result<()> {
         Some(p) => Some(Cifar10::load_eval(p)?),
         None => None,
     };
+    // Generated data: the held-out images are generated beside the training images (same
+    // distribution) as the file's last ones, so the training set is that of a run without
+    // evaluation. Given data: a seeded choice is held out.
+    let mut generated_held = 0;
     let data_path: PathBuf = match &settings.data {
         Some(p) => p.clone(),
         None => {
@@ -175,9 +179,13 @@ fn run(cli: &Cli) -> Result<()> {
             anyhow::ensure!(images >= 1, "--synthetic-images must be at least 1");
             if let Some(fraction) = ballast_examples::eval_fraction(&settings) {
                 // Refused before the set is written.
-                ballast::eval::held_out(images, fraction, settings.seed)?;
+                generated_held = ballast::eval::held_out_tail(images, fraction)?.eval.len();
             }
-            cifar::write_synthetic(&settings.work_dir.join("synthetic-cifar10"), images, settings.seed)?
+            cifar::write_synthetic(
+                &settings.work_dir.join("synthetic-cifar10"),
+                images + generated_held,
+                settings.seed,
+            )?
         }
     };
     let all = Cifar10::load(&data_path)?;
@@ -185,6 +193,13 @@ fn run(cli: &Cli) -> Result<()> {
         (Some(eval), _) => {
             let what = format!("{} images from {}", eval.len(), eval.files()[0].display());
             (all, Some(eval), what)
+        }
+        (None, Some(_)) if generated_held > 0 => {
+            let cut = all.len() - generated_held;
+            let train: Vec<usize> = (0..cut).collect();
+            let eval: Vec<usize> = (cut..all.len()).collect();
+            let what = format!("{generated_held} more generated images");
+            (all.subset(&train), Some(all.subset(&eval)), what)
         }
         (None, Some(fraction)) => {
             let split = ballast::eval::held_out(all.len(), fraction, settings.seed)?;
