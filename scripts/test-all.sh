@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 # mpirun refuses to run as root unless told it may; the tests oversubscribe cores themselves.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
-cargo test --release --workspace --features ballast/mpi,ballast-examples/mpi,ballast-collectives/nccl "$@"
+# Every test binary runs even when one fails, so one run shows every failure.
+cargo test --release --workspace --no-fail-fast --features ballast/mpi,ballast-examples/mpi,ballast-collectives/nccl "$@"

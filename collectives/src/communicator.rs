@@ -94,6 +94,9 @@ pub trait Communicator: Send {
     fn backend(&self) -> &'static str;
     /// The timeout each blocking call honours.
     fn timeout(&self) -> Duration;
+    /// Collectives this rank has entered so far (the sequence number of its next handshake):
+    /// the difference over a step counts the collectives the step really ran.
+    fn collectives_started(&self) -> u64;
 
     /// Returns once every rank has called `barrier`.
     ///

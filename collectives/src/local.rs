@@ -270,6 +270,10 @@ impl Communicator for LocalCommunicator {
         self.options.timeout
     }
 
+    fn collectives_started(&self) -> u64 {
+        self.seq
+    }
+
     fn barrier(&mut self) -> Result<()> {
         self.exchange(OpKind::Barrier, 0, 0, Payload::Empty).map(drop)
     }

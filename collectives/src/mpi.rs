@@ -366,6 +366,10 @@ impl Communicator for MpiCommunicator {
         self.options.timeout
     }
 
+    fn collectives_started(&self) -> u64 {
+        self.seq
+    }
+
     fn barrier(&mut self) -> Result<()> {
         // Every rank has announced itself once the handshake completes: that is a barrier.
         self.handshake(OpKind::Barrier, 0, 0).map(drop)

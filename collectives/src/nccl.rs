@@ -280,6 +280,11 @@ impl Communicator for NcclCommunicator {
         self.control.timeout()
     }
 
+    fn collectives_started(&self) -> u64 {
+        // Every NCCL transfer starts with a handshake on the control plane.
+        self.control.collectives_started()
+    }
+
     fn barrier(&mut self) -> Result<()> {
         self.control.barrier()
     }

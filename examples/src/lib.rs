@@ -21,6 +21,35 @@ use ballast::{
 use clap::{CommandFactory, FromArgMatches};
 use serde::de::DeserializeOwned;
 
+/// Scores next-unit logits `[n · units_per_sample, classes]` against their targets
+/// `[n · units_per_sample]`: per sample, the sum of its units' cross-entropy losses; the units
+/// whose most likely class is the target; the units counted.
+pub fn score(
+    logits: burn::tensor::Tensor<2>,
+    targets: burn::tensor::Tensor<1, burn::tensor::Int>,
+    units_per_sample: usize,
+) -> ballast::eval::EvalBatch {
+    let [rows, _] = logits.dims();
+    let per = units_per_sample.max(1);
+    let losses = burn::tensor::activation::log_softmax(logits.clone(), 1)
+        .gather(1, targets.clone().reshape([rows, 1]))
+        .reshape([rows / per, per])
+        .sum_dim(1)
+        .reshape([rows / per])
+        .neg();
+    let predicted = logits.argmax(1).reshape([rows]).into_data();
+    let targets = targets.into_data();
+    ballast::eval::EvalBatch {
+        losses: losses.into_data().iter::<f32>().collect(),
+        correct: predicted
+            .iter::<i64>()
+            .zip(targets.iter::<i64>())
+            .filter(|(p, t)| p == t)
+            .count() as u64,
+        units: rows as u64,
+    }
+}
+
 /// A tiny deterministic generator for synthetic data (the same bytes on every machine).
 #[derive(Debug, Clone)]
 pub struct Lcg(u64);

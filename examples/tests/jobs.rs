@@ -253,6 +253,7 @@ mod under_mpirun {
                 assert!(r.peak_bytes.unwrap() <= r.budget_bytes.unwrap(), "{r:?}");
             }
             let mut micro: Vec<usize> = at.iter().map(|r| r.micro_batch).collect();
+            micro.sort_unstable();
             micro.dedup();
             unequal_steps += usize::from(micro.len() > 1);
         }

@@ -66,6 +66,16 @@ pub enum BalanceError {
         /// Its budget.
         budget: u64,
     },
+    /// A memory budget was given but this process cannot measure its heap.
+    #[error(
+        "rank {rank}: a memory budget is set but this binary does not count its heap, so every probe would \
+         read 0 bytes; install the counting allocator (`#[global_allocator] static ALLOC: \
+         ballast::memory::CountingAlloc = ballast::memory::CountingAlloc;`) or drop the budget"
+    )]
+    NotCounting {
+        /// The rank.
+        rank: usize,
+    },
 }
 
 /// How the first plan is chosen.
@@ -195,6 +205,9 @@ impl Balancer {
         M: Module,
         F: FnMut(&M, &[usize]) -> Tensor<1>,
     {
+        if options.budget_bytes != u64::MAX && meter.gpu().is_none() && !memory::is_counting() {
+            return Err(BalanceError::NotCounting { rank: ddp.rank() });
+        }
         let params = model.num_params() as u64;
         let points = if options.shared_heap {
             // One rank at a time; the others wait at the barrier with constant memory.

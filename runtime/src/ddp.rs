@@ -164,7 +164,7 @@ pub struct StepStats {
     pub compute: Duration,
     /// Time in the all-reduce (includes waiting for slower ranks).
     pub all_reduce: Duration,
-    /// Collective calls made for this step (one per bucket).
+    /// Collectives this step ran, as the communicator counted them (one per bucket).
     pub collectives: usize,
     /// Every rank's compute seconds, indexed by rank.
     pub rank_compute: Vec<f64>,
@@ -499,9 +499,10 @@ impl DataParallel {
             t[2 + PER_RANK * rank + 3] = self.ready_clock as f32;
         }
         let started = Instant::now();
+        let before = self.comm.collectives_started();
         self.fused.all_reduce_sum(self.comm.as_mut())?;
         let all_reduce = started.elapsed();
-        let collectives = self.fused.layout().num_buckets();
+        let collectives = (self.comm.collectives_started() - before) as usize;
         let t = self.fused.tensor(tail);
         let [count, loss_sum] = [t[0], t[1]];
         let rank_compute: Vec<f64> = (0..world).map(|r| f64::from(t[2 + PER_RANK * r])).collect();

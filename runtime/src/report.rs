@@ -84,6 +84,8 @@ pub struct Metrics {
     pub train: Vec<Record>,
     /// Evaluation records.
     pub eval: Vec<EvalRecord>,
+    /// The run of the file's last record.
+    pub newest: String,
 }
 
 /// One run's records by rank.
@@ -125,9 +127,13 @@ pub fn read(path: &Path) -> Result<Metrics> {
         };
         let value: serde_json::Value = serde_json::from_str(line).map_err(bad)?;
         if value.get("kind").and_then(|k| k.as_str()) == Some("eval") {
-            out.eval.push(serde_json::from_value(value).map_err(bad)?);
+            let rec: EvalRecord = serde_json::from_value(value).map_err(bad)?;
+            out.newest.clone_from(&rec.run);
+            out.eval.push(rec);
         } else {
-            out.train.push(serde_json::from_value(value).map_err(bad)?);
+            let rec: Record = serde_json::from_value(value).map_err(bad)?;
+            out.newest.clone_from(&rec.run);
+            out.train.push(rec);
         }
     }
     if out.train.is_empty() && out.eval.is_empty() {
@@ -141,14 +147,7 @@ pub fn read(path: &Path) -> Result<Metrics> {
 /// # Errors
 /// When the run is not in the records.
 pub fn select(all: &Metrics, run: Option<&str>) -> Result<Run> {
-    let newest = || {
-        all.train
-            .last()
-            .map(|r| r.run.clone())
-            .or_else(|| all.eval.last().map(|r| r.run.clone()))
-            .unwrap_or_default()
-    };
-    let id = run.map_or_else(newest, str::to_string);
+    let id = run.unwrap_or(&all.newest).to_string();
     let mut by_rank = ByRank::new();
     for r in all.train.iter().filter(|r| r.run == id) {
         by_rank.entry(r.rank).or_default().push(r.clone());

@@ -149,3 +149,32 @@ fn offload_swap_warning_recorded_in_metrics() {
     assert_eq!(line["pages_out"], 80);
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// A budget in a process that cannot count its heap is refused: every probe would read 0 bytes
+/// and the plan would treat memory as free. (This test binary has no counting allocator.)
+#[test]
+fn a_budget_without_the_counting_allocator_is_an_error() {
+    assert!(!ballast::memory::is_counting());
+    let device = Device::flex().autodiff();
+    let data = SyntheticSet::new(16, 1);
+    let comm = local::world(1, CommOptions::default()).pop().unwrap();
+    let (mut ddp, model) = DataParallel::wrap(Box::new(comm), Mlp::init(&device), DdpOptions::default()).unwrap();
+    let mut loss_fn = |m: &Mlp, idx: &[usize]| {
+        let (x, y) = data.batch(idx, &device);
+        MseLoss::new().forward(m.forward(x), y, Reduction::Mean)
+    };
+    let options = BalanceOptions {
+        budget_bytes: 8 << 20,
+        ..BalanceOptions::default()
+    };
+    let pool: Vec<usize> = (0..8).collect();
+    let err = Balancer::probe(&mut ddp, &model, &mut loss_fn, &pool, 8, DeviceMeter::start(), options)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("rank 0: a memory budget is set but this binary does not count its heap"),
+        "{err}"
+    );
+    assert!(err.contains("CountingAlloc"), "{err}");
+}

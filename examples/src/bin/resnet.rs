@@ -19,7 +19,7 @@ use ballast_examples::{
 use burn::{
     module::Module,
     nn::loss::CrossEntropyLossConfig,
-    tensor::{activation::log_softmax, Device, Tensor},
+    tensor::{Device, Tensor},
 };
 use serde::Deserialize;
 
@@ -98,20 +98,8 @@ impl Task for Resnet {
             return EvalBatch::default();
         };
         let (x, y) = eval.batch(indices, device);
-        let n = indices.len();
         let logits = model.valid().forward(x.without_autodiff());
-        let y = y.without_autodiff();
-        let losses = log_softmax(logits.clone(), 1)
-            .gather(1, y.clone().reshape([n, 1]))
-            .reshape([n])
-            .neg();
-        let predicted: Vec<i64> = logits.argmax(1).reshape([n]).into_data().iter::<i64>().collect();
-        let labels: Vec<i64> = y.into_data().iter::<i64>().collect();
-        EvalBatch {
-            losses: losses.into_data().iter::<f32>().collect(),
-            correct: predicted.iter().zip(&labels).filter(|(p, l)| p == l).count() as u64,
-            units: n as u64,
-        }
+        ballast_examples::score(logits, y.without_autodiff(), 1)
     }
 
     fn eval_kind(&self) -> EvalKind {

@@ -19,7 +19,7 @@ use ballast_examples::{
 use burn::{
     module::Module,
     nn::loss::CrossEntropyLossConfig,
-    tensor::{activation::log_softmax, Device, Tensor},
+    tensor::{Device, Tensor},
 };
 use serde::Deserialize;
 
@@ -122,23 +122,9 @@ impl Task for Lm {
             return EvalBatch::default();
         };
         let (x, y) = eval.batch(indices, device);
-        let (n, l) = (indices.len(), eval.seq_len());
         let logits = model.valid().forward(x.without_autodiff());
-        let y = y.without_autodiff();
         // Per window: the sum of its next-byte losses.
-        let losses = log_softmax(logits.clone(), 1)
-            .gather(1, y.clone().reshape([n * l, 1]))
-            .reshape([n, l])
-            .sum_dim(1)
-            .reshape([n])
-            .neg();
-        let predicted: Vec<i64> = logits.argmax(1).reshape([n * l]).into_data().iter::<i64>().collect();
-        let targets: Vec<i64> = y.into_data().iter::<i64>().collect();
-        EvalBatch {
-            losses: losses.into_data().iter::<f32>().collect(),
-            correct: predicted.iter().zip(&targets).filter(|(p, t)| p == t).count() as u64,
-            units: (n * l) as u64,
-        }
+        ballast_examples::score(logits, y.without_autodiff(), eval.seq_len())
     }
 
     fn eval_kind(&self) -> EvalKind {
