@@ -13,21 +13,12 @@ use ballast_examples::{
     text::TextSet,
 };
 
-/// One job at a time: they share the cores.
-static ONE_JOB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+mod common;
 
-fn one_job() -> std::sync::MutexGuard<'static, ()> {
-    ONE_JOB.lock().unwrap_or_else(|e| e.into_inner())
-}
+use common::{one_job, text};
 
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+/// A single rank with room for any micro-batch (the model flags come first).
+const ONE_RANK: [&str; 6] = ["--ranks", "1", "--speeds", "1", "--device-memory", "64MiB"];
 
 fn run(bin: &str, dir: &Path, args: &[&str]) -> Output {
     Command::new(bin).args(args).current_dir(dir).output().unwrap()
@@ -153,19 +144,8 @@ fn evaluation_on_three_unequal_ranks_equals_one_rank() {
     assert!(shares.len() > 1, "unequal evaluation shares: {last:?}");
 
     let mut args: Vec<&str> = common.to_vec();
-    args.extend([
-        "--eval-only",
-        "--load",
-        "m.safetensors",
-        "--ranks",
-        "1",
-        "--speeds",
-        "1",
-        "--device-memory",
-        "64MiB",
-        "--metrics",
-        "one.jsonl",
-    ]);
+    args.extend(ONE_RANK);
+    args.extend(["--eval-only", "--load", "m.safetensors", "--metrics", "one.jsonl"]);
     let out = run(bin, d.path(), &args);
     assert!(out.status.success(), "{}", text(&out));
     let one = evals(&d.path().join("one.jsonl"));
@@ -247,15 +227,10 @@ mod under_mpirun {
         let bin = env!("CARGO_BIN_EXE_resnet");
         let common = ["--synthetic-images", "400", "--width", "8", "--global-batch", "32"];
         let mut args: Vec<&str> = common.to_vec();
+        args.extend(ONE_RANK);
         args.extend([
             "--steps",
             "4",
-            "--ranks",
-            "1",
-            "--speeds",
-            "1",
-            "--device-memory",
-            "64MiB",
             "--save-model",
             "m.safetensors",
             "--metrics",

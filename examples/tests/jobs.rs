@@ -6,22 +6,9 @@ use std::{
     time::Instant,
 };
 
-/// One job at a time: they would share the cores, and the main command's time limit is for a
-/// machine of its own.
-static ONE_JOB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+mod common;
 
-fn one_job() -> std::sync::MutexGuard<'static, ()> {
-    ONE_JOB.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use common::{one_job, text};
 
 /// (first, last) from the summary line "loss A -> B".
 fn loss_change(out: &Output) -> (f64, f64) {
