@@ -1,9 +1,24 @@
 //! The command line as a user meets it: plans, their JSON and SVG, and clear errors.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+/// Held while a child is spawned. A child forked by one test holds copies of every pipe the
+/// process has open until it executes the binary; the closed-pipe test must know that no other
+/// process keeps its pipe's read end open, so no spawn overlaps the moment that pipe exists.
+static SPAWN: Mutex<()> = Mutex::new(());
 
 fn ballast(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ballast")).args(args).output().unwrap()
+    let child = {
+        let _spawning = SPAWN.lock().unwrap_or_else(|e| e.into_inner());
+        Command::new(env!("CARGO_BIN_EXE_ballast"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    child.wait_with_output().unwrap()
 }
 
 const CLUSTER: [&str; 12] = [
@@ -104,13 +119,17 @@ fn bad_device_spec_is_a_clear_error() {
 #[test]
 fn closed_stdout_ends_quietly() {
     use std::os::unix::process::ExitStatusExt;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ballast"))
-        .arg("doctor")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
+    let child = {
+        let _spawning = SPAWN.lock().unwrap_or_else(|e| e.into_inner());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ballast"))
+            .arg("doctor")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        child
+    };
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
