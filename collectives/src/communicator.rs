@@ -139,6 +139,70 @@ pub trait Communicator: Send {
     /// # Errors
     /// [`Error::Timeout`], backend errors.
     fn all_gather_bytes(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>>;
+
+    /// Element-wise sum over ranks of a buffer that may live on an accelerator, in place; the
+    /// same contract as [`Communicator::all_reduce_sum_f32`] (one collective, lengths must
+    /// match). Backends that reduce host memory read the buffer once, sum it and write the sum
+    /// back once: that default is what every backend of this crate runs today.
+    ///
+    /// # Errors
+    /// As [`Communicator::all_reduce_sum_f32`]; [`Error::Device`] when the buffer cannot be read
+    /// or written.
+    fn all_reduce_sum_device(&mut self, buf: &mut dyn DeviceBuffer) -> Result<()> {
+        let rank = self.rank();
+        let mut host = buf.read().map_err(|message| Error::Device {
+            op: "reading a device buffer",
+            rank,
+            message,
+        })?;
+        self.all_reduce_sum_f32(&mut host)?;
+        buf.write(host).map_err(|message| Error::Device {
+            op: "writing a device buffer",
+            rank,
+            message,
+        })
+    }
+}
+
+/// A flat `f32` buffer owned by a tensor library, possibly in accelerator memory: what
+/// [`Communicator::all_reduce_sum_device`] reduces. The collectives never hold on to it.
+pub trait DeviceBuffer {
+    /// Number of elements.
+    fn len(&self) -> usize;
+
+    /// Whether the buffer has no element.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies the buffer to host memory (one device→host transfer).
+    ///
+    /// # Errors
+    /// The tensor library's message.
+    fn read(&mut self) -> std::result::Result<Vec<f32>, String>;
+
+    /// Replaces the buffer's contents with `values` (one host→device transfer); `values` has
+    /// [`DeviceBuffer::len`] elements.
+    ///
+    /// # Errors
+    /// The tensor library's message.
+    fn write(&mut self, values: Vec<f32>) -> std::result::Result<(), String>;
+}
+
+/// A host vector is a device buffer whose reads and writes are copies.
+impl DeviceBuffer for Vec<f32> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn read(&mut self) -> std::result::Result<Vec<f32>, String> {
+        Ok(self.clone())
+    }
+
+    fn write(&mut self, values: Vec<f32>) -> std::result::Result<(), String> {
+        *self = values;
+        Ok(())
+    }
 }
 
 /// Typed helpers over the byte-level operations.

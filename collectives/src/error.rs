@@ -118,6 +118,16 @@ pub enum Error {
         /// What the library said.
         message: String,
     },
+    /// A buffer on a device could not be read or written by its tensor library.
+    #[error("{op} failed on rank {rank}: {message}")]
+    Device {
+        /// What was attempted.
+        op: &'static str,
+        /// The rank reporting.
+        rank: usize,
+        /// The tensor library's message.
+        message: String,
+    },
     /// A value could not be encoded or decoded for the wire.
     #[error("could not (de)serialise a value for {op} on rank {rank}: {message}")]
     Codec {

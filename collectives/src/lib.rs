@@ -39,5 +39,7 @@ pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 
-pub use communicator::{AllReduceSum, CommOptions, Communicator, CommunicatorExt, Element, DEFAULT_TIMEOUT};
+pub use communicator::{
+    AllReduceSum, CommOptions, Communicator, CommunicatorExt, DeviceBuffer, Element, DEFAULT_TIMEOUT,
+};
 pub use error::{Error, Result};

@@ -8,7 +8,7 @@
 //! gradient bytes.
 //!
 //! # Streams
-//! Collectives are enqueued on this communicator's own CUDA stream. [`NcclCommunicator::all_reduce_sum_device`]
+//! Collectives are enqueued on this communicator's own CUDA stream. [`NcclCommunicator::all_reduce_sum_cuda`]
 //! synchronises that stream before returning, so the caller may touch the buffer at once. The
 //! caller must have finished writing the buffer on *its* streams before the call (burn: sync the
 //! device).
@@ -209,7 +209,7 @@ impl NcclCommunicator {
     ///
     /// # Errors
     /// Handshake errors (timeouts naming missing ranks, length mismatches) and [`Error::Gpu`].
-    pub fn all_reduce_sum_device(&mut self, buf: &mut CudaSlice<f32>) -> Result<()> {
+    pub fn all_reduce_sum_cuda(&mut self, buf: &mut CudaSlice<f32>) -> Result<()> {
         let rank = self.control.rank();
         let mut len = vec![buf.len() as u64];
         // The handshake: lengths and arrival, checked on the control plane before the GPU waits.
@@ -220,7 +220,7 @@ impl NcclCommunicator {
                 .map(|l| u64::from_le_bytes(l.as_slice().try_into().unwrap_or([0; 8])))
                 .collect();
             return Err(Error::ShapeMismatch {
-                op: "nccl all_reduce_sum_device",
+                op: "nccl all_reduce_sum_cuda",
                 seq: 0,
                 rank,
                 lengths: len,
@@ -253,7 +253,7 @@ impl NcclCommunicator {
         self.check_alive()?;
         let rank = self.control.rank();
         let mut dev = self.stream.clone_htod(buf).map_err(|e| gpu("cuMemcpyHtoD", rank, e))?;
-        self.all_reduce_sum_device(&mut dev)?;
+        self.all_reduce_sum_cuda(&mut dev)?;
         self.stream
             .memcpy_dtoh(&dev, buf)
             .map_err(|e| gpu("cuMemcpyDtoH", rank, e))?;

@@ -452,8 +452,8 @@ impl Balancer {
             memory::reset_peak();
             let started = Instant::now();
             let loss = loss_fn(&model, idx);
-            let loss_value: f32 = loss.clone().into_scalar();
-            let grads: Gradients = loss.backward();
+            let loss_value = loss.clone().inner();
+            let grads: Gradients = ddp.weighted_loss(loss, m).backward();
             let peak = if self.options.shared_heap { 0 } else { self.meter.peak() };
             let inject = self.options.inject_oom_at_step == Some(step) && !self.injected;
             if peak > self.options.budget_bytes || inject {
@@ -482,7 +482,7 @@ impl Balancer {
                 continue;
             }
             peak_bytes = peak_bytes.max(peak);
-            ddp.add_gradients(&model, grads, loss_value, m)?;
+            ddp.add_weighted_gradients(&model, grads, loss_value, m)?;
             if self.options.slowdown > 1.0 {
                 std::thread::sleep(started.elapsed().mul_f64(self.options.slowdown - 1.0));
             }
@@ -779,9 +779,15 @@ fn assignment(report: &DeviceReport, share: usize, cap: usize, t: &Tunables) -> 
     }
 }
 
+/// Bytes per parameter of the step's gradient sums ([`DataParallel`] adds each micro-batch's
+/// gradient to an `f32` sum on the device): they exist from the first micro-batch of a step to
+/// its all-reduce, and the probes, which run forward and backward alone, never see them.
+pub const GRADIENT_SUM_BYTES_PER_PARAM: u64 = 4;
+
 /// A device report from probe measurements: least-squares line through (samples, peak), plus
 /// optimizer state that does not exist yet; the probes' speeds as the device's speed curve, and
-/// the fastest of them as its speed.
+/// the fastest of them as its speed. The fixed bytes add the optimizer state and the gradient
+/// sums ([`GRADIENT_SUM_BYTES_PER_PARAM`]) to the fitted line's intercept.
 pub fn report_from_probes(points: &[ProbePoint], params: u64, options: &BalanceOptions) -> DeviceReport {
     // The smallest micro-batches hit one-time allocations (kernel workspaces that appear from
     // batch 2 on); fit the line through the larger half, where the plan will operate.
@@ -823,7 +829,8 @@ pub fn report_from_probes(points: &[ProbePoint], params: u64, options: &BalanceO
     DeviceReport {
         name: "cpu".into(),
         budget_bytes: options.budget_bytes,
-        fixed_bytes: fixed.max(0.0) as u64 + options.optimizer_bytes_per_param * params,
+        fixed_bytes: fixed.max(0.0) as u64
+            + (options.optimizer_bytes_per_param + GRADIENT_SUM_BYTES_PER_PARAM) * params,
         bytes_per_sample: per_sample.max(1.0).ceil() as u64,
         samples_per_sec: speed.max(1e-9),
         offloadable_bytes: options.optimizer_bytes_per_param * params,

@@ -3,17 +3,22 @@
 //! # A step
 //!
 //! ```text
-//! for each micro-batch of this rank's share:      (no communication)
+//! for each micro-batch of this rank's share:      (no communication, no read to the host)
 //!     loss = model.forward(micro_batch)
-//!     ddp.backward(&model, loss, micro_batch_len)   // adds sample-weighted gradients to a host buffer
+//!     ddp.backward(&model, loss, micro_batch_len)   // adds sample-weighted gradients on the device
 //! model = ddp.finish_step(model, &mut optim, lr)    // ONE fused all-reduce, divide once, update
 //! ```
 //!
-//! `finish_step` sums, over all ranks, the gradient sums, the sample count and the loss sum in
-//! one fused buffer (one collective per bucket, buckets in the same order everywhere), divides
-//! the gradient by the global sample count and applies the optimizer. The result is the mean
-//! gradient of the global batch: exactly what one device computes on the whole batch, up to the
-//! order of f32 additions.
+//! Gradients stay where burn computed them: each micro-batch's gradient, scaled by its sample
+//! count, is added to a per-parameter sum with tensor operations on the model's device, and the
+//! loss sum is a device scalar. `finish_step` lays the sums out back to back (the same order on
+//! every rank), cuts them into buckets and reduces each bucket through
+//! [`Communicator::all_reduce_sum_device`]; a host communicator (threads, MPI) reads each bucket
+//! back once per step and writes the sum back once. The sums are divided once by the global
+//! sample count, split back into burn's `GradientsParams` on the device, and the optimizer runs
+//! there. The result is the mean gradient of the global batch: exactly what one device computes
+//! on the whole batch, up to the order of f32 additions. [`StepStats::traffic`] counts the bytes
+//! each step moved between device and host.
 //!
 //! # Loss convention
 //!
@@ -33,6 +38,7 @@
 //! unequal shares that weights a sample on a small rank more than one on a big rank.
 //! [`Averaging::PerRankMean`] reproduces that behaviour for comparison only.
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use burn::{
@@ -41,7 +47,10 @@ use burn::{
     tensor::{Device, Gradients, Tensor, TensorData},
 };
 
-use ballast_collectives::{bucket::FusedBuffer, bucket::DEFAULT_BUCKET_CAP_BYTES, Communicator, CommunicatorExt};
+use ballast_collectives::{
+    bucket::{BucketLayout, DEFAULT_BUCKET_CAP_BYTES},
+    Communicator, CommunicatorExt, DeviceBuffer,
+};
 
 /// Errors of data-parallel training.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +84,9 @@ pub enum DdpError {
         /// The step.
         step: u64,
     },
+    /// The rank's device is not available in this binary.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
     /// A gradient could not be read back from burn.
     #[error("reading the gradient of parameter {path}: {message}")]
     Tensor {
@@ -166,6 +178,10 @@ pub struct StepStats {
     pub all_reduce: Duration,
     /// Collectives this step ran, as the communicator counted them (one per bucket).
     pub collectives: usize,
+    /// Bytes this step copied between this rank's device and its host: the buckets read back
+    /// for a host communicator, the small tail of per-rank values, and on an offloaded rank the
+    /// parameters loaded back. Nothing is read between micro-batches.
+    pub traffic: Traffic,
     /// Every rank's compute seconds, indexed by rank.
     pub rank_compute: Vec<f64>,
     /// Every rank's samples, indexed by rank.
@@ -189,19 +205,37 @@ pub struct ParamSlot {
     id: ParamId,
 }
 
-/// The data-parallel wrapper: owns the communicator and the fused gradient buffer.
+/// The data-parallel wrapper: owns the communicator, the bucket layout and this step's
+/// gradient sums (on the model's device).
 pub struct DataParallel {
     comm: Box<dyn Communicator>,
     options: DdpOptions,
     params: Vec<ParamSlot>,
-    /// Gradient sums, then two trailing slots: sample count and loss sum.
-    fused: FusedBuffer<f32>,
+    /// Every parameter, then the tail (loss sum, sample count, per-rank values), cut into buckets.
+    layout: BucketLayout,
+    /// This step's sample-weighted gradient sum of each parameter, flattened, on the device where
+    /// burn computed it; `None` while the parameter has no gradient this step.
+    grads: Vec<Option<Tensor<1>>>,
+    /// This step's sample-weighted loss sum, a one-element tensor on the model's device.
+    loss_sum: Option<Tensor<1>>,
+    /// Bytes this step moved between device and host.
+    traffic: Traffic,
     local_samples: usize,
     micro_batches: usize,
     step: u64,
     note: f32,
     ready_since: Instant,
     ready_clock: f64,
+}
+
+/// Bytes a step moved between the model's device and the host, counted where the copies are
+/// made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Device→host bytes.
+    pub to_host: u64,
+    /// Host→device bytes.
+    pub to_device: u64,
 }
 
 /// Per-rank values carried in the tail of the fused buffer: compute seconds, samples, note, start
@@ -254,14 +288,18 @@ impl DataParallel {
             }
         }
         let mut lens: Vec<usize> = params.iter().map(|p| p.dims.iter().product()).collect();
-        // Sample count, loss sum, then per rank: compute seconds, samples, note.
+        // Loss sum, sample count, then per rank: compute seconds, samples, note, start stamp.
         lens.push(2 + PER_RANK * comm.world_size());
-        let fused = FusedBuffer::new(&lens, options.bucket_cap_bytes)?;
+        let layout = BucketLayout::new(&lens, options.bucket_cap_bytes, std::mem::size_of::<f32>())?;
+        let grads = vec![None; params.len()];
         let mut ddp = Self {
             comm,
             options,
             params,
-            fused,
+            layout,
+            grads,
+            loss_sum: None,
+            traffic: Traffic::default(),
             local_samples: 0,
             micro_batches: 0,
             step: 0,
@@ -307,43 +345,79 @@ impl DataParallel {
     }
 
     /// Back-propagates the loss of one micro-batch of `samples` samples and adds its gradients
-    /// to this rank's sums. No communication.
+    /// to this rank's sums, on the model's device. No communication and no read to the host: the
+    /// host can queue the next micro-batch while the device still computes this one.
     ///
     /// # Errors
-    /// [`DdpError::Tensor`] when a gradient cannot be read.
+    /// None today; the signature leaves room for device errors.
     pub fn backward<M: Module>(&mut self, model: &M, loss: Tensor<1>, samples: usize) -> Result<(), DdpError> {
-        let loss_value: f32 = loss.clone().into_scalar();
-        let grads = loss.backward();
-        self.add_gradients(model, grads, loss_value, samples)
+        let value = loss.clone().inner();
+        let grads = self.weighted_loss(loss, samples).backward();
+        self.add_weighted_gradients(model, grads, value, samples)
     }
 
-    /// Adds the gradients of one micro-batch (already back-propagated by the caller, who may
-    /// inspect memory or timing in between) to this rank's sums. No communication.
+    /// `loss` weighted by its micro-batch's sample count as the loss convention asks: back-
+    /// propagating it gives gradients ready for [`DataParallel::add_weighted_gradients`], with
+    /// the weighting done once on the scalar instead of once per gradient element.
+    pub fn weighted_loss(&self, loss: Tensor<1>, samples: usize) -> Tensor<1> {
+        scaled(loss, self.loss_scale(samples))
+    }
+
+    /// Adds the gradients of one micro-batch's *unweighted* loss (already back-propagated by the
+    /// caller) and the loss itself (a one-element tensor, detached or not) to this rank's sums,
+    /// on the device: each gradient is weighted by the sample count first. No communication.
     ///
     /// # Errors
-    /// [`DdpError::Tensor`] when a gradient cannot be read.
+    /// None today; the signature leaves room for device errors.
     pub fn add_gradients<M: Module>(
         &mut self,
         model: &M,
         grads: Gradients,
-        loss_value: f32,
+        loss: Tensor<1>,
         samples: usize,
     ) -> Result<(), DdpError> {
-        let scale = match self.options.loss {
+        self.add(model, grads, self.loss_scale(samples), loss, samples);
+        Ok(())
+    }
+
+    /// As [`DataParallel::add_gradients`], for gradients of [`DataParallel::weighted_loss`]
+    /// (the caller back-propagated the weighted loss, to inspect memory or timing in between);
+    /// `loss` is the unweighted loss.
+    ///
+    /// # Errors
+    /// None today; the signature leaves room for device errors.
+    pub fn add_weighted_gradients<M: Module>(
+        &mut self,
+        model: &M,
+        grads: Gradients,
+        loss: Tensor<1>,
+        samples: usize,
+    ) -> Result<(), DdpError> {
+        self.add(model, grads, 1.0, loss, samples);
+        Ok(())
+    }
+
+    fn loss_scale(&self, samples: usize) -> f32 {
+        match self.options.loss {
             LossReduction::Mean => samples as f32,
             LossReduction::Sum => 1.0,
-        };
-        self.accumulate(model, grads, scale)?;
-        let tail = self.fused.layout().num_tensors() - 1;
-        let t = self.fused.tensor_mut(tail);
-        if self.micro_batches == 0 {
-            t.fill(0.0);
         }
-        t[0] += samples as f32;
-        t[1] += loss_value * scale;
+    }
+
+    fn add<M: Module>(&mut self, model: &M, grads: Gradients, grad_scale: f32, loss: Tensor<1>, samples: usize) {
+        if self.micro_batches == 0 {
+            // A new step: the previous step's sums were consumed by its all-reduce.
+            self.grads.iter_mut().for_each(|g| *g = None);
+            self.loss_sum = None;
+        }
+        self.accumulate(model, grads, grad_scale);
+        let loss = scaled(loss.inner().reshape([1]), self.loss_scale(samples));
+        self.loss_sum = Some(match self.loss_sum.take() {
+            Some(sum) => sum + loss,
+            None => loss,
+        });
         self.local_samples += samples;
         self.micro_batches += 1;
-        Ok(())
     }
 
     /// Starts this rank's compute clock for the current step (by default it starts when the
@@ -358,75 +432,43 @@ impl DataParallel {
         self.note = note;
     }
 
-    fn accumulate<M: Module>(&mut self, model: &M, mut grads: Gradients, scale: f32) -> Result<(), DdpError> {
-        struct Reader<'a> {
+    /// Adds `scale` times each gradient of `grads` to its parameter's device-side sum.
+    fn accumulate<M: Module>(&mut self, model: &M, mut grads: Gradients, scale: f32) {
+        struct Adder<'a> {
             grads: &'a mut Gradients,
-            fused: &'a mut FusedBuffer<f32>,
-            params: &'a [ParamSlot],
+            sums: &'a mut [Option<Tensor<1>>],
             index: usize,
             scale: f32,
-            first: bool,
-            error: Option<DdpError>,
         }
-        impl ModuleVisitor for Reader<'_> {
+        impl ModuleVisitor for Adder<'_> {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
                 let i = self.index;
                 self.index += 1;
-                if self.error.is_some() {
-                    return;
-                }
                 let grad = if param.is_require_grad() {
                     param.val().grad_remove(self.grads)
                 } else {
                     None
                 };
-                let Some(grad) = grad else {
-                    if self.first {
-                        self.fused.tensor_mut(i).fill(0.0);
-                    }
-                    return;
-                };
-                let data = grad.into_data();
-                match data.as_slice::<f32>() {
-                    Ok(values) => {
-                        let acc = self.fused.tensor_mut(i);
-                        // The first micro-batch of a step overwrites (the buffer is not zeroed
-                        // between steps: that would be one more pass over every gradient).
-                        match (self.first, self.scale == 1.0) {
-                            (true, true) => acc.copy_from_slice(values),
-                            (true, false) => acc.iter_mut().zip(values).for_each(|(a, g)| *a = g * self.scale),
-                            (false, true) => acc.iter_mut().zip(values).for_each(|(a, g)| *a += g),
-                            (false, false) => acc.iter_mut().zip(values).for_each(|(a, g)| *a += g * self.scale),
-                        }
-                    }
-                    Err(e) => {
-                        self.error = Some(DdpError::Tensor {
-                            path: self.params[i].path.clone(),
-                            message: format!("{e:?}"),
-                        })
-                    }
-                }
+                let Some(grad) = grad else { return };
+                let n = grad.shape().num_elements();
+                let grad = scaled(grad.reshape([n]), self.scale);
+                self.sums[i] = Some(match self.sums[i].take() {
+                    Some(sum) => sum + grad,
+                    None => grad,
+                });
             }
         }
-        let mut reader = Reader {
+        model.visit(&mut Adder {
             grads: &mut grads,
-            fused: &mut self.fused,
-            params: &self.params,
+            sums: &mut self.grads,
             index: 0,
             scale,
-            first: self.micro_batches == 0,
-            error: None,
-        };
-        model.visit(&mut reader);
-        match reader.error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        });
     }
 
     /// Sums gradients, sample counts and losses over ranks in one fused all-reduce, divides once
-    /// by the global sample count and applies `optim`. Every rank must call it once per step,
-    /// including ranks that processed no sample.
+    /// by the global sample count and applies `optim` on the model's device. Every rank must call
+    /// it once per step, including ranks that processed no sample.
     ///
     /// # Errors
     /// Collective errors; [`DdpError::EmptyStep`] when no rank processed a sample.
@@ -436,20 +478,22 @@ impl DataParallel {
         optim: &mut ModuleOptimizer,
         lr: f64,
     ) -> Result<(M, StepStats), DdpError> {
-        let (count, stats) = self.reduce()?;
         let device = model_device(&model);
+        let (reduced, stats) = self.reduce(&device, false)?;
+        let flat = Tensor::cat(reduced.buckets, 0);
         let mut grads = GradientsParams::new();
         for (i, slot) in self.params.iter().enumerate() {
-            let mean: Vec<f32> = self.fused.tensor(i).iter().map(|g| g / count).collect();
-            register(&mut grads, slot, mean, &device);
+            let range = self.layout.tensor(i);
+            let mean = flat.clone().slice(range).div_scalar(reduced.count);
+            register(&mut grads, slot, mean);
         }
         let model = optim.step(lr, model, grads);
         Ok((model, stats))
     }
 
     /// As [`DataParallel::finish_step`], but the optimizer runs on the host: `host` holds the
-    /// master parameters and Adam moments, takes the averaged gradient straight from the fused
-    /// buffer, and the updated parameters are loaded back into `model`.
+    /// master parameters and Adam moments, takes the averaged gradient from the host copy of the
+    /// reduced buckets, and the updated parameters are loaded back into `model`.
     ///
     /// # Errors
     /// As [`DataParallel::finish_step`].
@@ -459,56 +503,93 @@ impl DataParallel {
         host: &mut crate::offload::HostOffload,
         lr: f64,
     ) -> Result<(M, StepStats), DdpError> {
-        let (count, stats) = self.reduce()?;
-        let n: usize = (0..self.params.len()).map(|i| self.fused.tensor(i).len()).sum();
-        let grads = &mut self.fused.as_mut_slice()[..n];
-        grads.iter_mut().for_each(|g| *g /= count);
-        let params = host.step(grads, lr as f32);
+        let device = model_device(&model);
+        let (mut reduced, mut stats) = self.reduce(&device, true)?;
+        let n = self.layout.total_elems() - self.layout.tensor(self.params.len()).len();
+        let mut grads = reduced.host_range(0..n, &mut stats.traffic)?;
+        grads.iter_mut().for_each(|g| *g /= reduced.count);
+        let params = host.step(&grads, lr as f32);
+        stats.traffic.to_device += byte_len(params.len());
         Ok((load_params(model, params), stats))
     }
 
-    /// The all-reduce of a step and its bookkeeping; leaves the gradient sums in the buffer and
-    /// returns the global sample count (the divisor).
-    fn reduce(&mut self) -> Result<(f32, StepStats), DdpError> {
-        let tail = self.fused.layout().num_tensors() - 1;
+    /// The all-reduce of a step and its bookkeeping: lays this step's sums and the tail out as
+    /// device buckets, reduces each through the communicator, and returns the reduced buckets
+    /// with the global sample count (the divisor). The host copies a host communicator leaves
+    /// are kept for the tail, and for every bucket when `keep_host` (the host optimizer's input).
+    fn reduce(&mut self, device: &Device, keep_host: bool) -> Result<(Reduced, StepStats), DdpError> {
         let world = self.comm.world_size();
         let rank = self.comm.rank();
+        let tail = self.params.len();
+        let mut traffic = std::mem::take(&mut self.traffic);
         if self.micro_batches == 0 {
-            // Nothing was written this step (share 0): contribute zeros.
-            self.fused.zero();
+            // Nothing was added this step (share 0): contribute zeros.
+            self.grads.iter_mut().for_each(|g| *g = None);
+            self.loss_sum = None;
         }
+        let mut count = self.local_samples as f32;
         if self.options.averaging == Averaging::PerRankMean && self.local_samples > 0 {
-            let n = self.local_samples as f32;
-            for i in 0..tail {
-                self.fused.tensor_mut(i).iter_mut().for_each(|g| *g /= n);
+            // Each rank that has samples counts as one; gradient and loss become the rank's mean.
+            let inv = 1.0 / count;
+            for g in self.grads.iter_mut().flatten() {
+                *g = g.clone().mul_scalar(inv);
             }
-            // Each rank that has samples counts as one; the loss becomes the rank's mean.
-            let t = self.fused.tensor_mut(tail);
-            t[0] = 1.0;
-            t[1] /= n;
+            self.loss_sum = self.loss_sum.take().map(|l| l.mul_scalar(inv));
+            count = 1.0;
         }
         // Wall time since this rank was last ready: forward, backward, data and any waiting in
         // the caller's loop. This is what a slower device costs the step.
         let busy = self.ready_since.elapsed();
-        {
-            let t = self.fused.tensor_mut(tail);
-            t[2..].fill(0.0);
-            t[2 + PER_RANK * rank] = busy.as_secs_f32();
-            t[2 + PER_RANK * rank + 1] = self.local_samples as f32;
-            t[2 + PER_RANK * rank + 2] = self.note;
-            t[2 + PER_RANK * rank + 3] = self.ready_clock as f32;
+        let mut values = vec![0.0; 1 + PER_RANK * world];
+        values[0] = count;
+        values[1 + PER_RANK * rank] = busy.as_secs_f32();
+        values[1 + PER_RANK * rank + 1] = self.local_samples as f32;
+        values[1 + PER_RANK * rank + 2] = self.note;
+        values[1 + PER_RANK * rank + 3] = self.ready_clock as f32;
+        traffic.to_device += byte_len(values.len());
+        let mut pieces: Vec<Tensor<1>> = Vec::with_capacity(tail + 2);
+        for (i, g) in self.grads.iter_mut().enumerate() {
+            pieces.push(
+                g.take()
+                    .unwrap_or_else(|| Tensor::zeros([self.layout.tensor(i).len()], device)),
+            );
         }
+        pieces.push(self.loss_sum.take().unwrap_or_else(|| Tensor::zeros([1], device)));
+        let values_len = values.len();
+        pieces.push(Tensor::from_data(TensorData::new(values, [values_len]), device));
+
         let started = Instant::now();
         let before = self.comm.collectives_started();
-        self.fused.all_reduce_sum(self.comm.as_mut())?;
+        let tail_range = self.layout.tensor(tail);
+        let mut buckets = Vec::with_capacity(self.layout.num_buckets());
+        for (range, parts) in self.layout.buckets().zip(bucket_parts(&self.layout, pieces)) {
+            let keep = keep_host || range.end > tail_range.start;
+            let mut bucket = TensorBucket::new(parts, device.clone(), keep);
+            self.comm.all_reduce_sum_device(&mut bucket)?;
+            traffic.to_host += bucket.traffic.to_host;
+            traffic.to_device += bucket.traffic.to_device;
+            buckets.push(bucket);
+        }
         let all_reduce = started.elapsed();
         let collectives = (self.comm.collectives_started() - before) as usize;
-        let t = self.fused.tensor(tail);
-        let [count, loss_sum] = [t[0], t[1]];
-        let rank_compute: Vec<f64> = (0..world).map(|r| f64::from(t[2 + PER_RANK * r])).collect();
-        let rank_samples: Vec<usize> = (0..world).map(|r| t[2 + PER_RANK * r + 1] as usize).collect();
-        let rank_notes: Vec<f32> = (0..world).map(|r| t[2 + PER_RANK * r + 2]).collect();
-        let rank_started: Vec<f64> = (0..world).map(|r| f64::from(t[2 + PER_RANK * r + 3])).collect();
+        let mut reduced = Reduced {
+            layout: self.layout.clone(),
+            buckets: Vec::new(),
+            host: Vec::new(),
+            count: 0.0,
+        };
+        for b in buckets {
+            reduced.host.push(b.written);
+            reduced.buckets.push(b.reduced.expect("written by the all-reduce"));
+        }
+        let t = reduced.host_range(tail_range, &mut traffic)?;
+        let [loss_sum, count] = [t[0], t[1]];
+        reduced.count = count;
+        let per_rank = |r: usize, k: usize| t[2 + PER_RANK * r + k];
+        let rank_compute: Vec<f64> = (0..world).map(|r| f64::from(per_rank(r, 0))).collect();
+        let rank_samples: Vec<usize> = (0..world).map(|r| per_rank(r, 1) as usize).collect();
+        let rank_notes: Vec<f32> = (0..world).map(|r| per_rank(r, 2)).collect();
+        let rank_started: Vec<f64> = (0..world).map(|r| f64::from(per_rank(r, 3))).collect();
         if count <= 0.0 {
             return Err(DdpError::EmptyStep { step: self.step });
         }
@@ -521,6 +602,7 @@ impl DataParallel {
             compute: busy,
             all_reduce,
             collectives,
+            traffic,
             rank_compute,
             rank_samples,
             rank_notes,
@@ -531,7 +613,7 @@ impl DataParallel {
         self.note = 0.0;
         self.step += 1;
         self.mark_ready();
-        Ok((count, stats))
+        Ok((reduced, stats))
     }
 
     /// All-gathers a checksum of every parameter's bits and fails if any rank differs.
@@ -548,16 +630,164 @@ impl DataParallel {
     }
 }
 
-fn register(grads: &mut GradientsParams, slot: &ParamSlot, values: Vec<f32>, device: &Device) {
+/// Registers a flat gradient under `slot`'s parameter, in the parameter's shape.
+fn register(grads: &mut GradientsParams, slot: &ParamSlot, flat: Tensor<1>) {
     macro_rules! by_rank {
         ($($d:literal)*) => {
             match slot.dims.len() {
-                $($d => grads.register::<$d>(slot.id, Tensor::<$d>::from_data(TensorData::new(values, slot.dims.clone()), device)),)*
+                $($d => {
+                    let dims: [usize; $d] = slot.dims.as_slice().try_into().expect("rank checked");
+                    grads.register::<$d>(slot.id, flat.reshape(dims))
+                })*
                 n => panic!("parameters of rank {n} are not supported (1 to 6 are)"),
             }
         };
     }
     by_rank!(1 2 3 4 5 6);
+}
+
+/// `t` times `scale`, without a kernel when the scale is one.
+fn scaled(t: Tensor<1>, scale: f32) -> Tensor<1> {
+    if scale == 1.0 {
+        t
+    } else {
+        t.mul_scalar(scale)
+    }
+}
+
+/// Bytes of `n` `f32` values.
+fn byte_len(n: usize) -> u64 {
+    (n * std::mem::size_of::<f32>()) as u64
+}
+
+/// The pieces of the fused buffer (tensors laid out back to back) cut at the bucket boundaries of
+/// `layout`: each bucket's parts in order, a piece that straddles a boundary sliced in two.
+fn bucket_parts(layout: &BucketLayout, pieces: Vec<Tensor<1>>) -> Vec<Vec<Tensor<1>>> {
+    let mut out: Vec<Vec<Tensor<1>>> = vec![Vec::new(); layout.num_buckets()];
+    let buckets: Vec<Range<usize>> = layout.buckets().collect();
+    let mut offset = 0;
+    let mut b = 0;
+    for piece in pieces {
+        let len = piece.shape().num_elements();
+        let (start, end) = (offset, offset + len);
+        offset = end;
+        while b < buckets.len() && buckets[b].end <= start {
+            b += 1;
+        }
+        let mut k = b;
+        while k < buckets.len() && buckets[k].start < end {
+            let (lo, hi) = (start.max(buckets[k].start), end.min(buckets[k].end));
+            out[k].push(if lo == start && hi == end {
+                piece.clone()
+            } else {
+                piece.clone().slice(lo - start..hi - start)
+            });
+            k += 1;
+        }
+    }
+    out
+}
+
+/// One bucket of the fused buffer, for [`Communicator::all_reduce_sum_device`]: its parts on the
+/// device before the reduction, one tensor after it. Counts the bytes it moves and, when asked
+/// to, keeps the host copy of what was written back.
+///
+/// A bucket is staged for the host as one transfer on an accelerator (its parts concatenated on
+/// the device first); on `flex`, whose device memory is host memory, each part is copied out
+/// directly, which saves a concatenation pass and a copy.
+struct TensorBucket {
+    parts: Vec<Tensor<1>>,
+    reduced: Option<Tensor<1>>,
+    device: Device,
+    keep_host: bool,
+    written: Option<Vec<f32>>,
+    traffic: Traffic,
+}
+
+impl TensorBucket {
+    fn new(parts: Vec<Tensor<1>>, device: Device, keep_host: bool) -> Self {
+        Self {
+            parts,
+            reduced: None,
+            device,
+            keep_host,
+            written: None,
+            traffic: Traffic::default(),
+        }
+    }
+}
+
+impl DeviceBuffer for TensorBucket {
+    fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.shape().num_elements()).sum()
+    }
+
+    fn read(&mut self) -> Result<Vec<f32>, String> {
+        let staged = if self.device == Device::flex() || self.parts.len() == 1 {
+            self.parts.clone()
+        } else {
+            vec![Tensor::cat(self.parts.clone(), 0)]
+        };
+        let mut values = Vec::with_capacity(self.len());
+        for part in staged {
+            let data = part.try_into_data().map_err(|e| format!("{e:?}"))?;
+            values.extend_from_slice(data.as_slice::<f32>().map_err(|e| format!("{e:?}"))?);
+        }
+        self.traffic.to_host += byte_len(values.len());
+        Ok(values)
+    }
+
+    fn write(&mut self, values: Vec<f32>) -> Result<(), String> {
+        let n = values.len();
+        self.traffic.to_device += byte_len(n);
+        if self.keep_host {
+            self.reduced = Some(Tensor::from_data(TensorData::new(values.clone(), [n]), &self.device));
+            self.written = Some(values);
+        } else {
+            self.reduced = Some(Tensor::from_data(TensorData::new(values, [n]), &self.device));
+        }
+        Ok(())
+    }
+}
+
+/// A step's reduced buckets: on the device, and on the host where the communicator left a copy.
+struct Reduced {
+    layout: BucketLayout,
+    buckets: Vec<Tensor<1>>,
+    host: Vec<Option<Vec<f32>>>,
+    count: f32,
+}
+
+impl Reduced {
+    /// The reduced values in `range` of the fused buffer, from the host copies where they exist,
+    /// else read from the device (counted in `traffic`).
+    fn host_range(&mut self, range: Range<usize>, traffic: &mut Traffic) -> Result<Vec<f32>, DdpError> {
+        let mut out = Vec::with_capacity(range.len());
+        for (b, bucket) in self.layout.buckets().enumerate() {
+            let (lo, hi) = (range.start.max(bucket.start), range.end.min(bucket.end));
+            if lo >= hi {
+                continue;
+            }
+            let local = lo - bucket.start..hi - bucket.start;
+            match &self.host[b] {
+                Some(values) => out.extend_from_slice(&values[local]),
+                None => {
+                    let part = self.buckets[b].clone().slice(local);
+                    let data = part.try_into_data().map_err(|e| DdpError::Tensor {
+                        path: "the reduced gradient buckets".into(),
+                        message: format!("{e:?}"),
+                    })?;
+                    let values = data.as_slice::<f32>().map_err(|e| DdpError::Tensor {
+                        path: "the reduced gradient buckets".into(),
+                        message: format!("{e:?}"),
+                    })?;
+                    traffic.to_host += byte_len(values.len());
+                    out.extend_from_slice(values);
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// The inner (non-autodiff) device the model's gradients live on.
@@ -624,7 +854,9 @@ pub fn flatten_params<M: Module>(model: &M) -> Vec<f32> {
             self.0.extend(data.iter::<f32>());
         }
     }
-    let mut f = Flatten(Vec::new());
+    // Sized exactly: the master copy of an offloaded optimizer is this vector, and a doubling
+    // growth would hold up to twice the parameters' bytes.
+    let mut f = Flatten(Vec::with_capacity(model.num_params()));
     model.visit(&mut f);
     f.0
 }

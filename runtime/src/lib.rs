@@ -19,6 +19,7 @@ pub mod balance;
 pub mod checkpoint;
 pub mod config;
 pub mod ddp;
+pub mod device;
 pub mod eval;
 pub mod job;
 pub mod memory;

@@ -249,12 +249,36 @@ fn balance_oom_injection_recovers() {
     let _ = std::fs::remove_dir_all(&fault_dir);
 }
 
-/// A rank whose 4 MiB cannot hold the model, its gradients and Adam state plus one sample: with
+/// A rank whose budget cannot hold the model, its gradients and Adam state plus one sample: with
 /// offload it keeps its optimizer state on the host and takes a share (its measured peak stays
 /// within budget); without offload it gets share 0. Replicas stay identical either way.
+///
+/// The budget comes from a first run's measurements: the fixed bytes F (model, gradients,
+/// Adam state A) and the bytes per sample s of rank 2, as the balancer saw them. F − A/2 lies
+/// below F + s (no room without offload) and above F − A + s (room once A is on the host), with
+/// a margin of A/2 on either side for the allocator's run-to-run differences.
 #[test]
 fn balance_offload_gives_small_rank_a_share() {
-    let args = ["--budgets", "64MiB,64MiB,4MiB", "--global-batch", "96", "--steps", "4"];
+    let probe_dir = out_dir("offload-probe");
+    let probe = run_balance(
+        None,
+        &["--budgets", "64MiB", "--global-batch", "96", "--steps", "1"],
+        &probe_dir,
+    );
+    let report = &probe[2]["reports"][2];
+    let (fixed, optimizer, per_sample) = (
+        u(&report["fixed_bytes"]),
+        u(&report["offloadable_bytes"]),
+        u(&report["bytes_per_sample"]),
+    );
+    assert!(
+        optimizer / 2 > 8 * per_sample,
+        "the model is too small for this test: {report}"
+    );
+    let budget = (fixed - optimizer / 2).to_string();
+    println!("measured fixed {fixed} B (optimizer state {optimizer} B), {per_sample} B/sample: budget {budget} B");
+    let budgets = format!("64MiB,64MiB,{budget}");
+    let args = ["--budgets", budgets.as_str(), "--global-batch", "96", "--steps", "4"];
     let with_dir = out_dir("offload-on");
     let with = run_balance(None, &args, &with_dir);
     let mut off_args = args.to_vec();
@@ -277,4 +301,5 @@ fn balance_offload_gives_small_rank_a_share() {
     }
     let _ = std::fs::remove_dir_all(&with_dir);
     let _ = std::fs::remove_dir_all(&without_dir);
+    let _ = std::fs::remove_dir_all(&probe_dir);
 }

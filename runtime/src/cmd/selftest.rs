@@ -21,6 +21,11 @@ pub struct Args {
     /// Ranks to run as threads when no launcher started this process.
     #[arg(long, default_value_t = 3)]
     threads: usize,
+    /// `equivalence`: each rank's device (flex, wgpu, wgpu:cpu, cuda; one entry: every rank);
+    /// runs the device cases (shares 5/2/1 and 8/0/0 on three ranks, 8 on one) instead of the
+    /// default matrix on flex.
+    #[arg(long)]
+    device: Option<String>,
     /// `balance`: memory budget per rank (e.g. 24MiB,16MiB,8MiB); one value applies to all.
     #[arg(long, value_delimiter = ',')]
     budgets: Vec<String>,
@@ -86,7 +91,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     };
     let check = args.check;
     if let Check::Equivalence = check {
-        return equivalence(&launch, options, args.threads);
+        return equivalence(&launch, options, args.threads, args.device.as_deref());
     }
     if let Check::Balance = check {
         return balance(&launch, options, args);
@@ -123,9 +128,19 @@ fn one(comm: &mut dyn Communicator, check: Check) -> (usize, usize, &'static str
     (comm.rank(), comm.world_size(), comm.backend(), result)
 }
 
-fn equivalence(launch: &Launch, options: CommOptions, threads: usize) -> Result<ExitCode> {
-    use ballast::testing::{equivalence_report, three_rank_cases};
-    let cases = three_rank_cases();
+fn equivalence(launch: &Launch, options: CommOptions, threads: usize, device: Option<&str>) -> Result<ExitCode> {
+    use ballast::testing::{device_cases, equivalence_report, three_rank_cases};
+    let cases = match device {
+        None => three_rank_cases(),
+        Some(list) => {
+            let world = if launch.is_launched() {
+                launch.world_size
+            } else {
+                threads
+            };
+            device_cases(world, &ballast::device::DeviceChoice::parse_list(list)?)
+        }
+    };
     let reports: Vec<Result<Vec<String>, String>> = match launched_communicator(launch, options.clone())? {
         Some(comm) => vec![equivalence_report(comm, &cases).map_err(|e| e.to_string())],
         None => local::run(threads, options, |comm| {
