@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Every test of the workspace, on a fresh machine: installs MPI, then runs unit, property,
-# thread and mpirun tests in release mode (models train in these tests; debug burn is slow).
+# thread, mpirun and wgpu (software Vulkan) tests in release mode (models train in these tests; debug burn is slow).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 # mpirun refuses to run as root unless told it may; the tests oversubscribe cores themselves.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
+# The Vulkan loader wants a private runtime directory.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 # Every test binary runs even when one fails, so one run shows every failure.
-cargo test --release --workspace --no-fail-fast --features ballast/mpi,ballast-examples/mpi,ballast-collectives/nccl "$@"
+cargo test --release --workspace --no-fail-fast \
+  --features ballast/mpi,ballast-examples/mpi,ballast-collectives/nccl,ballast/wgpu,ballast-examples/wgpu "$@"

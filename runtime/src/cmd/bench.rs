@@ -38,6 +38,12 @@ pub struct OverheadArgs {
     /// Hidden width of the benchmark MLP.
     #[arg(long, default_value_t = 512)]
     pub width: usize,
+    /// Micro-batches per step (equal sizes; the batch must divide by it).
+    #[arg(long, default_value_t = 4)]
+    pub micro_batches: usize,
+    /// Device of the rank: flex, wgpu, wgpu:cpu or cuda.
+    #[arg(long, default_value = "flex")]
+    pub device: String,
 }
 
 /// Options of `ballast bench allreduce`.
