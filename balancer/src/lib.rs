@@ -63,16 +63,6 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// Shares do not add up to the global batch.
-    #[error("shares {shares:?} add up to {sum}, not the global batch {global_batch}")]
-    SharesDoNotSum {
-        /// The shares.
-        shares: Vec<usize>,
-        /// Their sum.
-        sum: usize,
-        /// The global batch.
-        global_batch: usize,
-    },
 }
 
 /// Splits `total` samples in proportion to `weights`, exactly (largest remainder, ties to the
@@ -158,52 +148,6 @@ impl RankPlan {
     }
 }
 
-/// Every rank's plan for one step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StepPlan {
-    /// Samples per optimizer step over all ranks.
-    pub global_batch: usize,
-    /// Plans indexed by rank.
-    pub ranks: Vec<RankPlan>,
-}
-
-impl StepPlan {
-    /// Builds a plan from shares and caps, checking that the shares add up.
-    ///
-    /// # Errors
-    /// [`Error::SharesDoNotSum`] or [`Error::ZeroCap`].
-    pub fn new(global_batch: usize, shares: &[usize], caps: &[usize]) -> Result<Self> {
-        let sum: usize = shares.iter().sum();
-        if sum != global_batch {
-            return Err(Error::SharesDoNotSum {
-                shares: shares.to_vec(),
-                sum,
-                global_batch,
-            });
-        }
-        let ranks = shares
-            .iter()
-            .zip(caps)
-            .map(|(&s, &c)| RankPlan::new(s, c))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { global_batch, ranks })
-    }
-
-    /// The first sample offset (within the step's global batch) of each rank: ranks take
-    /// consecutive slices in rank order.
-    pub fn offsets(&self) -> Vec<usize> {
-        let mut off = 0;
-        self.ranks
-            .iter()
-            .map(|r| {
-                let o = off;
-                off += r.share;
-                o
-            })
-            .collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -249,15 +193,11 @@ mod tests {
         assert!(split_proportional(8, &[f64::NAN]).is_err());
         assert!(RankPlan::new(3, 0).is_err());
         assert_eq!(RankPlan::new(0, 0).unwrap().accumulation_steps(), 0);
-        let err = StepPlan::new(8, &[5, 2], &[3, 2]).unwrap_err();
-        assert!(err.to_string().contains("add up to 7, not the global batch 8"), "{err}");
     }
 
     #[test]
-    fn offsets_are_consecutive_in_rank_order() {
-        let plan = StepPlan::new(8, &[5, 2, 1], &[3, 2, 1]).unwrap();
-        assert_eq!(plan.offsets(), vec![0, 5, 7]);
-        assert_eq!(plan.ranks[0].micro_batches(), vec![3, 2]);
+    fn micro_batches_fill_the_cap_first() {
+        assert_eq!(RankPlan::new(5, 3).unwrap().micro_batches(), vec![3, 2]);
         assert_eq!(RankPlan::new(10, 4).unwrap().micro_batches(), vec![4, 4, 2]);
     }
 }

@@ -3,9 +3,6 @@
 /// Seconds a blocking collective waits for every rank (default 30).
 pub const TIMEOUT_SECS: &str = "BALLAST_TIMEOUT_SECS";
 
-/// Largest fused bucket in MiB (default 25).
-pub const BUCKET_CAP_MB: &str = "BALLAST_BUCKET_CAP_MB";
-
 /// Directory of the MPI ranks' heartbeat files, shared by the ranks of a host (default
 /// `/tmp/ballast-heartbeat-<launcher pid>`).
 pub const HEARTBEAT_DIR: &str = "BALLAST_HEARTBEAT_DIR";
