@@ -66,6 +66,17 @@ pub enum BalanceError {
         /// Its budget.
         budget: u64,
     },
+    /// The device ran out of memory on a micro-batch of one sample.
+    #[error(
+        "rank {rank}: the device ran out of memory on a micro-batch of one sample ({message}); give this \
+         rank a device with more free memory or a smaller model"
+    )]
+    DeviceOutOfMemory {
+        /// The rank.
+        rank: usize,
+        /// What the backend said.
+        message: String,
+    },
     /// A memory budget was given but this process cannot measure its heap.
     #[error(
         "rank {rank}: a memory budget is set but this binary does not count its heap, so every probe would \
@@ -205,7 +216,7 @@ impl Balancer {
         M: Module,
         F: FnMut(&M, &[usize]) -> Tensor<1>,
     {
-        if options.budget_bytes != u64::MAX && meter.gpu().is_none() && !memory::is_counting() {
+        if options.budget_bytes != u64::MAX && !meter.reads_pool() && !memory::is_counting() {
             return Err(BalanceError::NotCounting { rank: ddp.rank() });
         }
         let params = model.num_params() as u64;
@@ -214,16 +225,15 @@ impl Balancer {
             let mut mine = Vec::new();
             for turn in 0..ddp.world_size() {
                 if turn == ddp.rank() {
+                    // A device with a pool of its own is measured there; a simulated one is the
+                    // shared heap above what every rank holds now, less this model's copy.
                     let base = memory::in_use().saturating_sub(4 * params);
-                    mine = probe_points(
-                        model,
-                        loss_fn,
-                        pool,
-                        params,
-                        &options,
-                        || memory::peak().saturating_sub(base),
-                        None,
-                    )?;
+                    let source = if meter.reads_pool() {
+                        ProbeMeter::Device(&meter)
+                    } else {
+                        ProbeMeter::Heap(base)
+                    };
+                    mine = probe_points(model, loss_fn, pool, params, &options, &source, None)?;
                 }
                 ddp.comm().barrier()?;
             }
@@ -237,14 +247,14 @@ impl Balancer {
                 pool,
                 params,
                 &options,
-                || meter.peak(),
+                &ProbeMeter::Device(&meter),
                 Some(ddp.comm()),
             )?
         };
         let mut report = report_from_probes(&points, params, &options);
         // CPU ranks pinned to the same cores share them (ranks as threads stand for separate
         // simulated devices; GPU ranks each have their own device).
-        if !options.shared_heap && meter.gpu().is_none() {
+        if !options.shared_heap && !meter.reads_pool() {
             report.compute_group = ballast_cluster::cpu_affinity().map(|cpus| format!("{}:cpus {cpus}", report.host));
         }
         let reports: Vec<DeviceReport> = ddp.comm().all_gather(&report)?;
@@ -346,7 +356,7 @@ impl Balancer {
             reports: self.reports.clone(),
             plan: self.plan.clone(),
             rebalancer: Rebalancer::for_reports(&self.reports, self.options.tunables.clone()),
-            meter: self.meter,
+            meter: self.meter.clone(),
             cap_limits: vec![None; self.reports.len()],
             injected: false,
             plan_changes: Vec::new(),
@@ -445,42 +455,70 @@ impl Balancer {
         let mut offset = 0;
         let mut peak_bytes = 0;
         let mut oom_retries = 0;
+        // A pool is read after each micro-batch only against a budget: reading waits for the
+        // device. A simulated device on a shared heap cannot be read per rank.
+        let pool = self.meter.reads_pool();
+        let check = if pool {
+            self.options.budget_bytes != u64::MAX
+        } else {
+            !self.options.shared_heap
+        };
+        if pool && check {
+            // Pages the previous step freed (its optimizer temporaries, its buckets) go back, so
+            // the pool's high-water mark is this step's.
+            self.meter.reset_peak();
+        }
         let mut i = 0;
         while i < queue.len() {
             let m = queue[i];
             let idx = &mine[offset..offset + m];
-            memory::reset_peak();
-            let started = Instant::now();
-            let loss = loss_fn(&model, idx);
-            let loss_value = loss.clone().inner();
-            let grads: Gradients = ddp.weighted_loss(loss, m).backward();
-            let peak = if self.options.shared_heap { 0 } else { self.meter.peak() };
-            let inject = self.options.inject_oom_at_step == Some(step) && !self.injected;
-            if peak > self.options.budget_bytes || inject {
-                self.injected |= inject;
-                drop(grads);
-                if m == 1 {
-                    return Err(BalanceError::OutOfMemory {
-                        rank,
-                        peak,
-                        budget: self.options.budget_bytes,
-                    });
-                }
-                // Discard, halve, and re-run the rest of the share at the smaller size, laid out
-                // as the following steps will lay it out.
-                cap = m / 2;
-                oom_retries += 1;
-                let rest: usize = queue[i..].iter().sum();
-                queue.truncate(i);
-                queue.extend(ballast_balancer::micro_batch_schedule(
-                    &self.reports[rank],
-                    rest,
-                    cap,
-                    &self.options.tunables,
-                ));
-                ddp.set_note(cap as f32);
-                continue;
+            if !pool {
+                memory::reset_peak();
             }
+            let started = Instant::now();
+            let attempt = contain_device_oom(|| {
+                let loss = loss_fn(&model, idx);
+                let loss_value = loss.clone().inner();
+                let grads: Gradients = ddp.weighted_loss(loss, m).backward();
+                (grads, loss_value)
+            });
+            let peak = if check { self.meter.peak() } else { 0 };
+            let inject = self.options.inject_oom_at_step == Some(step) && !self.injected;
+            let (grads, loss_value) = match attempt {
+                Ok(done) if peak <= self.options.budget_bytes && !inject => done,
+                failed => {
+                    self.injected |= inject;
+                    let device_error = failed.err();
+                    if pool {
+                        // The failed attempt's pages go back before the smaller retry is measured.
+                        self.meter.reset_peak();
+                    }
+                    if m == 1 {
+                        return Err(match device_error {
+                            Some(message) => BalanceError::DeviceOutOfMemory { rank, message },
+                            None => BalanceError::OutOfMemory {
+                                rank,
+                                peak,
+                                budget: self.options.budget_bytes,
+                            },
+                        });
+                    }
+                    // Discard, halve, and re-run the rest of the share at the smaller size, laid
+                    // out as the following steps will lay it out.
+                    cap = m / 2;
+                    oom_retries += 1;
+                    let rest: usize = queue[i..].iter().sum();
+                    queue.truncate(i);
+                    queue.extend(ballast_balancer::micro_batch_schedule(
+                        &self.reports[rank],
+                        rest,
+                        cap,
+                        &self.options.tunables,
+                    ));
+                    ddp.set_note(cap as f32);
+                    continue;
+                }
+            };
             peak_bytes = peak_bytes.max(peak);
             ddp.add_weighted_gradients(&model, grads, loss_value, m)?;
             if self.options.slowdown > 1.0 {
@@ -489,6 +527,9 @@ impl Balancer {
             ran.push(m);
             offset += m;
             i += 1;
+        }
+        if pool && !check {
+            peak_bytes = self.meter.peak();
         }
         let (model, stats) = match self.host.as_mut() {
             Some(host) => ddp.finish_step_offloaded(model, host, lr)?,
@@ -617,6 +658,66 @@ const PROBE_WARMUP: usize = 3;
 const PROBE_WINDOWS: usize = 3;
 /// Least duration of a timed window.
 const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_millis(40);
+/// Runs one micro-batch's forward and backward, containing a device out-of-memory.
+///
+/// burn reports a failed device allocation by panicking with cubecl's error text (it has no
+/// typed error for it), so the panic is caught here, at the micro-batch boundary, and its text
+/// returned; the caller discards the micro-batch and retries it smaller, as on a CPU rank over
+/// its budget. Any other panic continues unwinding.
+fn contain_device_oom<T>(run: impl FnOnce() -> T) -> Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(done) => Ok(done),
+        Err(payload) => {
+            let text = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_string()));
+            match text {
+                Some(text) if names_out_of_memory(&text) => Err(text.lines().next().unwrap_or("").to_string()),
+                _ => std::panic::resume_unwind(payload),
+            }
+        }
+    }
+}
+
+/// Whether a backend's panic text reports an exhausted device memory (cubecl's
+/// `IoError::OutOfMemory` and `LaunchError::OutOfMemory`, CUDA's and Vulkan's own words).
+fn names_out_of_memory(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    [
+        "out of device memory",
+        "out-of-memory",
+        "out of memory",
+        "cuda_error_out_of_memory",
+    ]
+    .iter()
+    .any(|k| t.contains(k))
+}
+
+/// Where the probes read a micro-batch's peak bytes.
+enum ProbeMeter<'a> {
+    /// The process heap above this base (ranks as threads on simulated devices, one at a time).
+    Heap(u64),
+    /// The rank's own device meter.
+    Device(&'a DeviceMeter),
+}
+
+impl ProbeMeter<'_> {
+    fn reset(&self) {
+        match self {
+            Self::Heap(_) => memory::reset_peak(),
+            Self::Device(meter) => meter.reset_peak(),
+        }
+    }
+
+    fn read(&self) -> u64 {
+        match self {
+            Self::Heap(base) => memory::peak().saturating_sub(*base),
+            Self::Device(meter) => meter.peak(),
+        }
+    }
+}
+
 /// Least runs in a timed window.
 const PROBE_RUNS: u32 = 2;
 
@@ -632,7 +733,7 @@ fn probe_points<'c, M, F>(
     pool: &[usize],
     params: u64,
     options: &BalanceOptions,
-    peak: impl Fn() -> u64,
+    peak: &ProbeMeter<'_>,
     mut together: Option<&mut (dyn ballast_collectives::Communicator + 'c)>,
 ) -> Result<Vec<ProbePoint>, BalanceError>
 where
@@ -652,7 +753,7 @@ where
             drop(loss_fn(model, &pool[..largest]).backward());
         }
     }
-    let mut points = time_sizes(model, loss_fn, pool, &sizes, options, &peak, together.as_deref_mut())?;
+    let mut points = time_sizes(model, loss_fn, pool, &sizes, options, peak, together.as_deref_mut())?;
     let report = report_from_probes(&points, params, options);
     let mut extra: Vec<usize> = refine_sizes(&report, &options.tunables);
     // Ranks time the same sizes at the same time (every rank's refinements), so a rank that
@@ -663,7 +764,7 @@ where
     extra.sort_unstable();
     extra.dedup();
     extra.retain(|&m| m <= pool.len() && !sizes.contains(&m));
-    points.extend(time_sizes(model, loss_fn, pool, &extra, options, &peak, together)?);
+    points.extend(time_sizes(model, loss_fn, pool, &extra, options, peak, together)?);
     points.sort_by_key(|p| p.samples);
     Ok(points)
 }
@@ -710,7 +811,7 @@ fn time_sizes<'c, M, F>(
     pool: &[usize],
     sizes: &[usize],
     options: &BalanceOptions,
-    peak: &impl Fn() -> u64,
+    peak: &ProbeMeter<'_>,
     mut together: Option<&mut (dyn ballast_collectives::Communicator + 'c)>,
 ) -> Result<Vec<ProbePoint>, BalanceError>
 where
@@ -741,10 +842,10 @@ where
             let started = Instant::now();
             let mut runs = 0u32;
             while runs < PROBE_RUNS || started.elapsed() < PROBE_WINDOW {
-                memory::reset_peak();
+                peak.reset();
                 let grads = loss_fn(model, &pool[..m]).backward();
+                point.peak_bytes = point.peak_bytes.max(peak.read());
                 drop(grads);
-                point.peak_bytes = point.peak_bytes.max(peak());
                 runs += 1;
             }
             times.push(started.elapsed().as_secs_f64() / f64::from(runs) * options.slowdown.max(1.0));
@@ -871,6 +972,24 @@ mod tests {
 
     /// Around the chosen size (16: within the tolerance of 8, the fastest), at offsets of 1, 2,
     /// 4, 8 on both sides, strictly between the measured neighbours 8 and 32.
+    #[test]
+    fn device_out_of_memory_is_told_from_other_panics() {
+        // cubecl's IoError and LaunchError texts, and CUDA's own name.
+        for text in [
+            "out of device memory allocating 1073741824 bytes",
+            "An out-of-memory error happened during launch",
+            "CUDA_ERROR_OUT_OF_MEMORY",
+        ] {
+            assert!(names_out_of_memory(text), "{text}");
+            let caught = contain_device_oom(|| -> () { panic!("{text}") });
+            assert_eq!(caught.unwrap_err(), text);
+        }
+        assert!(!names_out_of_memory("index out of bounds"));
+        let other = std::panic::catch_unwind(|| contain_device_oom(|| -> () { panic!("index out of bounds") }));
+        assert!(other.is_err(), "a panic that is not out of memory must keep unwinding");
+        assert_eq!(contain_device_oom(|| 7), Ok(7));
+    }
+
     #[test]
     fn refines_on_both_sides_of_the_chosen_size() {
         let curve = [

@@ -181,15 +181,9 @@ fn rank_main<T: Task>(
     let rank = comm.rank();
     let world = comm.world_size();
     let mut comm = comm;
-    #[cfg(feature = "cuda")]
     let meter = match gpu {
-        Some(ordinal) => DeviceMeter::start_gpu(ordinal).map_err(anyhow::Error::msg)?,
-        None => DeviceMeter::start(),
-    };
-    #[cfg(not(feature = "cuda"))]
-    let meter = {
-        let _ = gpu;
-        DeviceMeter::start()
+        Some(ordinal) => DeviceMeter::for_device(&device).on_cuda(ordinal),
+        None => DeviceMeter::for_device(&device),
     };
     // The seeded generator is process-wide: ranks as threads build (and lazily initialise) their
     // models one at a time, so rank 0's initial weights depend on the seed alone.

@@ -1,4 +1,5 @@
-//! Measuring memory on CPU ranks: a counting global allocator.
+//! Measuring device memory: burn's memory pool on cubecl devices (wgpu, CUDA), a counting global
+//! allocator on CPU ranks ([`DeviceMeter`] picks one).
 //!
 //! CPU backends have no device memory pool to ask, so a binary that wants exact numbers installs
 //! [`CountingAlloc`] as its global allocator; every heap allocation of the process then updates
@@ -14,6 +15,7 @@
 //! The counters are process-wide: with ranks as threads they add up all ranks, so the balancer
 //! probes such worlds before the threads start (one model, one measurement).
 
+use burn::tensor::Device;
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
@@ -93,14 +95,28 @@ pub fn is_counting() -> bool {
     ACTIVE.load(Ordering::Relaxed)
 }
 
-/// Memory attributed to one device: on CPU ranks, heap above a baseline taken when the device
-/// "starts" (after datasets and other host-side state are loaded); on a GPU (feature `cuda`),
-/// device memory in use above the baseline (`cuMemGetInfo`: burn's memory pool keeps what it
-/// once reserved, so usage after a pass is its high-water mark; not yet verified on a GPU).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Memory attributed to one device, above a baseline taken when the meter starts (after
+/// datasets and other host-side state are loaded, before the model is built).
+///
+/// Two sources, chosen by [`DeviceMeter::for_device`]:
+/// - **heap** (CPU backends, which have no memory pool to ask): the counting allocator's bytes
+///   in use and their peak since [`DeviceMeter::reset_peak`];
+/// - **pool** (cubecl devices: wgpu, CUDA): burn's own allocator of that device
+///   (`memory_pool_usage`). [`DeviceMeter::reset_peak`] waits for the device and releases the
+///   pool's free pages (`memory_cleanup`), so the bytes the pool reserves afterwards are the
+///   high-water mark of the work since then. Other processes on the same GPU never count, and
+///   neither does what the driver keeps for itself.
+#[derive(Debug, Clone)]
 pub struct DeviceMeter {
     baseline: u64,
-    gpu: Option<usize>,
+    source: Source,
+    cuda: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    Heap,
+    Pool(Device),
 }
 
 impl DeviceMeter {
@@ -108,60 +124,88 @@ impl DeviceMeter {
     pub fn start() -> Self {
         Self {
             baseline: in_use(),
-            gpu: None,
+            source: Source::Heap,
+            cuda: None,
         }
     }
 
-    /// Starts metering the memory of CUDA device `ordinal` at its current usage.
-    ///
-    /// # Errors
-    /// When the device cannot be queried.
-    #[cfg(feature = "cuda")]
-    pub fn start_gpu(ordinal: usize) -> Result<Self, String> {
-        let used = gpu_used(ordinal).ok_or_else(|| format!("cannot query the memory of cuda:{ordinal}"))?;
-        Ok(Self {
-            baseline: used,
-            gpu: Some(ordinal),
-        })
+    /// Starts metering `device`: its memory pool where burn reports one, else the heap.
+    pub fn for_device(device: &Device) -> Self {
+        match pool_reserved(device, true) {
+            Some(reserved) => Self {
+                baseline: reserved,
+                source: Source::Pool(device.clone()),
+                cuda: None,
+            },
+            None => Self::start(),
+        }
     }
 
-    /// The GPU this meter reads, when it meters one.
+    /// Marks the metered device as CUDA GPU `ordinal` (offloaded optimizer state then goes to
+    /// managed memory of that GPU).
+    pub fn on_cuda(mut self, ordinal: usize) -> Self {
+        self.cuda = Some(ordinal);
+        self
+    }
+
+    /// The CUDA GPU this meter reads, when it meters one.
     pub fn gpu(&self) -> Option<usize> {
-        self.gpu
+        self.cuda
+    }
+
+    /// Whether this meter reads a device's memory pool (not the process heap).
+    pub fn reads_pool(&self) -> bool {
+        matches!(self.source, Source::Pool(_))
     }
 
     /// Stops counting `bytes` allocated after the start as device memory: buffers that live in
     /// host memory on a real accelerator (offloaded optimizer state) share the heap with the
-    /// simulated device on CPU ranks.
+    /// simulated device on CPU ranks. A pool meter never sees host buffers.
     pub fn exclude(&mut self, bytes: u64) {
-        if self.gpu.is_none() {
+        if !self.reads_pool() {
             self.baseline += bytes;
         }
     }
 
-    fn now(&self) -> Option<u64> {
-        #[cfg(feature = "cuda")]
-        if let Some(ordinal) = self.gpu {
-            return gpu_used(ordinal);
+    /// Starts a new peak window: the heap's peak restarts at its current usage; a pool waits
+    /// for its device and releases its free pages.
+    pub fn reset_peak(&self) {
+        match &self.source {
+            Source::Heap => reset_peak(),
+            Source::Pool(device) => {
+                let _ = device.sync();
+                device.memory_cleanup();
+            }
         }
-        None
     }
 
-    /// Bytes in use above the baseline.
+    /// Bytes in use above the baseline (a pool: bytes its live allocations hold).
     pub fn in_use(&self) -> u64 {
-        self.now().unwrap_or_else(in_use).saturating_sub(self.baseline)
+        match &self.source {
+            Source::Heap => in_use(),
+            Source::Pool(device) => device.memory_pool_usage().map_or(0, |u| u.bytes_in_use),
+        }
+        .saturating_sub(self.baseline)
     }
 
-    /// Peak above the baseline since the last [`reset_peak`] (GPU: usage now, the pool's
-    /// high-water mark).
+    /// Peak above the baseline since the last [`DeviceMeter::reset_peak`] (a pool: the bytes it
+    /// reserves once the device has finished the queued work).
     pub fn peak(&self) -> u64 {
-        self.now().unwrap_or_else(peak).saturating_sub(self.baseline)
+        match &self.source {
+            Source::Heap => peak(),
+            Source::Pool(device) => pool_reserved(device, false).unwrap_or(0),
+        }
+        .saturating_sub(self.baseline)
     }
 }
 
-#[cfg(feature = "cuda")]
-fn gpu_used(ordinal: usize) -> Option<u64> {
-    let ctx = cudarc::driver::CudaContext::new(ordinal).ok()?;
-    let (free, total) = ctx.mem_get_info().ok()?;
-    Some((total - free) as u64)
+/// Bytes `device`'s pool reserves after its queued work (and, with `clean`, a release of its
+/// free pages); `None` where burn reports no pool (CPU backends).
+fn pool_reserved(device: &Device, clean: bool) -> Option<u64> {
+    device.memory_pool_usage()?;
+    let _ = device.sync();
+    if clean {
+        device.memory_cleanup();
+    }
+    device.memory_pool_usage().map(|u| u.bytes_reserved)
 }

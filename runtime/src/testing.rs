@@ -645,7 +645,15 @@ pub struct BalancedRun {
     pub balance: crate::balance::BalanceOptions,
     /// Learning rate (Adam).
     pub lr: f64,
+    /// This rank's device.
+    pub device: DeviceChoice,
+    /// Make the loss function of this rank's first micro-batch of this step panic with cubecl's
+    /// out-of-memory text, as burn does when a device allocation fails.
+    pub device_oom_at_step: Option<u64>,
 }
+
+/// The panic text of [`BalancedRun::device_oom_at_step`]: cubecl's `IoError::OutOfMemory`.
+pub const INJECTED_DEVICE_OOM: &str = "out of device memory allocating 1073741824 bytes (injected by the test)";
 
 /// One step of a [`balanced_run`], as every rank sees it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -689,18 +697,18 @@ pub fn balanced_run(
     comm: Box<dyn Communicator>,
     run: &BalancedRun,
 ) -> Result<BalancedOutcome, crate::balance::BalanceError> {
-    let device = Device::flex().autodiff();
+    let device = run.device.device(0).map_err(DdpError::from)?.autodiff();
     // Runs are compared with each other (e.g. with and without an injected fault): rank 0's
     // initial weights, which every rank receives, must not depend on the run.
     device.seed(3);
     if run.conv {
         let data = SyntheticSet::with_dims(1024, IMAGE_SIDE * IMAGE_SIDE, TARGETS, 3);
-        let meter = crate::memory::DeviceMeter::start();
+        let meter = crate::memory::DeviceMeter::for_device(&device);
         let model = ImageConvNet::with_channels(run.width, &device);
         balanced_loop(comm, run, model, &data, meter, &device)
     } else {
         let data = SyntheticSet::with_dims(4096, WIDE_FEATURES, TARGETS, 3);
-        let meter = crate::memory::DeviceMeter::start();
+        let meter = crate::memory::DeviceMeter::for_device(&device);
         let model = WideMlp::with_width(run.width, &device);
         balanced_loop(comm, run, model, &data, meter, &device)
     }
@@ -736,11 +744,16 @@ fn balanced_steps<M: Regressor>(
 ) -> Result<BalancedOutcome, crate::balance::BalanceError> {
     use crate::balance::Balancer;
     let sampler = GlobalSampler::new(data.len(), run.global_batch, 3).expect("non-empty");
+    let armed = std::cell::Cell::new(false);
     let mut loss_fn = |m: &M, idx: &[usize]| {
+        if armed.replace(false) {
+            panic!("{INJECTED_DEVICE_OOM}");
+        }
         let (x, y) = data.batch(idx, device);
         MseLoss::new().forward(m.forward(x), y, Reduction::Mean)
     };
-    let pool: Vec<usize> = (0..64).collect();
+    let largest_probe = run.balance.probe_sizes.iter().copied().max().unwrap_or(0);
+    let pool: Vec<usize> = (0..largest_probe.max(64)).collect();
     let mut balancer = Balancer::probe(
         ddp,
         &model,
@@ -756,6 +769,7 @@ fn balanced_steps<M: Regressor>(
         let shares = balancer.plan().shares();
         let caps = balancer.plan().micro_batches();
         let started = std::time::Instant::now();
+        armed.set(run.device_oom_at_step == Some(step));
         let (next, out) = balancer.step(ddp, model, &mut optim, run.lr, &sampler.batch(step), &mut loss_fn)?;
         model = next;
         records.push(StepRecord {

@@ -9,12 +9,32 @@ mod common;
 #[cfg(feature = "wgpu")]
 mod wgpu {
     use ballast::{
+        balance::{BalanceOptions, InitialPlan},
         collectives::{local, CommOptions},
         device::DeviceChoice,
-        testing::{device_cases, equivalence_report, run_ddp, Case, ModelKind, OptimKind},
+        memory::DeviceMeter,
+        testing::{
+            balanced_run, device_cases, equivalence_report, relative_difference, run_ddp, BalancedRun, Case, ModelKind,
+            OptimKind, Regressor, SyntheticSet, WideMlp, TARGETS, WIDE_FEATURES,
+        },
     };
+    use burn::nn::loss::{MseLoss, Reduction};
+
+    type BalancedOutcome = (
+        Vec<ballast::testing::StepRecord>,
+        Vec<f32>,
+        Vec<ballast::balancer::DeviceReport>,
+    );
 
     const WGPU: DeviceChoice = DeviceChoice::WgpuCpu;
+
+    /// Held by every test that measures the wgpu device's memory or compares two seeded runs:
+    /// the device's pool and the seeded generator are shared by the whole test process.
+    static POOL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn pool_lock() -> std::sync::MutexGuard<'static, ()> {
+        POOL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 
     /// Every rank's report lines for `cases` on `world` ranks as threads.
     fn report(world: usize, cases: &[Case]) -> Vec<String> {
@@ -40,12 +60,14 @@ mod wgpu {
 
     #[test]
     fn device_wgpu_one_rank_equals_one_device_on_the_whole_batch() {
+        let _pool = pool_lock();
         let cases = device_cases(1, &[WGPU]);
         assert_all_ok(&report(1, &cases), cases.len());
     }
 
     #[test]
     fn device_wgpu_three_ranks_equal_one_device_and_stay_identical() {
+        let _pool = pool_lock();
         let cases = device_cases(3, &[WGPU]);
         assert_all_ok(&report(3, &cases), cases.len());
     }
@@ -54,6 +76,7 @@ mod wgpu {
     /// and the replicas within `MIXED_REPLICA_TOLERANCE` of each other.
     #[test]
     fn device_mixed_wgpu_and_flex_ranks_agree() {
+        let _pool = pool_lock();
         let cases = device_cases(3, &[WGPU, DeviceChoice::Flex, DeviceChoice::Flex]);
         assert_all_ok(&report(3, &cases), cases.len());
     }
@@ -61,6 +84,7 @@ mod wgpu {
     /// How far a wgpu replica and flex replicas drift apart over 200 steps of Adam.
     #[test]
     fn device_mixed_replicas_drift_over_200_steps() {
+        let _pool = pool_lock();
         let mut case = Case::new(ModelKind::Mlp, OptimKind::Adam, &[5, 2, 1], &[3, 2, 1]).on(&[
             WGPU,
             DeviceChoice::Flex,
@@ -87,6 +111,7 @@ mod wgpu {
     /// micro-batches ran.
     #[test]
     fn device_wgpu_step_reads_the_fused_buffer_once() {
+        let _pool = pool_lock();
         let mut traffic = Vec::new();
         for cap in [8, 1] {
             let mut case = Case::new(ModelKind::Mlp, OptimKind::Sgd, &[8, 8, 8], &[cap; 3]).on(&[WGPU]);
@@ -110,6 +135,170 @@ mod wgpu {
             vec![vec![fused; 3]; 2],
             "device→host bytes per step with 1 and 8 micro-batches"
         );
+    }
+
+    /// Least-squares line through `(x, y)`: slope, intercept and R².
+    fn fit(points: &[(f64, f64)]) -> (f64, f64, f64) {
+        let n = points.len() as f64;
+        let (mx, my) = (
+            points.iter().map(|p| p.0).sum::<f64>() / n,
+            points.iter().map(|p| p.1).sum::<f64>() / n,
+        );
+        let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+        let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+        let syy: f64 = points.iter().map(|p| (p.1 - my).powi(2)).sum();
+        let slope = sxy / sxx;
+        (slope, my - slope * mx, sxy * sxy / (sxx * syy))
+    }
+
+    /// The wgpu meter reads burn's memory pool: a micro-batch's peak grows with its size, so the
+    /// planner gets a real bytes-per-sample slope (a high-water mark that never resets would
+    /// read the same at every size). The model is wide enough that the activations outgrow the
+    /// pool's first pages.
+    #[test]
+    fn device_wgpu_probe_peaks_grow_with_the_micro_batch() {
+        let _pool = pool_lock();
+        let device = WGPU.device(0).unwrap().autodiff();
+        let meter = DeviceMeter::for_device(&device);
+        assert!(meter.reads_pool(), "the wgpu device reports no memory pool");
+        let data = SyntheticSet::with_dims(1024, WIDE_FEATURES, TARGETS, 3);
+        let model = WideMlp::with_width(1024, &device);
+        let idx: Vec<usize> = (0..1024).collect();
+        let peak_at = |m: usize| {
+            meter.reset_peak();
+            let (x, y) = data.batch(&idx[..m], &device);
+            let grads = MseLoss::new().forward(model.forward(x), y, Reduction::Mean).backward();
+            let peak = meter.peak();
+            drop(grads);
+            peak
+        };
+        // Largest first, as the balancer's warm-up does: the sizes after it must not read its peak.
+        let _ = peak_at(1024);
+        let points: Vec<(f64, f64)> = [32, 64, 128, 256, 512, 1024]
+            .iter()
+            .map(|&m| (m as f64, peak_at(m) as f64))
+            .collect();
+        let (slope, intercept, r2) = fit(&points);
+        println!(
+            "wgpu probe peaks {:?}: slope {slope:.0} bytes/sample, intercept {intercept:.0}, R² {r2:.4}",
+            points.iter().map(|p| (p.0 as usize, p.1 as u64)).collect::<Vec<_>>()
+        );
+        assert!(slope > 0.0, "peak does not grow with the micro-batch: {points:?}");
+        // The pool reserves pages: small micro-batches fit in the first ones, larger ones add
+        // pages in proportion to their size.
+        assert!(
+            points[5].1 > points[0].1 + 256.0 * slope,
+            "the largest micro-batch reserves too little more than the smallest: {points:?}"
+        );
+    }
+
+    /// Probe sizes where the wide model's activations outgrow the pool's first pages.
+    const LARGE_PROBES: [usize; 5] = [128, 256, 512, 768, 1024];
+
+    fn balanced(
+        device_oom_at_step: Option<u64>,
+        budget_bytes: u64,
+        global_batch: usize,
+        width: usize,
+        probe_sizes: &[usize],
+    ) -> BalancedOutcome {
+        let run = BalancedRun {
+            global_batch,
+            steps: 4,
+            width,
+            conv: false,
+            lr: 1e-3,
+            device: WGPU,
+            device_oom_at_step,
+            balance: BalanceOptions {
+                budget_bytes,
+                initial: InitialPlan::Equal,
+                rebalance: false,
+                probe_sizes: probe_sizes.to_vec(),
+                // Deterministic: the micro-batch follows from memory alone, not from timings.
+                tunables: ballast::balancer::Tunables {
+                    micro_batch_policy: ballast::balancer::MicroBatchPolicy::Largest,
+                    ..Default::default()
+                },
+                ..BalanceOptions::default()
+            },
+        };
+        local::run(1, CommOptions::default(), |comm| balanced_run(Box::new(comm), &run))
+            .pop()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `--device-memory` on a wgpu rank: every micro-batch that ran kept its measured peak within
+    /// the budget, and the cap in force at the end uses at least 70 % of it. The budget is the
+    /// first run's fixed bytes plus 700 samples, so memory, not speed, sets the micro-batch.
+    ///
+    /// The first plan's cap can overshoot: once Adam's moments exist, the pool reserves more than
+    /// the planned 8 bytes per parameter (its pages are coarser than the moments), and the first
+    /// micro-batch over the budget backs off to half the size. The test prints how often.
+    #[test]
+    fn device_wgpu_cap_keeps_the_peak_within_the_budget() {
+        let _pool = pool_lock();
+        let (_, _, reports) = balanced(None, u64::MAX, 256, 1024, &LARGE_PROBES);
+        let r = &reports[0];
+        let budget = r.fixed_bytes + 700 * r.bytes_per_sample;
+        let (records, _, reports) = balanced(None, budget, 1400, 1024, &LARGE_PROBES);
+        println!(
+            "wgpu budget {budget} B (planned fixed {} B + {} B/sample)",
+            reports[0].fixed_bytes, reports[0].bytes_per_sample,
+        );
+        for s in &records {
+            println!(
+                "step {}: cap {}, micro-batches {:?}, peak {} B = {:.1} % of the budget, back-offs {}",
+                s.step,
+                s.caps[0],
+                s.micro_batches,
+                s.peak_bytes,
+                100.0 * s.peak_bytes as f64 / budget as f64,
+                s.oom_retries
+            );
+            assert!(
+                s.peak_bytes <= budget,
+                "step {}: peak {} over budget {budget}",
+                s.step,
+                s.peak_bytes
+            );
+        }
+        let last = records.last().unwrap();
+        assert!(records[0].caps[0] < 1400, "the budget did not limit the micro-batch");
+        assert_eq!(last.oom_retries, 0, "the cap had not settled by the last step");
+        assert!(
+            last.peak_bytes as f64 >= 0.7 * budget as f64,
+            "peak {} uses under 70 % of {budget}",
+            last.peak_bytes
+        );
+    }
+
+    /// A device out-of-memory on a micro-batch (burn panics with cubecl's text; injected here
+    /// inside the loss function) is contained: the micro-batch is retried at half the size, the
+    /// step completes with every sample, and the parameters equal the clean run's.
+    #[test]
+    fn device_wgpu_out_of_memory_backs_off() {
+        let _pool = pool_lock();
+        let probes = [1, 2, 4, 8, 16, 32];
+        let (clean, clean_params, _) = balanced(None, u64::MAX, 32, 256, &probes);
+        let (fault, fault_params, _) = balanced(Some(2), u64::MAX, 32, 256, &probes);
+        println!(
+            "wgpu injected device OOM at step 2: micro-batches {:?} → {:?}, retries {}",
+            clean[2].micro_batches, fault[2].micro_batches, fault[2].oom_retries
+        );
+        assert_eq!(fault[2].oom_retries, 1);
+        assert!(fault[2].micro_batches.len() > clean[2].micro_batches.len());
+        for (a, b) in clean.iter().zip(&fault) {
+            assert_eq!(
+                a.global_samples, b.global_samples,
+                "step {} lost or repeated samples",
+                a.step
+            );
+        }
+        let rel = relative_difference(&clean_params, &fault_params);
+        println!("relative parameter difference after the back-off: {rel:.3e}");
+        assert!(rel <= 1e-6, "{rel}");
     }
 
     #[cfg(feature = "mpi")]

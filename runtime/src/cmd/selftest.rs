@@ -216,6 +216,8 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
             width: args.width,
             conv: args.conv,
             lr: 1e-3,
+            device: ballast::device::DeviceChoice::Flex,
+            device_oom_at_step: None,
             balance: BalanceOptions {
                 budget_bytes: budget,
                 initial,
