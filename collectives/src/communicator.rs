@@ -94,6 +94,10 @@ pub trait Communicator: Send {
     fn backend(&self) -> &'static str;
     /// The timeout each blocking call honours.
     fn timeout(&self) -> Duration;
+    /// Sets the timeout of the calls that follow, for a call known to wait longer (a barrier
+    /// behind a large checkpoint write). Every rank sets the same at the same point: a rank with
+    /// a shorter deadline reports the others missing first.
+    fn set_timeout(&mut self, timeout: Duration);
     /// Collectives this rank has entered so far (the sequence number of its next handshake):
     /// the difference over a step counts the collectives the step really ran.
     fn collectives_started(&self) -> u64;

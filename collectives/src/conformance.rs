@@ -213,6 +213,43 @@ pub fn check_missing_rank(comm: &mut dyn Communicator, missing: usize) -> Result
     }
 }
 
+/// Rank 0 joins a barrier later than the communicator's timeout, but every rank raised the
+/// timeout for it first ([`Communicator::set_timeout`]): the barrier succeeds, and the timeout
+/// reads back as set, then as before once restored.
+///
+/// # Errors
+/// A message when the barrier fails or a timeout does not read back.
+pub fn check_longer_deadline(comm: &mut dyn Communicator) -> Result<String, String> {
+    let rank = comm.rank();
+    let usual = comm.timeout();
+    let longer = usual * 4;
+    comm.set_timeout(longer);
+    if comm.timeout() != longer {
+        return Err(format!(
+            "rank {rank}: timeout reads {:?} after setting {longer:?}",
+            comm.timeout()
+        ));
+    }
+    let late = usual + usual / 2;
+    if rank == 0 {
+        std::thread::sleep(late);
+    }
+    let started = std::time::Instant::now();
+    let result = comm.barrier();
+    let waited = started.elapsed();
+    comm.set_timeout(usual);
+    result.map_err(|e| format!("rank {rank}: a barrier within {longer:?} failed: {e}"))?;
+    if comm.timeout() != usual {
+        return Err(format!("rank {rank}: timeout not restored to {usual:?}"));
+    }
+    comm.barrier()
+        .map_err(|e| format!("rank {rank}: a barrier after restoring failed: {e}"))?;
+    Ok(format!(
+        "waited {:.1}s for rank 0 with a timeout of {usual:?} raised to {longer:?}",
+        waited.as_secs_f64()
+    ))
+}
+
 /// Options with a short timeout for the failure checks.
 pub fn short_timeout_options() -> CommOptions {
     CommOptions::default().with_timeout(Duration::from_millis(1500))

@@ -139,3 +139,12 @@ pub enum Error {
         message: String,
     },
 }
+
+impl Error {
+    /// Whether this error is what a rank sees when *another* rank failed: a timeout waiting for
+    /// it, or a communicator poisoned by an earlier failure. A job that gathers every rank's
+    /// error reports a cause before these.
+    pub fn is_consequence(&self) -> bool {
+        matches!(self, Error::Timeout { .. } | Error::Poisoned { .. })
+    }
+}

@@ -270,6 +270,10 @@ impl Communicator for LocalCommunicator {
         self.options.timeout
     }
 
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.options.timeout = timeout;
+    }
+
     fn collectives_started(&self) -> u64 {
         self.seq
     }

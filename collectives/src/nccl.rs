@@ -135,7 +135,6 @@ impl NcclCommunicator {
         for (dst, src) in internal.iter_mut().zip(&id_bytes) {
             *dst = *src as std::ffi::c_char;
         }
-        let _ = Id::uninit(internal);
         let mut raw = std::mem::MaybeUninit::uninit();
         let nranks = i32::try_from(world).map_err(|e| gpu("ncclCommInitRank", rank, e))?;
         let me = i32::try_from(rank).map_err(|e| gpu("ncclCommInitRank", rank, e))?;
@@ -278,6 +277,10 @@ impl Communicator for NcclCommunicator {
 
     fn timeout(&self) -> Duration {
         self.control.timeout()
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.control.set_timeout(timeout);
     }
 
     fn collectives_started(&self) -> u64 {

@@ -29,6 +29,17 @@ macro_rules! local_cases {
             }
 
             #[test]
+            fn a_raised_timeout_lets_a_late_rank_join() {
+                let results = local::run($ranks, conformance::short_timeout_options(), |mut comm| {
+                    conformance::check_longer_deadline(&mut comm)
+                });
+                for (rank, r) in results.into_iter().enumerate() {
+                    let msg = r.unwrap_or_else(|e| panic!("rank {rank}: {e}"));
+                    assert!(msg.contains("raised to"), "{msg}");
+                }
+            }
+
+            #[test]
             fn missing_rank_is_named_in_a_timeout() {
                 let missing = $ranks - 1;
                 let results = local::run($ranks, conformance::short_timeout_options(), |mut comm| {

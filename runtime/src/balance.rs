@@ -420,6 +420,20 @@ impl Balancer {
         &self.plan_changes
     }
 
+    /// Plans with the measured all-reduce: the previous step's, as the rank that waited least
+    /// for the others saw it. It adds the same to every candidate plan's step time, so the
+    /// rebalancer's gain is a share of the whole step, not of compute alone.
+    fn observe_all_reduce(&mut self, stats: &StepStats) {
+        if stats.step == 0 {
+            return;
+        }
+        let comm_s = stats.rank_prev_all_reduce.iter().copied().fold(f64::INFINITY, f64::min);
+        if comm_s.is_finite() {
+            self.plan.predicted_step_s += comm_s - self.plan.allreduce_s;
+            self.plan.allreduce_s = comm_s;
+        }
+    }
+
     /// Smoothed samples/s of every rank, as the rebalancer sees them.
     pub fn observed_speeds(&self) -> Vec<f64> {
         self.rebalancer.speeds(&self.reports)
@@ -544,6 +558,7 @@ impl Balancer {
                 plan_changed = true;
             }
         }
+        self.observe_all_reduce(&stats);
         if self.options.rebalance && self.options.initial != InitialPlan::Naive {
             // Start stamps as offsets from rank 0's: meaningful between ranks of one host, which
             // is all a compute group compares.

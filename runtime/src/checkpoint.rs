@@ -32,8 +32,8 @@ use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::{
-    ddp::{collect_params, flatten_params, load_params},
     offload::HostAdam,
+    params::{collect_params, flatten_params, load_params},
 };
 
 /// The format tag in `__metadata__`.

@@ -42,7 +42,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use burn::{
-    module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId},
+    module::{Module, ModuleVisitor, Param},
     optim::{GradientsParams, ModuleOptimizer},
     tensor::{Device, Gradients, Tensor, TensorData},
 };
@@ -51,6 +51,8 @@ use ballast_collectives::{
     bucket::{BucketLayout, DEFAULT_BUCKET_CAP_BYTES},
     Communicator, CommunicatorExt, DeviceBuffer,
 };
+
+use crate::params::{checksum, collect_params, flatten_params, load_params, ParamSlot};
 
 /// Errors of data-parallel training.
 #[derive(Debug, thiserror::Error)]
@@ -192,17 +194,10 @@ pub struct StepStats {
     /// host's monotonic clock modulo [`START_CLOCK_PERIOD_S`], indexed by rank. Comparable only
     /// between ranks of one host, and only through [`start_offset`].
     pub rank_started: Vec<f64>,
-}
-
-/// One parameter as laid out in the fused buffer.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ParamSlot {
-    /// Module path, e.g. `l1.weight`.
-    pub path: String,
-    /// Shape.
-    pub dims: Vec<usize>,
-    #[serde(skip, default = "ParamId::new")]
-    id: ParamId,
+    /// Every rank's all-reduce seconds of the *previous* step (0 at the first), indexed by rank.
+    /// A rank's figure includes its wait for the last rank to arrive, so the smallest is the
+    /// communication itself; the balancer plans with it.
+    pub rank_prev_all_reduce: Vec<f64>,
 }
 
 /// The data-parallel wrapper: owns the communicator, the bucket layout and this step's
@@ -226,6 +221,8 @@ pub struct DataParallel {
     note: f32,
     ready_since: Instant,
     ready_clock: f64,
+    /// This rank's all-reduce seconds of the previous step.
+    last_all_reduce: f32,
 }
 
 /// Bytes a step moved between the model's device and the host, counted where the copies are
@@ -238,9 +235,9 @@ pub struct Traffic {
     pub to_device: u64,
 }
 
-/// Per-rank values carried in the tail of the fused buffer: compute seconds, samples, note, start
-/// stamp.
-const PER_RANK: usize = 4;
+/// Per-rank values carried in the tail of the fused buffer (after the loss sum and the sample
+/// count): compute seconds, samples, note, start stamp, the previous step's all-reduce seconds.
+pub const TAIL_VALUES_PER_RANK: usize = 5;
 
 /// Period of the start stamps in [`StepStats::rank_started`]: small enough that an `f32` in the
 /// all-reduce holds them to a few microseconds.
@@ -289,7 +286,7 @@ impl DataParallel {
         }
         let mut lens: Vec<usize> = params.iter().map(|p| p.dims.iter().product()).collect();
         // Loss sum, sample count, then per rank: compute seconds, samples, note, start stamp.
-        lens.push(2 + PER_RANK * comm.world_size());
+        lens.push(2 + TAIL_VALUES_PER_RANK * comm.world_size());
         let layout = BucketLayout::new(&lens, options.bucket_cap_bytes, std::mem::size_of::<f32>())?;
         let grads = vec![None; params.len()];
         let mut ddp = Self {
@@ -306,6 +303,7 @@ impl DataParallel {
             note: 0.0,
             ready_since: Instant::now(),
             ready_clock: host_clock(),
+            last_all_reduce: 0.0,
         };
         let mut flat = flatten_params(&model);
         ddp.comm.broadcast_f32(0, &mut flat)?;
@@ -540,12 +538,13 @@ impl DataParallel {
         // Wall time since this rank was last ready: forward, backward, data and any waiting in
         // the caller's loop. This is what a slower device costs the step.
         let busy = self.ready_since.elapsed();
-        let mut values = vec![0.0; 1 + PER_RANK * world];
+        let mut values = vec![0.0; 1 + TAIL_VALUES_PER_RANK * world];
         values[0] = count;
-        values[1 + PER_RANK * rank] = busy.as_secs_f32();
-        values[1 + PER_RANK * rank + 1] = self.local_samples as f32;
-        values[1 + PER_RANK * rank + 2] = self.note;
-        values[1 + PER_RANK * rank + 3] = self.ready_clock as f32;
+        values[1 + TAIL_VALUES_PER_RANK * rank] = busy.as_secs_f32();
+        values[1 + TAIL_VALUES_PER_RANK * rank + 1] = self.local_samples as f32;
+        values[1 + TAIL_VALUES_PER_RANK * rank + 2] = self.note;
+        values[1 + TAIL_VALUES_PER_RANK * rank + 3] = self.ready_clock as f32;
+        values[1 + TAIL_VALUES_PER_RANK * rank + 4] = self.last_all_reduce;
         traffic.to_device += byte_len(values.len());
         let mut pieces: Vec<Tensor<1>> = Vec::with_capacity(tail + 2);
         for (i, g) in self.grads.iter_mut().enumerate() {
@@ -585,11 +584,12 @@ impl DataParallel {
         let t = reduced.host_range(tail_range, &mut traffic)?;
         let [loss_sum, count] = [t[0], t[1]];
         reduced.count = count;
-        let per_rank = |r: usize, k: usize| t[2 + PER_RANK * r + k];
+        let per_rank = |r: usize, k: usize| t[2 + TAIL_VALUES_PER_RANK * r + k];
         let rank_compute: Vec<f64> = (0..world).map(|r| f64::from(per_rank(r, 0))).collect();
         let rank_samples: Vec<usize> = (0..world).map(|r| per_rank(r, 1) as usize).collect();
         let rank_notes: Vec<f32> = (0..world).map(|r| per_rank(r, 2)).collect();
         let rank_started: Vec<f64> = (0..world).map(|r| f64::from(per_rank(r, 3))).collect();
+        let rank_prev_all_reduce: Vec<f64> = (0..world).map(|r| f64::from(per_rank(r, 4))).collect();
         if count <= 0.0 {
             return Err(DdpError::EmptyStep { step: self.step });
         }
@@ -607,7 +607,9 @@ impl DataParallel {
             rank_samples,
             rank_notes,
             rank_started,
+            rank_prev_all_reduce,
         };
+        self.last_all_reduce = all_reduce.as_secs_f32();
         self.local_samples = 0;
         self.micro_batches = 0;
         self.note = 0.0;
@@ -808,107 +810,6 @@ fn model_device<M: Module>(model: &M) -> Device {
     let mut f = Find(None);
     model.visit(&mut f);
     f.0.unwrap_or_default()
-}
-
-/// The float parameters of `model` in visiting order, with their paths.
-pub fn collect_params<M: Module>(model: &M) -> Vec<ParamSlot> {
-    struct Collect {
-        path: Vec<String>,
-        out: Vec<ParamSlot>,
-    }
-    impl ModuleVisitor for Collect {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.out.push(ParamSlot {
-                path: self
-                    .path
-                    .iter()
-                    .filter(|s| !s.is_empty())
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("."),
-                dims: param.lazy_shape().dims::<D>().to_vec(),
-                id: param.id,
-            });
-        }
-    }
-    let mut c = Collect {
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    model.visit(&mut c);
-    c.out
-}
-
-/// Every float parameter's values, concatenated in visiting order.
-pub fn flatten_params<M: Module>(model: &M) -> Vec<f32> {
-    struct Flatten(Vec<f32>);
-    impl ModuleVisitor for Flatten {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let data = param.val().into_data();
-            self.0.extend(data.iter::<f32>());
-        }
-    }
-    // Sized exactly: the master copy of an offloaded optimizer is this vector, and a doubling
-    // growth would hold up to twice the parameters' bytes.
-    let mut f = Flatten(Vec::with_capacity(model.num_params()));
-    model.visit(&mut f);
-    f.0
-}
-
-/// Per-parameter values in visiting order.
-pub fn param_values<M: Module>(model: &M) -> Vec<Vec<f32>> {
-    struct Each(Vec<Vec<f32>>);
-    impl ModuleVisitor for Each {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.0.push(param.val().into_data().iter::<f32>().collect());
-        }
-    }
-    let mut e = Each(Vec::new());
-    model.visit(&mut e);
-    e.0
-}
-
-/// Replaces every float parameter with the next values of `flat` (as from [`flatten_params`]).
-///
-/// # Panics
-/// If `flat` is shorter than the model's parameters.
-pub fn load_params<M: Module>(model: M, flat: &[f32]) -> M {
-    struct Load<'a> {
-        flat: &'a [f32],
-        offset: usize,
-    }
-    impl ModuleMapper for Load<'_> {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            let dims: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
-            let n: usize = dims.iter().product();
-            let values = self.flat[self.offset..self.offset + n].to_vec();
-            self.offset += n;
-            param.map(|t| {
-                let require_grad = t.is_require_grad();
-                let device = t.device();
-                Tensor::<D>::from_data(TensorData::new(values, dims), &device).set_require_grad(require_grad)
-            })
-        }
-    }
-    model.map(&mut Load { flat, offset: 0 })
-}
-
-/// FNV-1a over the bits of every parameter, in visiting order.
-pub fn checksum<M: Module>(model: &M) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in flatten_params(model) {
-        for b in v.to_bits().to_le_bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
 }
 
 fn first_difference(a: &[(String, Vec<usize>)], b: &[(String, Vec<usize>)]) -> Option<String> {

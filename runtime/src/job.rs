@@ -138,7 +138,7 @@ pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Su
     let results = local::run(settings.ranks, options, |comm| {
         rank_main(Box::new(comm), task, settings, true, Device::flex().autodiff(), None)
     });
-    // The first error, preferring one that is not another rank's timeout caused by it.
+    // The first error, preferring a cause over the timeouts it caused on the other ranks.
     let mut summary = None;
     let mut errors = Vec::new();
     for r in results {
@@ -149,11 +149,58 @@ pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Su
     }
     if let Some(e) = errors
         .into_iter()
-        .min_by_key(|e| format!("{e:#}").contains("timed out"))
+        .min_by_key(|e| collective_error(e).is_some_and(ballast_collectives::Error::is_consequence))
     {
         return Err(e);
     }
     summary.context("no rank returned")
+}
+
+/// The slowest write a barrier behind rank 0's save allows for, in bytes per second: a
+/// multi-gigabyte checkpoint on a slow disk must not trip the collective timeout.
+const SLOWEST_WRITE_BYTES_PER_S: f64 = 20e6;
+
+/// At most what a checkpoint of `model` writes: its parameters and two Adam moments, in f32.
+fn checkpoint_bytes<M: burn::module::Module>(model: &M) -> u64 {
+    model.num_params() as u64 * 4 * 3
+}
+
+/// A barrier that waits for rank 0's write of up to `bytes` bytes: the collective timeout plus
+/// the write at [`SLOWEST_WRITE_BYTES_PER_S`], restored afterwards.
+fn barrier_after_write(comm: &mut dyn Communicator, bytes: u64) -> Result<()> {
+    let usual = comm.timeout();
+    comm.set_timeout(usual + std::time::Duration::from_secs_f64(bytes as f64 / SLOWEST_WRITE_BYTES_PER_S));
+    let waited = comm.barrier();
+    comm.set_timeout(usual);
+    Ok(waited?)
+}
+
+/// The collective error at the root of `e`, through the crate errors that carry one.
+fn collective_error(e: &anyhow::Error) -> Option<&ballast_collectives::Error> {
+    use crate::{balance::BalanceError, ddp::DdpError, eval::EvalError};
+    fn in_ddp(d: &DdpError) -> Option<&ballast_collectives::Error> {
+        match d {
+            DdpError::Collective(c) => Some(c),
+            _ => None,
+        }
+    }
+    e.chain().find_map(|cause| {
+        if let Some(c) = cause.downcast_ref::<ballast_collectives::Error>() {
+            return Some(c);
+        }
+        if let Some(d) = cause.downcast_ref::<DdpError>() {
+            return in_ddp(d);
+        }
+        match cause.downcast_ref::<BalanceError>() {
+            Some(BalanceError::Collective(c)) => return Some(c),
+            Some(BalanceError::Ddp(d)) => return in_ddp(d),
+            _ => {}
+        }
+        match cause.downcast_ref::<EvalError>() {
+            Some(EvalError::Comm(c)) => Some(c),
+            _ => None,
+        }
+    })
 }
 
 /// The device of a launched rank and its GPU ordinal: with the `cuda` feature and a GPU
@@ -192,7 +239,7 @@ fn rank_main<T: Task>(
         if turn == rank {
             device.seed(s.seed);
             let model = task.build(&device);
-            let _ = crate::ddp::checksum(&model);
+            let _ = crate::params::checksum(&model);
             built = Some(model);
         }
         if threads {
@@ -458,7 +505,7 @@ fn rank_main<T: Task>(
                 } else {
                     None
                 };
-                ddp.comm().barrier()?;
+                barrier_after_write(ddp.comm(), checkpoint_bytes(&model))?;
                 last_checkpoint = written;
             }
         }
@@ -473,7 +520,7 @@ fn rank_main<T: Task>(
                 checkpoint::save_model(path, &model, &state)?;
             }
             // Nobody reports success before the file is in place.
-            ddp.comm().barrier()?;
+            barrier_after_write(ddp.comm(), checkpoint_bytes(&model))?;
             Some(path.clone())
         }
         None => None,
@@ -489,7 +536,7 @@ fn rank_main<T: Task>(
         losses,
         seconds,
         samples_per_sec: samples as f64 / seconds.max(1e-9),
-        checksum: crate::ddp::checksum(&model),
+        checksum: crate::params::checksum(&model),
         last_checkpoint,
         evals,
         eval_kind: task.eval_kind(),

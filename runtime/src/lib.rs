@@ -25,6 +25,7 @@ pub mod job;
 pub mod memory;
 pub mod metrics;
 pub mod offload;
+pub mod params;
 pub mod report;
 pub mod sampler;
 pub mod testing;

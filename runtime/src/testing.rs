@@ -21,8 +21,9 @@ use ballast_balancer::RankPlan;
 use ballast_collectives::{Communicator, CommunicatorExt};
 
 use crate::{
-    ddp::{flatten_params, load_params, param_values, Averaging, DataParallel, DdpError, DdpOptions},
+    ddp::{Averaging, DataParallel, DdpError, DdpOptions},
     device::DeviceChoice,
+    params::{flatten_params, load_params, param_values},
     GlobalSampler,
 };
 

@@ -7,16 +7,16 @@
 
 use ballast::{
     collectives::{local, CommOptions},
-    ddp::Traffic,
+    ddp::{Traffic, TAIL_VALUES_PER_RANK},
     testing::{run_ddp, Case, ModelKind, OptimKind, Regressor},
 };
 use burn::tensor::Device;
 
-/// Bytes of the fused buffer: every parameter, the loss sum, the sample count and four values
-/// per rank.
+/// Bytes of the fused buffer: every parameter, the loss sum, the sample count and the values of
+/// every rank.
 fn fused_bytes<M: Regressor>(world: usize) -> u64 {
     let params = burn::module::Module::num_params(&M::init(&Device::flex()));
-    ((params + 2 + 4 * world) * 4) as u64
+    ((params + 2 + TAIL_VALUES_PER_RANK * world) * 4) as u64
 }
 
 /// Each rank's traffic per step, for `case` on `world` ranks as threads.
@@ -53,7 +53,7 @@ fn a_step_reads_the_fused_buffer_once_whatever_the_micro_batches() {
                         // The sums written back, and the rank's own values uploaded once.
                         assert_eq!(
                             t.to_device,
-                            expected + ((1 + 4 * world) * 4) as u64,
+                            expected + ((1 + TAIL_VALUES_PER_RANK * world) * 4) as u64,
                             "{label}: host→device bytes"
                         );
                     }

@@ -129,7 +129,7 @@ mod wgpu {
         let params = burn::module::Module::num_params(&<ballast::testing::Mlp as ballast::testing::Regressor>::init(
             &burn::tensor::Device::flex(),
         ));
-        let fused = ((params + 2 + 4 * 3) * 4) as u64;
+        let fused = ((params + 2 + ballast::ddp::TAIL_VALUES_PER_RANK * 3) * 4) as u64;
         assert_eq!(
             traffic,
             vec![vec![fused; 3]; 2],

@@ -96,9 +96,9 @@ fn equivalence_detects_diverged_replicas() {
         let model = if rank {
             model
         } else {
-            let mut flat = ballast::ddp::flatten_params(&model);
+            let mut flat = ballast::params::flatten_params(&model);
             flat[0] += 1e-3;
-            ballast::ddp::load_params(model, &flat)
+            ballast::params::load_params(model, &flat)
         };
         ddp.verify_replicas(&model).err().map(|e| e.to_string())
     });

@@ -42,6 +42,13 @@ macro_rules! mpi_cases {
             }
 
             #[test]
+            fn a_raised_timeout_lets_a_late_rank_join() {
+                for line in every_rank_ok($ranks, "longer-deadline", &[("BALLAST_TIMEOUT_SECS", "1")]) {
+                    assert!(line.contains("raised to 4s"), "{line}");
+                }
+            }
+
+            #[test]
             fn missing_rank_is_named_in_a_timeout() {
                 let lines = every_rank_ok($ranks, "missing-rank", &[("BALLAST_TIMEOUT_SECS", "1.5")]);
                 let missing = $ranks - 1;
@@ -111,4 +118,32 @@ fn bench_allreduce_prints_a_json_summary_last() {
         5,
         "4 sizes from 1 KiB to 64 KiB (x4 steps), then the summary:\n{stdout}"
     );
+}
+
+/// The handshake's cost is counted, not assumed: the busiest rank of the tree handshake sends and
+/// receives 2 messages per round plus 2 where n is not a power of two (at most 2·⌈log2 n⌉ + 2),
+/// the all-to-all exchange 2·(n − 1).
+#[test]
+fn bench_handshake_counts_messages_per_rank() {
+    for (ranks, tree, all_to_all) in [(3usize, 4.0, 4.0), (4, 4.0, 6.0), (5, 6.0, 8.0)] {
+        let out = mpirun(
+            ranks,
+            &["bench", "handshake", "--json", "--iters", "5", "--rounds", "2"],
+            &[],
+        );
+        assert!(out.status.success(), "{}", dump(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().last().expect("some output");
+        let v: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"));
+        println!("{ranks} ranks: {last}");
+        assert_eq!(v["ranks"], ranks, "{last}");
+        assert_eq!(v["tree"]["messages_per_rank"].as_f64(), Some(tree), "{last}");
+        assert_eq!(
+            v["all_to_all"]["messages_per_rank"].as_f64(),
+            Some(all_to_all),
+            "{last}"
+        );
+        assert!(tree <= v["target_messages_per_rank"].as_f64().unwrap(), "{last}");
+        assert!(v["latency_ratio_vs_old"].as_f64().unwrap() > 0.0, "{last}");
+    }
 }

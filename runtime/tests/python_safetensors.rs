@@ -7,8 +7,8 @@ use std::process::Command;
 
 use ballast::{
     checkpoint::{self, Checkpointer, TrainState},
-    ddp::collect_params,
     offload::{HostAdam, HostAdamConfig},
+    params::collect_params,
     testing::{ConvNet, Regressor},
 };
 use burn::{module::Module, tensor::Device};
@@ -36,10 +36,10 @@ fn python_safetensors_reads_a_ballast_checkpoint() {
     let model = ConvNet::init(&device);
     let n = model.num_params();
     let mut adam = HostAdam::new(n, HostAdamConfig::default());
-    let mut params = ballast::ddp::flatten_params(&model);
+    let mut params = ballast::params::flatten_params(&model);
     let grads: Vec<f32> = (0..n).map(|i| ((i * 37) % 101) as f32 * 1e-2 - 0.5).collect();
     adam.step(&mut params, &grads, 1e-2);
-    let model = ballast::ddp::load_params(model, &params);
+    let model = ballast::params::load_params(model, &params);
     let state = TrainState {
         step: 7,
         seed: 3,

@@ -65,7 +65,7 @@ fn max_rel_diff(a: &Path, b: &Path) -> f64 {
         checkpoint::load(a, &model).unwrap(),
         checkpoint::load(b, &model).unwrap(),
     );
-    let slots = ballast::ddp::collect_params(&model);
+    let slots = ballast::params::collect_params(&model);
     let mut worst = 0.0f64;
     let mut offset = 0;
     for slot in slots {

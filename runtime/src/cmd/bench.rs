@@ -1,8 +1,5 @@
-//! `ballast bench ...`: benchmarks that print JSON lines, with ratios taken side by side.
-//!
-//! Bandwidths follow nccl-tests' definitions: `algbw = bytes / time` and, for all-reduce,
-//! `busbw = algbw * 2 (n - 1) / n`, the bandwidth each link must carry in a ring, comparable
-//! across rank counts. Times are the slowest rank's per iteration, averaged.
+//! `ballast bench ...`: benchmarks that print JSON lines, with ratios taken side by side. Each
+//! benchmark is a module of its own that owns its arguments.
 
 use std::process::ExitCode;
 
@@ -12,201 +9,27 @@ use anyhow::Result;
 #[derive(clap::Subcommand)]
 pub enum Bench {
     /// Our fused-bucket all-reduce against raw MPI_Allreduce on the same bytes (run under mpirun).
-    Allreduce(AllreduceArgs),
+    Allreduce(super::allreduce_bench::AllreduceArgs),
     /// Balanced vs naive equal-split DDP vs ideal on unequal ranks (run under mpirun, pinned).
     Hetero(super::hetero::HeteroArgs),
     /// Host Adam bandwidth against a STREAM-like triad on 1 and 2 threads.
     Adam(super::adam_bench::AdamArgs),
     /// Step time of a 1-rank DataParallel loop against a plain burn loop, alternated.
-    Overhead(OverheadArgs),
+    Overhead(super::overhead::OverheadArgs),
     /// Checkpoint load (map, checksum, copy) against a plain sequential read of the file.
     Checkpoint(super::checkpoint_bench::CheckpointArgs),
-}
-
-/// Options of `ballast bench overhead`.
-#[derive(clap::Args)]
-pub struct OverheadArgs {
-    /// Print JSON lines (the last one is the summary).
-    #[arg(long)]
-    pub json: bool,
-    /// Timed steps per path.
-    #[arg(long, default_value_t = 40)]
-    pub steps: usize,
-    /// Samples per step; one measurement per value, the summary reports the last.
-    #[arg(long, value_delimiter = ',', default_value = "128,256,512")]
-    pub batches: Vec<usize>,
-    /// Hidden width of the benchmark MLP.
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
-    /// Micro-batches per step (equal sizes; the batch must divide by it).
-    #[arg(long, default_value_t = 4)]
-    pub micro_batches: usize,
-    /// Device of the rank: flex, wgpu, wgpu:cpu or cuda.
-    #[arg(long, default_value = "flex")]
-    pub device: String,
-}
-
-/// Options of `ballast bench allreduce`.
-#[derive(clap::Args)]
-pub struct AllreduceArgs {
-    /// Print JSON lines (the last one is the 100 MiB summary).
-    #[arg(long)]
-    json: bool,
-    /// Smallest message in bytes.
-    #[arg(long, default_value_t = 1 << 10)]
-    min_bytes: usize,
-    /// Largest message in bytes.
-    #[arg(long, default_value_t = 256 << 20)]
-    max_bytes: usize,
-    /// Size multiplier between steps.
-    #[arg(long, default_value_t = 4)]
-    step_factor: usize,
-    /// Iterations of the 100 MiB summary measurement (each times both paths).
-    #[arg(long, default_value_t = 12)]
-    summary_iters: usize,
+    /// Messages and latency of the tree handshake against the all-to-all one (run under mpirun).
+    Handshake(super::handshake_bench::HandshakeArgs),
 }
 
 /// Runs a benchmark.
 pub fn run(bench: Bench) -> Result<ExitCode> {
     match bench {
-        Bench::Allreduce(args) => allreduce(&args),
+        Bench::Allreduce(args) => super::allreduce_bench::run(&args),
         Bench::Overhead(args) => super::overhead::run(&args),
         Bench::Hetero(args) => super::hetero::run(&args),
         Bench::Adam(args) => super::adam_bench::run(&args),
         Bench::Checkpoint(args) => super::checkpoint_bench::run(&args),
+        Bench::Handshake(args) => super::handshake_bench::run(&args),
     }
-}
-
-#[cfg(not(feature = "mpi"))]
-fn allreduce(_args: &AllreduceArgs) -> Result<ExitCode> {
-    anyhow::bail!(
-        "bench allreduce compares against raw MPI_Allreduce: build with `cargo build --release -p ballast \
-         --features mpi` and run under `mpirun -np 2 target/release/ballast bench allreduce --json`"
-    )
-}
-
-#[cfg(feature = "mpi")]
-fn allreduce(args: &AllreduceArgs) -> Result<ExitCode> {
-    use std::time::Instant;
-
-    use anyhow::{bail, ensure};
-    use ballast::collectives::{
-        bucket::{FusedBuffer, DEFAULT_BUCKET_CAP_BYTES},
-        mpi::{raw_all_reduce_sum_f32, MpiCommunicator},
-        CommOptions, Communicator, CommunicatorExt,
-    };
-    use serde_json::json;
-
-    ensure!(args.step_factor >= 2, "--step-factor must be at least 2");
-    ensure!(
-        args.min_bytes >= 4 && args.min_bytes <= args.max_bytes,
-        "need 4 <= --min-bytes <= --max-bytes"
-    );
-    let launch = ballast::cluster::Launch::from_env()?;
-    if !launch.is_launched() {
-        bail!("run this under a launcher: mpirun --allow-run-as-root --oversubscribe -np 2 target/release/ballast bench allreduce --json");
-    }
-    let mut comm = MpiCommunicator::init(CommOptions::from_env()?)?;
-    let n = comm.world_size();
-    let rank = comm.rank();
-    let bus_factor = 2.0 * (n as f64 - 1.0) / n as f64;
-
-    // Times one size; returns (ours, raw) mean seconds of the slowest rank per iteration.
-    let mut measure = |bytes: usize, iters: usize| -> Result<(f64, f64, usize)> {
-        let elems = bytes / 4;
-        let mut fused = FusedBuffer::<f32>::new(&[elems], DEFAULT_BUCKET_CAP_BYTES)?;
-        let buckets = fused.layout().num_buckets();
-        let mut raw = vec![0.0f32; elems];
-        for _ in 0..2 {
-            fused.all_reduce_sum(&mut comm)?;
-            raw_all_reduce_sum_f32(&comm, &mut raw)?;
-        }
-        let mut ours = Vec::with_capacity(iters);
-        let mut mpi = Vec::with_capacity(iters);
-        for i in 0..iters {
-            // Alternate which goes first so drift in machine load hits both equally.
-            for first_ours in [i % 2 == 0, i % 2 != 0] {
-                comm.barrier()?;
-                let t = Instant::now();
-                if first_ours {
-                    fused.all_reduce_sum(&mut comm)?;
-                    ours.push(t.elapsed().as_secs_f64());
-                } else {
-                    raw_all_reduce_sum_f32(&comm, &mut raw)?;
-                    mpi.push(t.elapsed().as_secs_f64());
-                }
-            }
-        }
-        // Slowest rank per iteration.
-        let all: Vec<(Vec<f64>, Vec<f64>)> = comm.all_gather(&(ours, mpi))?;
-        let slowest = |which: usize| -> f64 {
-            (0..iters)
-                .map(|i| {
-                    all.iter()
-                        .map(|(o, m)| if which == 0 { o[i] } else { m[i] })
-                        .fold(0.0, f64::max)
-                })
-                .sum::<f64>()
-                / iters as f64
-        };
-        Ok((slowest(0), slowest(1), buckets))
-    };
-
-    let report = |bytes: usize, iters: usize, ours: f64, raw: f64, buckets: usize, summary: bool| {
-        let gbs = |t: f64| bytes as f64 / t / 1e9;
-        let line = json!({
-            "bench": "allreduce",
-            "summary": summary,
-            "bytes": bytes,
-            "ranks": n,
-            "iters": iters,
-            "buckets": buckets,
-            "bucket_cap_bytes": DEFAULT_BUCKET_CAP_BYTES,
-            "ours": {"time_us": ours * 1e6, "algbw_gbs": gbs(ours), "busbw_gbs": gbs(ours) * bus_factor},
-            "mpi": {"time_us": raw * 1e6, "algbw_gbs": gbs(raw), "busbw_gbs": gbs(raw) * bus_factor},
-            "ratio_vs_mpi": raw / ours,
-            "target_ratio": 0.90,
-        });
-        line
-    };
-
-    if rank == 0 && !args.json {
-        println!(
-            "{:>12} {:>6} {:>12} {:>10} {:>12} {:>10} {:>8}",
-            "bytes", "iters", "ours us", "busbw", "mpi us", "busbw", "ratio"
-        );
-    }
-    let mut bytes = args.min_bytes;
-    while bytes <= args.max_bytes {
-        // Enough iterations for about 0.5 s of traffic per path, between 3 and 200.
-        let iters = ((512usize << 20) / bytes).clamp(3, 200);
-        let (ours, raw, buckets) = measure(bytes, iters)?;
-        if rank == 0 {
-            let line = report(bytes, iters, ours, raw, buckets, false);
-            if args.json {
-                println!("{line}");
-            } else {
-                println!(
-                    "{bytes:>12} {iters:>6} {:>12.1} {:>10.3} {:>12.1} {:>10.3} {:>8.3}",
-                    ours * 1e6,
-                    line["ours"]["busbw_gbs"].as_f64().unwrap_or(0.0),
-                    raw * 1e6,
-                    line["mpi"]["busbw_gbs"].as_f64().unwrap_or(0.0),
-                    raw / ours
-                );
-            }
-        }
-        bytes *= args.step_factor;
-    }
-    let summary_bytes = 100 << 20;
-    let (ours, raw, buckets) = measure(summary_bytes, args.summary_iters.max(3))?;
-    if rank == 0 {
-        let line = report(summary_bytes, args.summary_iters.max(3), ours, raw, buckets, true);
-        if args.json {
-            println!("{line}");
-        } else {
-            println!("100 MiB: ratio_vs_mpi {:.3} (target >= 0.90)", raw / ours);
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }

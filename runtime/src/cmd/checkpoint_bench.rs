@@ -42,7 +42,7 @@ pub fn run(args: &CheckpointArgs) -> Result<ExitCode> {
     let params = model.num_params();
     let mut adam = HostAdam::new(params, HostAdamConfig::default());
     let grads: Vec<f32> = (0..params).map(|i| (i % 97) as f32 * 1e-3).collect();
-    let mut master = ballast::ddp::flatten_params(&model);
+    let mut master = ballast::params::flatten_params(&model);
     adam.step(&mut master, &grads, 1e-3);
     let temp = match &args.dir {
         Some(d) => (d.clone(), false),

@@ -1,10 +1,12 @@
 //! One module per subcommand.
 
 pub mod adam_bench;
+pub mod allreduce_bench;
 pub mod bench;
 pub mod checkpoint_bench;
 pub mod demo;
 pub mod doctor;
+pub mod handshake_bench;
 pub mod hetero;
 pub mod overhead;
 pub mod plan;

@@ -11,8 +11,8 @@ use std::{process::ExitCode, time::Instant};
 use anyhow::Result;
 use ballast::{
     collectives::{local, CommOptions},
-    ddp::{flatten_params, load_params},
     device::DeviceChoice,
+    params::{flatten_params, load_params},
     testing::relative_difference,
     DataParallel, DdpOptions,
 };
@@ -27,7 +27,28 @@ use burn::{
 };
 use serde_json::json;
 
-use super::bench::OverheadArgs;
+/// Options of `ballast bench overhead`.
+#[derive(clap::Args)]
+pub struct OverheadArgs {
+    /// Print JSON lines (the last one is the summary).
+    #[arg(long)]
+    pub json: bool,
+    /// Timed steps per path.
+    #[arg(long, default_value_t = 40)]
+    pub steps: usize,
+    /// Samples per step; one measurement per value, the summary reports the last.
+    #[arg(long, value_delimiter = ',', default_value = "128,256,512")]
+    pub batches: Vec<usize>,
+    /// Hidden width of the benchmark MLP.
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    /// Micro-batches per step (equal sizes; the batch must divide by it).
+    #[arg(long, default_value_t = 4)]
+    pub micro_batches: usize,
+    /// Device of the rank: flex, wgpu, wgpu:cpu or cuda.
+    #[arg(long, default_value = "flex")]
+    pub device: String,
+}
 
 const IN: usize = 256;
 const OUT: usize = 16;

@@ -70,6 +70,8 @@ enum Check {
     WrongLength,
     /// The last rank never joins: every other rank must get a timeout naming it.
     MissingRank,
+    /// Rank 0 is later than the timeout to a barrier for which every rank raised it.
+    LongerDeadline,
     /// Data-parallel training with unequal shares against one device on the whole batch
     /// (three ranks).
     Equivalence,
@@ -123,6 +125,7 @@ fn one(comm: &mut dyn Communicator, check: Check) -> (usize, usize, &'static str
         Check::Collectives => conformance::check_all(comm).map(|p| p.join("; ")),
         Check::WrongLength => conformance::check_wrong_length(comm),
         Check::MissingRank => conformance::check_missing_rank(comm, last),
+        Check::LongerDeadline => conformance::check_longer_deadline(comm),
         Check::Equivalence | Check::Balance | Check::CheckpointWriter => Err("has its own runner".into()),
     };
     (comm.rank(), comm.world_size(), comm.backend(), result)
@@ -293,7 +296,7 @@ fn checkpoint_writer(args: &Args) -> Result<ExitCode> {
     let model = WideMlp::with_width(args.width, &device);
     let params = model.num_params();
     let mut adam = HostAdam::new(params, HostAdamConfig::default());
-    let mut master = ballast::ddp::flatten_params(&model);
+    let mut master = ballast::params::flatten_params(&model);
     let grads = vec![1e-3f32; params];
     let cp = Checkpointer::new(dir, 3)?;
     // Continue from the newest good checkpoint, so the Adam step count equals the step.

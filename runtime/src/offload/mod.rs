@@ -24,7 +24,7 @@ use burn::module::Module;
 
 pub use host_adam::{HostAdam, HostAdamConfig};
 
-use crate::ddp::flatten_params;
+use crate::params::flatten_params;
 
 /// Errors of the offload path.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
