@@ -8,7 +8,7 @@
 #   cluster/run-local.sh doctor           # any other ballast subcommand and arguments
 set -eu
 cd "$(dirname "$0")/.."
-cargo build --release -p ballast -p ballast-examples --features ballast/mpi,ballast-examples/mpi
+cargo build --release -p ballast -p ballast-examples --features ballast/mpi,ballast-examples/mpi,ballast/cli,ballast/testkit
 if [ "$#" -eq 0 ]; then
   set -- bench hetero --json --budgets 24MiB,16MiB,8MiB
 fi

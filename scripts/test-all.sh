@@ -11,4 +11,4 @@ export OMPI_MCA_rmaps_base_oversubscribe=1
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 # Every test binary runs even when one fails, so one run shows every failure.
 cargo test --release --workspace --no-fail-fast \
-  --features ballast/mpi,ballast-examples/mpi,ballast-collectives/nccl,ballast/wgpu,ballast-examples/wgpu "$@"
+  --features ballast/mpi,ballast-examples/mpi,ballast-collectives/nccl,ballast/wgpu,ballast-examples/wgpu,ballast/cli,ballast/testkit "$@"

@@ -8,7 +8,8 @@
 //!
 //! Every backend keeps the contract written on [`communicator`]: same calls in the same order,
 //! a timeout on every blocking call naming the ranks that never arrived, typed errors instead of
-//! hangs, identical results on every rank. [`conformance`] holds the exact checks that prove it.
+//! hangs, identical results on every rank. The `conformance` module (feature `conformance`) holds
+//! the exact checks that prove it.
 //!
 //! This crate knows nothing about burn, models or training: it moves numbers.
 //!
@@ -30,6 +31,7 @@
 
 pub mod bucket;
 pub mod communicator;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod env;
 mod error;

@@ -117,7 +117,9 @@ pub struct BalanceOptions {
     pub initial: InitialPlan,
     /// Re-plan online from observed speeds.
     pub rebalance: bool,
-    /// Fail this rank's first micro-batch of this step once, as if out of memory (tests).
+    /// Fail this rank's first micro-batch of this step once, as if out of memory (feature
+    /// `testkit`).
+    #[cfg(feature = "testkit")]
     pub inject_oom_at_step: Option<u64>,
     /// Simulated slowness for ranks as threads: after each micro-batch, sleep so that it takes
     /// this many times as long (1.0 = none). Real heterogeneity comes from real devices or
@@ -143,6 +145,7 @@ impl Default for BalanceOptions {
             optimizer_bytes_per_param: 8,
             initial: InitialPlan::Measured,
             rebalance: true,
+            #[cfg(feature = "testkit")]
             inject_oom_at_step: None,
             slowdown: 1.0,
             proc_root: std::path::PathBuf::from("/"),
@@ -420,6 +423,18 @@ impl Balancer {
         &self.plan_changes
     }
 
+    /// Whether the test hook asks this step's first micro-batch to fail (once).
+    fn injects_oom(&self, step: u64) -> bool {
+        #[cfg(feature = "testkit")]
+        let asked = self.options.inject_oom_at_step == Some(step);
+        #[cfg(not(feature = "testkit"))]
+        let asked = {
+            let _ = step;
+            false
+        };
+        asked && !self.injected
+    }
+
     /// Plans with the measured all-reduce: the previous step's, as the rank that waited least
     /// for the others saw it. It adds the same to every candidate plan's step time, so the
     /// rebalancer's gain is a share of the whole step, not of compute alone.
@@ -497,7 +512,7 @@ impl Balancer {
                 (grads, loss_value)
             });
             let peak = if check { self.meter.peak() } else { 0 };
-            let inject = self.options.inject_oom_at_step == Some(step) && !self.injected;
+            let inject = self.injects_oom(step);
             let (grads, loss_value) = match attempt {
                 Ok(done) if peak <= self.options.budget_bytes && !inject => done,
                 failed => {

@@ -122,7 +122,9 @@ pub struct TrainArgs {
     #[arg(long, requires = "load")]
     #[serde(default)]
     pub eval_only: bool,
-    /// Abort the process when this step is about to start (fault-injection tests).
+    /// Abort the process when this step is about to start (fault-injection tests; feature
+    /// `testkit`).
+    #[cfg(feature = "testkit")]
     #[arg(long, hide = true)]
     #[serde(skip)]
     pub crash_at_step: Option<u64>,
@@ -220,7 +222,8 @@ pub struct Settings {
     pub load: Option<PathBuf>,
     /// Evaluate the loaded model only.
     pub eval_only: bool,
-    /// Abort when this step is about to start (tests).
+    /// Abort when this step is about to start (tests; feature `testkit`).
+    #[cfg(feature = "testkit")]
     pub crash_at_step: Option<u64>,
 }
 
@@ -454,6 +457,7 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
         save_model,
         load,
         eval_only,
+        #[cfg(feature = "testkit")]
         crash_at_step: cli.crash_at_step,
     })
 }

@@ -444,6 +444,7 @@ fn rank_main<T: Task>(
     }
     while state.step < train_steps {
         let step = state.step;
+        #[cfg(feature = "testkit")]
         if s.crash_at_step == Some(step) {
             eprintln!("ballast: rank {rank}: aborting before step {step} as asked (--crash-at-step)");
             std::process::abort();

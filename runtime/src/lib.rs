@@ -9,6 +9,14 @@
 //! - [`collectives`]: communicators (threads, MPI, NCCL) and fused buckets;
 //! - [`balancer`]: pure planning of shares and micro-batches;
 //! - [`cluster`]: launcher bootstrap and host facts.
+//!
+//! | feature | adds |
+//! |---|---|
+//! | `mpi` | ranks as processes under `mpirun`/`srun` |
+//! | `wgpu` | ranks on burn's wgpu backend (Vulkan, Metal, DX12) |
+//! | `cuda` | GPU ranks with NCCL (not yet verified on a GPU) |
+//! | `cli` | `config`, `job`, `report`: the job runner with flags, TOML settings, progress bars and SVG reports; the `ballast` binary |
+//! | `testkit` | `testing` (small models, synthetic data, the equivalence harness), fault injection, the `ballast-selftest` binary |
 #![warn(missing_docs)]
 
 pub use ballast_balancer as balancer;
@@ -17,17 +25,21 @@ pub use ballast_collectives as collectives;
 
 pub mod balance;
 pub mod checkpoint;
+#[cfg(feature = "cli")]
 pub mod config;
 pub mod ddp;
 pub mod device;
 pub mod eval;
+#[cfg(feature = "cli")]
 pub mod job;
 pub mod memory;
 pub mod metrics;
 pub mod offload;
 pub mod params;
+#[cfg(feature = "cli")]
 pub mod report;
 pub mod sampler;
+#[cfg(feature = "testkit")]
 pub mod testing;
 pub mod world;
 

@@ -35,9 +35,6 @@ enum Command {
     Demo(Box<cmd::demo::Args>),
     /// Summarise a job's metrics file per rank; draw throughput and memory over time (--svg).
     Report(cmd::report::Args),
-    /// Conformance checks of the collectives on this world (used by the test suite).
-    #[command(hide = true)]
-    Selftest(cmd::selftest::Args),
 }
 
 fn main() -> ExitCode {
@@ -55,7 +52,6 @@ fn main() -> ExitCode {
         Command::Demo(args) => cmd::demo::run(&args),
         Command::Plan(args) => cmd::plan::run(&args),
         Command::Report(args) => cmd::report::run(&args),
-        Command::Selftest(args) => cmd::selftest::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -15,11 +15,11 @@ fn out_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// Runs `selftest balance` on 3 ranks (optionally through a pinning wrapper) and returns every
+/// Runs `ballast-selftest balance` on 3 ranks (optionally through a pinning wrapper) and returns every
 /// rank's record, indexed by rank.
 fn run_balance(pin: Option<&[&str]>, args: &[&str], dir: &Path) -> Vec<Value> {
     let mut full: Vec<String> = Vec::new();
-    let bin = env!("CARGO_BIN_EXE_ballast");
+    let bin = env!("CARGO_BIN_EXE_ballast-selftest");
     let pin_script = concat!(env!("CARGO_MANIFEST_DIR"), "/../cluster/pin-by-rank.sh");
     let mut cmd = std::process::Command::new("mpirun");
     cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", "3"]);
@@ -27,10 +27,7 @@ fn run_balance(pin: Option<&[&str]>, args: &[&str], dir: &Path) -> Vec<Value> {
         cmd.arg(pin_script).args(cores).arg("--");
         full.push("pinned".into());
     }
-    cmd.arg(bin)
-        .args(["selftest", "balance", "--out-dir"])
-        .arg(dir)
-        .args(args);
+    cmd.arg(bin).args(["balance", "--out-dir"]).arg(dir).args(args);
     let out = {
         let _one_at_a_time = common::serial();
         cmd.output().expect("mpirun")

@@ -305,7 +305,7 @@ mod wgpu {
     #[test]
     fn device_wgpu_under_mpirun() {
         for devices in ["wgpu:cpu", "wgpu:cpu,flex,flex"] {
-            let out = super::common::mpirun(3, &["selftest", "equivalence", "--device", devices], &[]);
+            let out = super::common::selftest(3, &["equivalence", "--device", devices], &[]);
             assert!(out.status.success(), "{}", super::common::dump(&out));
             let lines = super::common::lines_with(&out, "equivalence rank");
             for l in &lines {

@@ -53,7 +53,7 @@ fn equivalence_on_threads() {
 #[cfg(feature = "mpi")]
 #[test]
 fn equivalence_under_mpirun() {
-    let out = common::mpirun(3, &["selftest", "equivalence"], &[]);
+    let out = common::selftest(3, &["equivalence"], &[]);
     assert!(out.status.success(), "{}", common::dump(&out));
     let lines = common::lines_with(&out, "equivalence rank");
     for l in &lines {

@@ -24,9 +24,8 @@ fn start_job(dir: &Path, envs: &[(&str, &str)]) -> Child {
     for (k, v) in envs {
         cmd.args(["-x", &format!("{k}={v}")]);
     }
-    cmd.arg(env!("CARGO_BIN_EXE_ballast"))
+    cmd.arg(env!("CARGO_BIN_EXE_ballast-selftest"))
         .args([
-            "selftest",
             "balance",
             "--steps",
             "1000000",

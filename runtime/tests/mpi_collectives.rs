@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::{dump, lines_with, mpirun};
+use common::{dump, lines_with, mpirun, selftest};
 
 fn every_rank_ok(ranks: usize, check: &str, envs: &[(&str, &str)]) -> Vec<String> {
-    let out = mpirun(ranks, &["selftest", check], envs);
+    let out = selftest(ranks, &[check], envs);
     let lines = lines_with(&out, "selftest rank");
     assert!(out.status.success(), "{}", dump(&out));
     assert_eq!(lines.len(), ranks, "one line per rank expected\n{}", dump(&out));

@@ -213,14 +213,8 @@ fn resume_after_crash_during_save_never_picks_a_partial_checkpoint() {
     let mut mid_write = 0;
     let mut checked = 0;
     for (trial, delay) in delays(20).into_iter().enumerate() {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ballast"))
-            .args([
-                "selftest",
-                "checkpoint-writer",
-                "--width",
-                &width.to_string(),
-                "--out-dir",
-            ])
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ballast-selftest"))
+            .args(["checkpoint-writer", "--width", &width.to_string(), "--out-dir"])
             .arg(&dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

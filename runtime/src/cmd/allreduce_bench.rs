@@ -33,7 +33,7 @@ pub struct AllreduceArgs {
 pub fn run(_args: &AllreduceArgs) -> Result<ExitCode> {
     anyhow::bail!(
         "bench allreduce compares against raw MPI_Allreduce: build with `cargo build --release -p ballast \
-         --features mpi` and run under `mpirun -np 2 target/release/ballast bench allreduce --json`"
+         --features mpi,cli,testkit` and run under `mpirun -np 2 target/release/ballast bench allreduce --json`"
     )
 }
 

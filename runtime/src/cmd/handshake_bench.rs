@@ -29,7 +29,7 @@ pub struct HandshakeArgs {
 #[cfg(not(feature = "mpi"))]
 pub fn run(_args: &HandshakeArgs) -> Result<ExitCode> {
     anyhow::bail!(
-        "bench handshake measures the MPI handshake: build with `cargo build --release -p ballast --features mpi` \
+        "bench handshake measures the MPI handshake: build with `cargo build --release -p ballast --features mpi,cli,testkit` \
          and run under `mpirun -np 4 target/release/ballast bench handshake --json`"
     )
 }

@@ -11,4 +11,3 @@ pub mod hetero;
 pub mod overhead;
 pub mod plan;
 pub mod report;
-pub mod selftest;

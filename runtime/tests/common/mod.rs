@@ -1,4 +1,4 @@
-//! Launching the `ballast` binary under `mpirun` from a test.
+//! Launching the `ballast` and `ballast-selftest` binaries under `mpirun` from a test.
 
 #![allow(dead_code)]
 
@@ -19,13 +19,22 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// the output. Panics with the full output when `mpirun` cannot be started: these tests are
 /// compiled only with the `mpi` feature, whose build already needs an MPI installation.
 pub fn mpirun(ranks: usize, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    launch(env!("CARGO_BIN_EXE_ballast"), ranks, args, envs)
+}
+
+/// Runs `ballast-selftest <args>` as [`mpirun`] runs `ballast`.
+pub fn selftest(ranks: usize, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    launch(env!("CARGO_BIN_EXE_ballast-selftest"), ranks, args, envs)
+}
+
+fn launch(bin: &str, ranks: usize, args: &[&str], envs: &[(&str, &str)]) -> Output {
     let _one_at_a_time = serial();
     let mut cmd = Command::new("mpirun");
     cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", &ranks.to_string()]);
     for (k, v) in envs {
         cmd.args(["-x", &format!("{k}={v}")]);
     }
-    cmd.arg(env!("CARGO_BIN_EXE_ballast")).args(args);
+    cmd.arg(bin).args(args);
     cmd.output().unwrap_or_else(|e| {
         panic!("cannot start mpirun ({e}); install it with: apt-get install -y openmpi-bin libopenmpi-dev")
     })

@@ -1,7 +1,13 @@
-//! `ballast selftest`: the exact collective checks on whatever world this process is in.
+//! `ballast-selftest CHECK`: the checks the test suite runs on whatever world this process is in
+//! (features `cli` and `testkit`; not part of the `ballast` command).
 //!
 //! Under `mpirun` every process checks itself and prints one line; with no launcher, `--threads`
 //! ranks run as threads. The exit code is non-zero if any check on this process failed.
+#![warn(missing_docs)]
+
+/// Exact heap accounting: the balance checks measure memory with it.
+#[global_allocator]
+static ALLOC: ballast::memory::CountingAlloc = ballast::memory::CountingAlloc;
 
 use std::process::ExitCode;
 
@@ -12,9 +18,13 @@ use ballast::{
     world::launched_communicator,
 };
 
-/// Options of `ballast selftest`.
-#[derive(clap::Args)]
-pub struct Args {
+/// Options of `ballast-selftest`.
+#[derive(clap::Parser)]
+#[command(
+    name = "ballast-selftest",
+    about = "Checks of ballast on this world of ranks (used by the test suite)"
+)]
+struct Args {
     /// Which check to run.
     #[arg(value_enum)]
     check: Check,
@@ -82,8 +92,8 @@ enum Check {
     CheckpointWriter,
 }
 
-/// Runs the command.
-pub fn run(args: &Args) -> Result<ExitCode> {
+/// Runs the check.
+fn run(args: &Args) -> Result<ExitCode> {
     let launch = Launch::from_env()?;
     let options = match args.check {
         Check::Collectives => CommOptions::from_env()?,
@@ -323,4 +333,15 @@ fn checkpoint_writer(args: &Args) -> Result<ExitCode> {
         std::io::stdout().flush()?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let args = <Args as clap::Parser>::parse();
+    match run(&args) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("ballast-selftest: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
 }
