@@ -20,6 +20,13 @@
 //!    impossible there: MPI may still write into the caller's buffer. For the same reason an
 //!    `MPI_Test` that fails during a data phase ends the process with a message.
 //!
+//! # A rank that dies
+//!
+//! Open MPI stops the other ranks with SIGTERM when one exits abnormally. Where SIGTERM still has
+//! its default action, [`MpiCommunicator::init`] installs a handler that prints which ranks of
+//! this host had exited first (from the heartbeat files, which hold process ids) and ends the
+//! process with exit code 143, as the default action would.
+//!
 //! # Thread level
 //!
 //! `MPI_THREAD_FUNNELED`: only the thread that created the communicator calls MPI. The watchdog
@@ -75,6 +82,8 @@ unsafe impl Send for MpiCommunicator {}
 
 impl MpiCommunicator {
     /// Initialises MPI (`MPI_THREAD_FUNNELED`) and returns this process's rank of the world.
+    /// Starts the watchdog thread, which writes this rank's heartbeat file, and, where SIGTERM
+    /// has its default action, a handler that names the ranks that died (see the module docs).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] when MPI was already initialised in this process;

@@ -1,9 +1,15 @@
 //! The data-phase watchdog: a thread that ends the process when a call inside MPI outlives its
-//! deadline, and the heartbeat files that let it name the peers that stopped.
+//! deadline, and the heartbeat files (each holding its rank's process id) that let it name the
+//! peers that stopped. When the launcher stops this rank with SIGTERM (Open MPI does once
+//! another rank died), the same files name the ranks of this host that exited first.
 
 use std::{
+    ffi::c_int,
     path::{Path, PathBuf},
-    sync::{Arc, Condvar, Mutex},
+    sync::{
+        atomic::{AtomicI32, Ordering},
+        Arc, Condvar, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -44,6 +50,7 @@ impl Watchdog {
                 std::env::temp_dir().join(format!("ballast-heartbeat-{parent}"))
             });
         let heartbeat = std::fs::create_dir_all(&dir).ok().map(|_| dir);
+        report_exited_peers_on_sigterm(rank, size, heartbeat.clone());
         let shared = Arc::new((Mutex::new(WatchState::default()), Condvar::new()));
         let theirs = Arc::clone(&shared);
         let hb = heartbeat.clone();
@@ -118,8 +125,105 @@ impl Watchdog {
 
 fn beat(dir: &Path, rank: usize) {
     // The file's modification time is the heartbeat (a process stopped halfway through a write
-    // still leaves a usable time).
-    let _ = std::fs::write(dir.join(format!("rank-{rank}")), b"alive\n");
+    // still leaves a usable time); its content the process id.
+    let _ = std::fs::write(dir.join(format!("rank-{rank}")), format!("{}\n", std::process::id()));
+}
+
+/// Ranks (other than `me`) whose heartbeat file names a process that no longer runs.
+fn exited_ranks(dir: &Path, size: usize, me: usize) -> Vec<usize> {
+    (0..size)
+        .filter(|&r| r != me)
+        .filter(|&r| {
+            std::fs::read_to_string(dir.join(format!("rank-{r}")))
+                .ok()
+                .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
+                .is_some_and(|pid| !process_runs(pid))
+        })
+        .collect()
+}
+
+/// Whether `pid` is a live process (a zombie is not).
+fn process_runs(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let exists =
+        unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|rest| rest.starts_with('Z')));
+    exists && !zombie
+}
+
+/// Write end of the pipe through which the SIGTERM handler wakes the reporting thread (-1: none).
+static TERM_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_sigterm(_signal: c_int) {
+    let fd = TERM_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let byte = 1u8;
+        // SAFETY: write(2) is async-signal-safe; `byte` outlives the call.
+        unsafe { libc::write(fd, std::ptr::from_ref(&byte).cast(), 1) };
+    }
+}
+
+/// When the launcher stops this rank with SIGTERM, says which ranks of this host exited first
+/// (their heartbeat files name processes that are gone), then exits with 143 as SIGTERM's
+/// default action would. Installed only while SIGTERM has its default action: a program's own
+/// handler stays in place.
+fn report_exited_peers_on_sigterm(rank: usize, size: usize, heartbeat: Option<PathBuf>) {
+    // SAFETY: an all-zero sigaction is a valid value of the C struct.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: with a null new action, sigaction only writes the current one into `current`.
+    if unsafe { libc::sigaction(libc::SIGTERM, std::ptr::null(), &mut current) } != 0
+        || current.sa_sigaction != libc::SIG_DFL
+    {
+        return;
+    }
+    let mut fds: [c_int; 2] = [-1; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe(2) writes.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return;
+    }
+    let [read_end, write_end] = fds;
+    let reporter = std::thread::Builder::new()
+        .name("ballast-mpi-sigterm".into())
+        .spawn(move || {
+            let mut byte = 0u8;
+            // SAFETY: reads at most one byte into `byte` from the pipe's read end, which only
+            // this thread uses.
+            if unsafe { libc::read(read_end, std::ptr::from_mut(&mut byte).cast(), 1) } != 1 {
+                return;
+            }
+            let named = match heartbeat.as_deref().map(|d| exited_ranks(d, size, rank)) {
+                Some(gone) if !gone.is_empty() => format!("rank(s) {gone:?} exited before it"),
+                Some(_) => "no other rank on this host had exited (a rank on another host may have)".into(),
+                None => "no heartbeat directory tells which rank exited".into(),
+            };
+            eprintln!(
+                "ballast: rank {rank} (host {}) stopped by the launcher (SIGTERM): {named}",
+                hostname()
+            );
+            // SAFETY: ends the process as SIGTERM's default action would, without running
+            // destructors that could block in MPI.
+            unsafe { libc::_exit(128 + libc::SIGTERM) };
+        });
+    if reporter.is_err() {
+        // SAFETY: closing the two descriptors just created, used by nobody.
+        unsafe {
+            libc::close(read_end);
+            libc::close(write_end);
+        }
+        return;
+    }
+    TERM_PIPE.store(write_end, Ordering::Relaxed);
+    // SAFETY: an all-zero sigaction is a valid value of the C struct.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_sigterm as extern "C" fn(c_int) as libc::sighandler_t;
+    action.sa_flags = libc::SA_RESTART;
+    // SAFETY: `action.sa_mask` is a valid sigset to empty; the handler only calls write(2),
+    // which is async-signal-safe, on a descriptor that stays open for the process's life.
+    unsafe {
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut());
+    }
 }
 
 /// Ranks (other than `me`) whose heartbeat file exists but was last touched more than
