@@ -9,6 +9,14 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
 # The Vulkan loader wants a private runtime directory.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+log="$(mktemp)"
 # Every test binary runs even when one fails, so one run shows every failure.
+status=0
 cargo test --release --workspace --no-fail-fast \
-  --features ballast/mpi,ballast-examples/mpi,ballast-collectives/nccl,ballast/wgpu,ballast-examples/wgpu,ballast/cli,ballast/testkit "$@"
+  --features ballast/mpi,ballast-examples/mpi,ballast-collectives/nccl,ballast/wgpu,ballast-examples/wgpu,ballast/cli,ballast/testkit "$@" \
+  2>&1 | tee "$log" || status=$?
+# One closing line with the totals of every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) g += $(i-1) } }
+     END { printf "all tests: %d passed, %d failed, %d skipped\n", p, f, g }' "$log"
+rm -f "$log"
+exit "$status"
