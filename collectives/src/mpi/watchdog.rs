@@ -39,6 +39,9 @@ struct WatchState {
 /// stopped.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 const HEARTBEAT_STALE: Duration = Duration::from_secs(2);
+/// How long a rank stopped by the launcher looks for the peer that exited before it (Open MPI
+/// waits at least half a second between SIGTERM and SIGKILL).
+const EXIT_SETTLE: Duration = Duration::from_millis(300);
 
 impl Watchdog {
     pub(super) fn spawn(rank: usize, size: usize) -> Self {
@@ -50,6 +53,11 @@ impl Watchdog {
                 std::env::temp_dir().join(format!("ballast-heartbeat-{parent}"))
             });
         let heartbeat = std::fs::create_dir_all(&dir).ok().map(|_| dir);
+        // The first heartbeat is written before this rank takes part in any collective, so a
+        // peer that outlives it can always read its process id.
+        if let Some(dir) = &heartbeat {
+            beat(dir, rank);
+        }
         report_exited_peers_on_sigterm(rank, size, heartbeat.clone());
         let shared = Arc::new((Mutex::new(WatchState::default()), Condvar::new()));
         let theirs = Arc::clone(&shared);
@@ -59,7 +67,7 @@ impl Watchdog {
             .spawn(move || {
                 let (lock, cv) = &*theirs;
                 let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
-                let mut last_beat: Option<Instant> = None;
+                let mut last_beat = Some(Instant::now());
                 loop {
                     if state.stop {
                         return;
@@ -124,9 +132,12 @@ impl Watchdog {
 }
 
 fn beat(dir: &Path, rank: usize) {
-    // The file's modification time is the heartbeat (a process stopped halfway through a write
-    // still leaves a usable time); its content the process id.
-    let _ = std::fs::write(dir.join(format!("rank-{rank}")), format!("{}\n", std::process::id()));
+    // The file's modification time is the heartbeat; its content the process id. Written under
+    // another name and renamed, so a process killed halfway through never leaves an empty file.
+    let tmp = dir.join(format!(".rank-{rank}.tmp"));
+    if std::fs::write(&tmp, format!("{}\n", std::process::id())).is_ok() {
+        let _ = std::fs::rename(&tmp, dir.join(format!("rank-{rank}")));
+    }
 }
 
 /// Ranks (other than `me`) whose heartbeat file names a process that no longer runs.
@@ -142,14 +153,35 @@ fn exited_ranks(dir: &Path, size: usize, me: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Whether `pid` is a live process (a zombie is not).
+/// Whether `pid` is a live process: not gone, not a zombie, and not already exiting (a process
+/// killed with SIGKILL can take a while to release its memory before it becomes a zombie).
 fn process_runs(pid: libc::pid_t) -> bool {
+    /// `PF_EXITING` in the kernel's per-task flags (`include/linux/sched.h`).
+    const PF_EXITING: u64 = 0x4;
     // SAFETY: signal 0 only checks that the process exists; nothing is sent.
     let exists =
         unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
-    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|rest| rest.starts_with('Z')));
-    exists && !zombie
+    // After the command name: state, ppid, pgrp, session, tty_nr, tpgid, flags, ...
+    let ending = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        let fields: Vec<&str> = s.rsplit(") ").next().unwrap_or("").split_whitespace().collect();
+        let state = fields.first().copied().unwrap_or("");
+        let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+        state == "Z" || state == "X" || flags & PF_EXITING != 0
+    });
+    exists && !ending
+}
+
+/// Ranks of this host that exited, waiting up to [`EXIT_SETTLE`] for one to show: the launcher
+/// can stop this rank while the one that died is still being torn down.
+fn exited_ranks_settled(dir: &Path, size: usize, me: usize) -> Vec<usize> {
+    let until = Instant::now() + EXIT_SETTLE;
+    loop {
+        let gone = exited_ranks(dir, size, me);
+        if !gone.is_empty() || Instant::now() >= until {
+            return gone;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Write end of the pipe through which the SIGTERM handler wakes the reporting thread (-1: none).
@@ -192,7 +224,7 @@ fn report_exited_peers_on_sigterm(rank: usize, size: usize, heartbeat: Option<Pa
             if unsafe { libc::read(read_end, std::ptr::from_mut(&mut byte).cast(), 1) } != 1 {
                 return;
             }
-            let named = match heartbeat.as_deref().map(|d| exited_ranks(d, size, rank)) {
+            let named = match heartbeat.as_deref().map(|d| exited_ranks_settled(d, size, rank)) {
                 Some(gone) if !gone.is_empty() => format!("rank(s) {gone:?} exited before it"),
                 Some(_) => "no other rank on this host had exited (a rank on another host may have)".into(),
                 None => "no heartbeat directory tells which rank exited".into(),
