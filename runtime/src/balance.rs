@@ -125,6 +125,12 @@ pub struct BalanceOptions {
     /// this many times as long (1.0 = none). Real heterogeneity comes from real devices or
     /// pinned cores; this exists for the single-machine demo.
     pub slowdown: f64,
+    /// A simulated clock (feature `testkit`): rank `r` computes `simulated_speeds[r]` samples
+    /// per second whatever the machine does. Probes and steps are timed by it instead of the
+    /// wall clock, each rank counts as a device of its own, and the all-reduce costs nothing,
+    /// so plans depend on these numbers alone. Empty: the wall clock.
+    #[cfg(feature = "testkit")]
+    pub simulated_speeds: Vec<f64>,
     /// Root of the `/proc` tree read for host RAM and swap (`/`; tests pass a fake tree).
     pub proc_root: std::path::PathBuf,
     /// Ranks share one heap (ranks as threads): the counting allocator cannot tell them apart,
@@ -148,10 +154,31 @@ impl Default for BalanceOptions {
             #[cfg(feature = "testkit")]
             inject_oom_at_step: None,
             slowdown: 1.0,
+            #[cfg(feature = "testkit")]
+            simulated_speeds: Vec::new(),
             proc_root: std::path::PathBuf::from("/"),
             shared_heap: false,
             host_optimizer: false,
         }
+    }
+}
+
+impl BalanceOptions {
+    /// Rank `rank`'s speed on the simulated clock, if one runs.
+    fn simulated_speed(&self, rank: usize) -> Option<f64> {
+        #[cfg(feature = "testkit")]
+        let speed = self.simulated_speeds.get(rank).copied().filter(|&v| v > 0.0);
+        #[cfg(not(feature = "testkit"))]
+        let speed = {
+            let _ = rank;
+            None
+        };
+        speed
+    }
+
+    /// Every rank's speed on the simulated clock, if one runs.
+    fn simulated_clock(&self, world: usize) -> Option<Vec<f64>> {
+        (0..world).map(|r| self.simulated_speed(r)).collect()
     }
 }
 
@@ -223,7 +250,7 @@ impl Balancer {
             return Err(BalanceError::NotCounting { rank: ddp.rank() });
         }
         let params = model.num_params() as u64;
-        let points = if options.shared_heap {
+        let mut points = if options.shared_heap {
             // One rank at a time; the others wait at the barrier with constant memory.
             let mut mine = Vec::new();
             for turn in 0..ddp.world_size() {
@@ -254,10 +281,16 @@ impl Balancer {
                 Some(ddp.comm()),
             )?
         };
+        let simulated = options.simulated_speed(ddp.rank());
+        if let Some(speed) = simulated {
+            for p in &mut points {
+                p.seconds = p.samples as f64 / speed;
+            }
+        }
         let mut report = report_from_probes(&points, params, &options);
         // CPU ranks pinned to the same cores share them (ranks as threads stand for separate
         // simulated devices; GPU ranks each have their own device).
-        if !options.shared_heap && !meter.reads_pool() {
+        if !options.shared_heap && !meter.reads_pool() && simulated.is_none() {
             report.compute_group = ballast_cluster::cpu_affinity().map(|cpus| format!("{}:cpus {cpus}", report.host));
         }
         let reports: Vec<DeviceReport> = ddp.comm().all_gather(&report)?;
@@ -573,17 +606,34 @@ impl Balancer {
                 plan_changed = true;
             }
         }
-        self.observe_all_reduce(&stats);
+        let clock = self.options.simulated_clock(stats.rank_samples.len());
+        if clock.is_none() {
+            self.observe_all_reduce(&stats);
+        }
         if self.options.rebalance && self.options.initial != InitialPlan::Naive {
-            // Start stamps as offsets from rank 0's: meaningful between ranks of one host, which
-            // is all a compute group compares.
-            let started: Vec<f64> = stats
-                .rank_started
-                .iter()
-                .map(|&s| crate::ddp::start_offset(stats.rank_started[0], s))
-                .collect();
-            self.rebalancer
-                .observe_timed(&stats.rank_samples, &started, &stats.rank_compute);
+            let (started, compute) = match &clock {
+                // Every rank starts together and takes exactly its samples over its speed.
+                Some(speeds) => (
+                    vec![0.0; speeds.len()],
+                    stats
+                        .rank_samples
+                        .iter()
+                        .zip(speeds)
+                        .map(|(&n, v)| n as f64 / v)
+                        .collect(),
+                ),
+                // Start stamps as offsets from rank 0's: meaningful between ranks of one host,
+                // which is all a compute group compares.
+                None => (
+                    stats
+                        .rank_started
+                        .iter()
+                        .map(|&s| crate::ddp::start_offset(stats.rank_started[0], s))
+                        .collect(),
+                    stats.rank_compute.clone(),
+                ),
+            };
+            self.rebalancer.observe_timed(&stats.rank_samples, &started, &compute);
             if let Some(better) = self.rebalancer.propose(&self.plan, &self.reports) {
                 self.plan = better;
                 plan_changed = true;

@@ -60,6 +60,10 @@ struct Args {
     /// `balance`: keep the first plan.
     #[arg(long)]
     no_rebalance: bool,
+    /// `balance`: time probes and steps by a simulated clock at these samples/s per rank
+    /// (e.g. 200,100,100) instead of the wall clock.
+    #[arg(long, value_delimiter = ',')]
+    simulated_speeds: Vec<f64>,
     /// `balance`: never offload optimizer state to the host.
     #[arg(long)]
     no_offload: bool,
@@ -236,6 +240,7 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
                 initial,
                 rebalance: !args.no_rebalance,
                 inject_oom_at_step: inject.filter(|(r, _)| *r == rank).map(|(_, s)| s),
+                simulated_speeds: args.simulated_speeds.clone(),
                 tunables: ballast::balancer::Tunables {
                     offload: if args.no_offload {
                         ballast::balancer::OffloadPolicy::Never

@@ -12,6 +12,8 @@
 //! - **naive**: equal shares, one micro-batch size everywhere capped by the smallest budget,
 //!   one all-reduce per step: what DDP does with unequal devices.
 //! - **balanced**: the measured plan with online rebalancing.
+//! - **convergence** (first, once): from equal shares with online rebalancing, the step whose
+//!   plan first comes within 10 % of the speeds measured so far, and how many times it changed.
 //!
 //! Standalone, naive and balanced blocks follow each other in rounds, the order rotating, so
 //! drift in machine load hits all three; the summary gives the pooled ratios and the spread of
@@ -59,6 +61,9 @@ pub struct HeteroArgs {
     /// Channels of the convolutional model.
     #[arg(long, default_value_t = 8)]
     pub channels: usize,
+    /// Steps of the convergence block (from equal shares, rebalancing online).
+    #[arg(long, default_value_t = 18)]
+    pub convergence_steps: u64,
 }
 
 /// Runs the benchmark.
@@ -170,8 +175,29 @@ pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
         "ideal_micro_batches": chosen,
     }));
 
-    // Let rebalancing settle before measuring.
     let mut step = 0u64;
+    let convergence = {
+        let mut from_equal = balanced.variant(InitialPlan::Equal, true)?;
+        let mut shares = Vec::new();
+        let mut speeds = Vec::new();
+        for _ in 0..args.convergence_steps {
+            shares.push(from_equal.plan().shares());
+            let (m, _) = from_equal.step(&mut ddp, model, &mut optim, 1e-3, &sampler.batch(step), &mut loss_fn)?;
+            model = m;
+            step += 1;
+            speeds.push(from_equal.observed_speeds());
+        }
+        let converged = steps_to_converge(&shares, &speeds, 0.10);
+        let replans = shares.windows(2).filter(|w| w[0] != w[1]).count();
+        let line = json!({
+            "bench": "hetero", "phase": "convergence", "from": "equal", "steps": args.convergence_steps,
+            "steps_to_within_10pct": converged, "replans": replans, "shares": shares,
+            "final_speeds": speeds.last(),
+        });
+        emit(line.clone());
+        line
+    };
+    // Let rebalancing settle before measuring.
     for _ in 0..args.steps_per_block {
         let (m, _) = balanced.step(&mut ddp, model, &mut optim, 1e-3, &sampler.batch(step), &mut loss_fn)?;
         model = m;
@@ -254,6 +280,41 @@ pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
         "rounds": args.blocks, "rounds_balanced_vs_naive": rounds_vs_naive, "rounds_balanced_vs_ideal": rounds_vs_ideal,
         "balanced_shares": balanced.plan().shares(), "balanced_micro_batches": balanced.plan().micro_batches(),
         "naive_shares": naive.plan().shares(), "naive_micro_batches": naive.plan().micro_batches(),
+        "convergence_steps": convergence["steps_to_within_10pct"], "convergence_replans": convergence["replans"],
     }));
     Ok(ExitCode::SUCCESS)
+}
+
+/// The number of steps until the shares in force are within `band` of proportional to the
+/// speeds observed by then: the first `t + 1` with `shares[t + 1]` within `band` of
+/// `speeds[t]`'s proportions (shares of step 0 were planned before any step was seen).
+fn steps_to_converge(shares: &[Vec<usize>], speeds: &[Vec<f64>], band: f64) -> Option<usize> {
+    (0..shares.len().saturating_sub(1)).find_map(|t| {
+        let total: f64 = speeds[t].iter().sum();
+        let batch: usize = shares[t + 1].iter().sum();
+        let close = shares[t + 1].iter().zip(&speeds[t]).all(|(&s, v)| {
+            let ideal = batch as f64 * v / total;
+            (s as f64 - ideal).abs() <= band * ideal
+        });
+        close.then_some(t + 1)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::steps_to_converge;
+
+    #[test]
+    fn convergence_counts_steps_until_shares_follow_speeds() {
+        let shares = vec![
+            vec![120, 120, 120],
+            vec![120, 120, 120],
+            vec![175, 92, 93],
+            vec![180, 90, 90],
+        ];
+        let speeds = vec![vec![200.0, 100.0, 100.0]; 4];
+        assert_eq!(steps_to_converge(&shares, &speeds, 0.10), Some(2));
+        assert_eq!(steps_to_converge(&shares, &speeds, 0.001), Some(3));
+        assert_eq!(steps_to_converge(&shares[..2], &speeds, 0.10), None);
+    }
 }
