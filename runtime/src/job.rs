@@ -15,17 +15,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
 use ballast_cluster::Launch;
 use ballast_collectives::{local, CommOptions, Communicator, CommunicatorExt};
 
 use crate::{
-    balance::{plan_table, BalanceOptions, Balancer},
-    checkpoint::{self, Checkpointer, TrainState},
-    eval::{EvalBatch, EvalKind, EvalTotals},
+    balance::{plan_table, BalanceError, BalanceOptions, Balancer},
+    checkpoint::{self, CheckpointError, Checkpointer, TrainState},
+    eval::{EvalBatch, EvalError, EvalKind, EvalTotals},
     memory::DeviceMeter,
     metrics::MetricsWriter,
-    DataParallel, DdpOptions, GlobalSampler,
+    sampler::SamplerError,
+    world::WorldError,
+    DataParallel, DdpError, DdpOptions, GlobalSampler,
 };
 use burn::{
     module::Module,
@@ -114,31 +115,146 @@ pub struct Summary {
     pub note: Option<String>,
 }
 
+/// Why a job failed: one rank's error, typed, so the caller (and [`run`], choosing which rank's
+/// error to report) can tell a cause from its consequences.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The world could not be joined (launcher variables, MPI, NCCL).
+    #[error(transparent)]
+    World(#[from] WorldError),
+    /// A collective failed (a timeout naming the missing ranks, a mismatch, a lost peer).
+    #[error(transparent)]
+    Collective(#[from] ballast_collectives::Error),
+    /// Data-parallel training failed (replicas differ, a collective inside a step).
+    #[error(transparent)]
+    Ddp(#[from] DdpError),
+    /// Probing, planning or a balanced step failed (no plan fits, out of memory).
+    #[error(transparent)]
+    Balance(#[from] BalanceError),
+    /// The dataset cannot be batched as asked.
+    #[error(transparent)]
+    Sampler(#[from] SamplerError),
+    /// A checkpoint could not be written or read.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The held-out evaluation failed.
+    #[error("evaluating the held-out set after step {step}: {source}")]
+    Eval {
+        /// Steps trained before the evaluation.
+        step: u64,
+        /// What failed.
+        source: EvalError,
+    },
+    /// `--load` names a file that holds no weights of this model.
+    #[error("--load {}: not weights of this model: {source}", path.display())]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// Why it does not fit.
+        source: CheckpointError,
+    },
+    /// `--load` names weights another job wrote.
+    #[error("--load {} holds a `{found}` model, not `{expected}`; load a file this job wrote", path.display())]
+    WrongJob {
+        /// The file.
+        path: PathBuf,
+        /// The job that wrote it.
+        found: String,
+        /// This job.
+        expected: String,
+    },
+    /// `--resume` without `--checkpoint-dir`.
+    #[error("--resume needs --checkpoint-dir (the directory the run saved its checkpoints in)")]
+    ResumeWithoutDirectory,
+    /// `--resume` found no complete checkpoint.
+    #[error("--resume: no complete checkpoint in {}; run without --resume to start from step 0", dir.display())]
+    NothingToResume {
+        /// The checkpoint directory.
+        dir: PathBuf,
+    },
+    /// The optimizer state saved in a checkpoint does not fit the run.
+    #[error("resuming the optimizer from {}: {reason}", path.display())]
+    OptimizerState {
+        /// The checkpoint.
+        path: PathBuf,
+        /// Why it does not fit.
+        reason: String,
+    },
+    /// The loss stopped being a number.
+    #[error("step {step}: the loss is {loss} (diverged); lower --lr (now {lr})")]
+    Diverged {
+        /// The step.
+        step: u64,
+        /// Its loss.
+        loss: f64,
+        /// The run's `--lr`.
+        lr: f64,
+    },
+    /// The metrics file could not be written.
+    #[error("writing the metrics file {}: {source}; choose a writable --metrics path", path.display())]
+    Metrics {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Every rank ended without a summary or an error (a bug).
+    #[error("no rank returned a summary")]
+    NoRank,
+}
+
+impl JobError {
+    /// The collective error at the root of this one, through the errors that carry one.
+    pub fn collective(&self) -> Option<&ballast_collectives::Error> {
+        fn in_ddp(d: &DdpError) -> Option<&ballast_collectives::Error> {
+            match d {
+                DdpError::Collective(c) => Some(c),
+                _ => None,
+            }
+        }
+        match self {
+            Self::Collective(c) | Self::World(WorldError::Collectives(c)) => Some(c),
+            Self::Ddp(d) | Self::Balance(BalanceError::Ddp(d)) => in_ddp(d),
+            Self::Balance(BalanceError::Collective(c)) => Some(c),
+            Self::Eval {
+                source: EvalError::Comm(c),
+                ..
+            } => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Whether this rank failed only because another one did first (a timeout waiting for it,
+    /// a peer that went away): [`run`] reports the other rank's error.
+    pub fn is_consequence(&self) -> bool {
+        self.collective()
+            .is_some_and(ballast_collectives::Error::is_consequence)
+    }
+}
+
+type Result<T, E = JobError> = std::result::Result<T, E>;
+
 /// This process's place in the job: launched (one rank) or not (ranks as threads).
+///
+/// # Errors
+/// Launcher variables that are malformed.
 pub fn launch() -> Result<Launch> {
-    Ok(Launch::from_env()?)
+    Ok(Launch::from_env().map_err(WorldError::from)?)
 }
 
 /// Runs `task` with `settings` on every rank of the job and returns rank 0's summary.
 ///
 /// # Errors
-/// Anything a rank reports: plan, data, collective, checkpoint errors.
+/// Anything a rank reports: plan, data, collective, checkpoint errors. With ranks as threads,
+/// the first rank's error that is a cause, not a consequence of another rank's failure.
 pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Summary> {
     let options = CommOptions::from_env()?;
-    if let Some(comm) = crate::world::launched_communicator(launch, options.clone())? {
-        let (device, ordinal) = training_device(launch)?;
-        // GPU ranks sum gradients over NCCL; MPI stays the control plane underneath.
-        #[cfg(feature = "cuda")]
-        let comm: Box<dyn Communicator> = match ordinal {
-            Some(gpu) => Box::new(ballast_collectives::nccl::NcclCommunicator::new(comm, gpu)?),
-            None => comm,
-        };
-        return rank_main(comm, task, settings, false, device, ordinal);
+    if let Some(me) = crate::world::join(launch, options.clone())? {
+        return rank_main(me.comm, task, settings, false, me.device, me.gpu);
     }
     let results = local::run(settings.ranks, options, |comm| {
         rank_main(Box::new(comm), task, settings, true, Device::flex().autodiff(), None)
     });
-    // The first error, preferring a cause over the timeouts it caused on the other ranks.
     let mut summary = None;
     let mut errors = Vec::new();
     for r in results {
@@ -147,13 +263,10 @@ pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Su
             Err(e) => errors.push(e),
         }
     }
-    if let Some(e) = errors
-        .into_iter()
-        .min_by_key(|e| collective_error(e).is_some_and(ballast_collectives::Error::is_consequence))
-    {
+    if let Some(e) = errors.into_iter().min_by_key(JobError::is_consequence) {
         return Err(e);
     }
-    summary.context("no rank returned")
+    summary.ok_or(JobError::NoRank)
 }
 
 /// The slowest write a barrier behind rank 0's save allows for, in bytes per second: a
@@ -175,50 +288,9 @@ fn barrier_after_write(comm: &mut dyn Communicator, bytes: u64) -> Result<()> {
     Ok(waited?)
 }
 
-/// The collective error at the root of `e`, through the crate errors that carry one.
-fn collective_error(e: &anyhow::Error) -> Option<&ballast_collectives::Error> {
-    use crate::{balance::BalanceError, ddp::DdpError, eval::EvalError};
-    fn in_ddp(d: &DdpError) -> Option<&ballast_collectives::Error> {
-        match d {
-            DdpError::Collective(c) => Some(c),
-            _ => None,
-        }
-    }
-    e.chain().find_map(|cause| {
-        if let Some(c) = cause.downcast_ref::<ballast_collectives::Error>() {
-            return Some(c);
-        }
-        if let Some(d) = cause.downcast_ref::<DdpError>() {
-            return in_ddp(d);
-        }
-        match cause.downcast_ref::<BalanceError>() {
-            Some(BalanceError::Collective(c)) => return Some(c),
-            Some(BalanceError::Ddp(d)) => return in_ddp(d),
-            _ => {}
-        }
-        match cause.downcast_ref::<EvalError>() {
-            Some(EvalError::Comm(c)) => Some(c),
-            _ => None,
-        }
-    })
-}
-
-/// The device of a launched rank and its GPU ordinal: with the `cuda` feature and a GPU
-/// present, the GPU for this local rank (not yet verified on a GPU); otherwise the CPU.
-fn training_device(launch: &Launch) -> Result<(Device, Option<usize>)> {
-    #[cfg(feature = "cuda")]
-    if ballast_collectives::nccl::cuda_present() {
-        let count = cudarc::driver::CudaContext::device_count().ok().map(|c| c as usize);
-        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-        let index = ballast_cluster::device_for_local_rank(launch.local_rank, visible.as_deref(), count)?;
-        return Ok((Device::cuda(index).autodiff(), Some(index)));
-    }
-    let _ = launch;
-    Ok((Device::flex().autodiff(), None))
-}
-
+/// One rank's whole job, in its phases.
 fn rank_main<T: Task>(
-    comm: Box<dyn Communicator>,
+    mut comm: Box<dyn Communicator>,
     task: &T,
     s: &Settings,
     threads: bool,
@@ -226,19 +298,113 @@ fn rank_main<T: Task>(
     gpu: Option<usize>,
 ) -> Result<Summary> {
     let rank = comm.rank();
-    let world = comm.world_size();
-    let mut comm = comm;
     let meter = match gpu {
         Some(ordinal) => DeviceMeter::for_device(&device).on_cuda(ordinal),
         None => DeviceMeter::for_device(&device),
     };
+    let (model, loaded_step) = build_model(comm.as_mut(), task, s, &device, threads)?;
+    let (mut ddp, model) = DataParallel::wrap(comm, model, DdpOptions::default())?;
+    let sampler = GlobalSampler::new(task.len(), s.global_batch, s.seed)?;
+    let steps = s.steps(sampler.steps_per_epoch());
+    let checkpointer = match &s.checkpoint_dir {
+        Some(dir) => Some(Checkpointer::new(dir, s.keep)?),
+        None => None,
+    };
+    let start = resume(&mut ddp, model, s, checkpointer.as_ref(), loaded_step)?;
+    let mut loss_fn = |m: &T::Model, idx: &[usize]| task.loss(m, idx, &device);
+    let mut balancer = plan_devices(&mut ddp, &start, task, s, steps, threads, meter, &mut loss_fn)?;
+    if let Some((path, saved)) = start.optimizer {
+        // The host Adam runs on every rank (`host_optimizer`); its state is what checkpoints
+        // carry.
+        let host = balancer.host_mut().ok_or_else(|| JobError::OptimizerState {
+            path: path.clone(),
+            reason: "the host optimizer is not running".into(),
+        })?;
+        host.adam_mut()
+            .restore(saved.m, saved.v, saved.t)
+            .map_err(|reason| JobError::OptimizerState { path, reason })?;
+    }
+    let mut out = Output::open(&mut ddp, s, threads)?;
+    let train_steps = if s.eval_only { start.state.step } else { steps };
+    let progress = (rank == 0).then(|| Progress::new(train_steps.saturating_sub(start.state.step), s.log_every));
+    let mut run = Training {
+        task,
+        settings: s,
+        device: &device,
+        steps,
+        state: start.state,
+        optim: AdamConfig::new().init(),
+        out: &mut out,
+        progress: progress.as_ref(),
+        last_checkpoint: None,
+    };
+    let started = Instant::now();
+    let first_step = run.state.step;
+    let mut model = start.model;
+    if s.eval_only {
+        run.evaluate(&mut ddp, &model, balancer.plan())?;
+    }
+    let mut losses = Vec::new();
+    let mut samples = 0usize;
+    while run.state.step < train_steps {
+        let (next, loss, global_samples) = run.step(
+            &mut ddp,
+            &mut balancer,
+            model,
+            &sampler,
+            checkpointer.as_ref(),
+            &mut loss_fn,
+        )?;
+        model = next;
+        losses.push(loss);
+        samples += global_samples;
+    }
+    let last_checkpoint = run.last_checkpoint.take();
+    let state = run.state.clone();
+    ddp.verify_replicas(&model)?;
+    let saved_model = save_model(&mut ddp, &model, s, &state)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some(p) = progress {
+        p.finish();
+    }
+    Ok(Summary {
+        world_size: ddp.world_size(),
+        first_step,
+        steps: steps - first_step,
+        losses,
+        seconds,
+        samples_per_sec: samples as f64 / seconds.max(1e-9),
+        checksum: crate::params::checksum(&model),
+        last_checkpoint,
+        evals: out.evals,
+        eval_kind: task.eval_kind(),
+        eval_baseline: task.eval_baseline(),
+        saved_model,
+        note: if rank == 0 {
+            task.final_note(&model, &device)
+        } else {
+            None
+        },
+    })
+}
+
+/// Builds the model on every rank from the seed (rank 0's initial weights then reach every
+/// rank in [`DataParallel::wrap`]) and applies `--load`; returns it with the step the loaded
+/// weights were saved at (0 without `--load`).
+fn build_model<T: Task>(
+    comm: &mut dyn Communicator,
+    task: &T,
+    s: &Settings,
+    device: &Device,
+    threads: bool,
+) -> Result<(T::Model, u64)> {
     // The seeded generator is process-wide: ranks as threads build (and lazily initialise) their
     // models one at a time, so rank 0's initial weights depend on the seed alone.
     let mut built = None;
-    for turn in 0..world {
-        if turn == rank {
+    for turn in 0..comm.world_size() {
+        if turn == comm.rank() {
             device.seed(s.seed);
-            let model = task.build(&device);
+            let model = task.build(device);
             let _ = crate::params::checksum(&model);
             built = Some(model);
         }
@@ -246,75 +412,111 @@ fn rank_main<T: Task>(
             comm.barrier()?;
         }
     }
-    let mut model = built.context("model not built")?;
-    let mut loaded_step = 0;
-    if let Some(path) = &s.load {
-        // Every rank reads the same file; wrap below checks that the replicas agree.
-        let loaded = checkpoint::load(path, &model)
-            .with_context(|| format!("--load {}: not weights of this model", path.display()))?;
-        if loaded.state.job != s.job {
-            anyhow::bail!(
-                "--load {} holds a `{}` model, not `{}`; load a file this job wrote",
-                path.display(),
-                loaded.state.job,
-                s.job
-            );
-        }
-        model = loaded.apply(model);
-        loaded_step = loaded.state.step;
-    }
-    let (mut ddp, mut model) = DataParallel::wrap(comm, model, DdpOptions::default())?;
-    let mut loss_fn = |m: &T::Model, idx: &[usize]| task.loss(m, idx, &device);
-
-    let sampler = GlobalSampler::new(task.len(), s.global_batch, s.seed)?;
-    let steps = s.steps(sampler.steps_per_epoch());
-    let checkpointer = match &s.checkpoint_dir {
-        Some(dir) => Some(Checkpointer::new(dir, s.keep)?),
-        None => None,
+    let model = built.ok_or(JobError::NoRank)?;
+    let Some(path) = &s.load else {
+        return Ok((model, 0));
     };
-    // Resume: every rank loads the same checkpoint (rank 0 picks it; the others open that file).
+    // Every rank reads the same file; DataParallel::wrap checks that the replicas agree.
+    let loaded = checkpoint::load(path, &model).map_err(|source| JobError::Load {
+        path: path.clone(),
+        source,
+    })?;
+    if loaded.state.job != s.job {
+        return Err(JobError::WrongJob {
+            path: path.clone(),
+            found: loaded.state.job,
+            expected: s.job.clone(),
+        });
+    }
+    let step = loaded.state.step;
+    Ok((loaded.apply(model), step))
+}
+
+/// Where training starts: the model, the step, and what a resumed checkpoint carried.
+struct Start<M> {
+    model: M,
+    state: TrainState,
+    /// The checkpoint's optimizer state, with the checkpoint's path.
+    optimizer: Option<(PathBuf, checkpoint::AdamMoments)>,
+    /// The checkpoint's plan, when it was saved by a world of this size.
+    plan: Option<serde_json::Value>,
+}
+
+/// With `--resume`, every rank loads the newest complete checkpoint (rank 0 picks it, the
+/// others open that file); otherwise training starts at step 0 (`--eval-only`: at the step of
+/// the loaded weights).
+fn resume<M: Module>(
+    ddp: &mut DataParallel,
+    model: M,
+    s: &Settings,
+    checkpointer: Option<&Checkpointer>,
+    loaded_step: u64,
+) -> Result<Start<M>> {
+    let world = ddp.world_size();
     let mut state = TrainState {
-        step: 0,
+        step: if s.eval_only { loaded_step } else { 0 },
         seed: s.seed,
         global_batch: s.global_batch,
         world_size: world,
         job: s.job.clone(),
         plan: None,
     };
-    if s.eval_only {
-        // Evaluated as of the step the weights were saved at.
-        state.step = loaded_step;
+    if !s.resume {
+        return Ok(Start {
+            model,
+            state,
+            optimizer: None,
+            plan: None,
+        });
     }
-    let mut resumed_optimizer = None;
-    let mut resumed_plan = None;
-    if s.resume {
-        let cp = checkpointer.as_ref().context("--resume needs --checkpoint-dir")?;
-        let chosen = if rank == 0 { cp.newest()? } else { None };
-        let chosen: Option<PathBuf> = ddp.comm().broadcast_value(0, &chosen)?;
-        let path = chosen.with_context(|| {
-            format!(
-                "--resume: no complete checkpoint in {}; run without --resume to start from step 0",
-                cp.dir().display()
-            )
-        })?;
-        let loaded = checkpoint::load(&path, &model)?;
-        loaded.state.check_compatible(&s.job, s.global_batch, s.seed, &path)?;
-        model = loaded.apply(model);
-        state.step = loaded.state.step;
-        resumed_optimizer = loaded.adam.clone();
-        if loaded.state.world_size == world {
-            resumed_plan = loaded.state.plan.clone();
-        }
-        if rank == 0 {
-            println!(
-                "resuming from {} (step {}, saved by {} ranks, now {world})",
-                path.display(),
-                state.step,
-                loaded.state.world_size
-            );
-        }
+    let cp = checkpointer.ok_or(JobError::ResumeWithoutDirectory)?;
+    let chosen = if ddp.rank() == 0 { cp.newest()? } else { None };
+    let chosen: Option<PathBuf> = ddp.comm().broadcast_value(0, &chosen)?;
+    let path = chosen.ok_or_else(|| JobError::NothingToResume {
+        dir: cp.dir().to_path_buf(),
+    })?;
+    let loaded = checkpoint::load(&path, &model)?;
+    loaded.state.check_compatible(&s.job, s.global_batch, s.seed, &path)?;
+    state.step = loaded.state.step;
+    let plan = (loaded.state.world_size == world)
+        .then(|| loaded.state.plan.clone())
+        .flatten();
+    if ddp.rank() == 0 {
+        println!(
+            "resuming from {} (step {}, saved by {} ranks, now {world})",
+            path.display(),
+            state.step,
+            loaded.state.world_size
+        );
     }
+    let optimizer = loaded.adam.clone().map(|adam| (path, adam));
+    Ok(Start {
+        model: loaded.apply(model),
+        state,
+        optimizer,
+        plan,
+    })
+}
 
+/// Measures every device, agrees on the first plan (the saved one when a resumed run of the
+/// same world size can keep it, so the result is bit for bit that of an uninterrupted run) and
+/// prints it on rank 0.
+#[allow(clippy::too_many_arguments)]
+fn plan_devices<T: Task, F>(
+    ddp: &mut DataParallel,
+    start: &Start<T::Model>,
+    task: &T,
+    s: &Settings,
+    steps: u64,
+    threads: bool,
+    meter: DeviceMeter,
+    loss_fn: &mut F,
+) -> Result<Balancer>
+where
+    F: FnMut(&T::Model, &[usize]) -> Tensor<1>,
+{
+    let rank = ddp.rank();
+    let world = ddp.world_size();
     let probe_max = s.global_batch.clamp(1, 32);
     let options = BalanceOptions {
         budget_bytes: s.device_memory.get(rank).copied().unwrap_or(u64::MAX),
@@ -337,10 +539,12 @@ fn rank_main<T: Task>(
         ..BalanceOptions::default()
     };
     let pool: Vec<usize> = (0..task.len().min(probe_max)).collect();
-    let mut balancer = Balancer::probe(&mut ddp, &model, &mut loss_fn, &pool, s.global_batch, meter, options)?;
-    // Same world: continue on the saved plan, so the arithmetic (and the result, bit for bit)
-    // is that of an uninterrupted run. Another world: the plan just measured.
-    let reused = match resumed_plan.and_then(|p| serde_json::from_value::<ballast_balancer::Plan>(p).ok()) {
+    let mut balancer = Balancer::probe(ddp, &start.model, loss_fn, &pool, s.global_batch, meter, options)?;
+    let reused = match start
+        .plan
+        .clone()
+        .and_then(|p| serde_json::from_value::<ballast_balancer::Plan>(p).ok())
+    {
         Some(plan) => balancer.adopt(plan),
         None => false,
     };
@@ -358,21 +562,28 @@ fn rank_main<T: Task>(
             },
             task.len(),
             s.global_batch,
-            state.step
+            start.state.step
         );
         print!("{}", plan_table(balancer.plan(), balancer.reports()));
     }
-    // The host Adam runs on every rank (`host_optimizer`); its state is what checkpoints carry.
-    // burn's optimizer is only a placeholder the step signature asks for.
-    let mut optim = AdamConfig::new().init();
-    if let Some(saved) = resumed_optimizer {
-        let host = balancer.host_mut().context("the host optimizer is not running")?;
-        host.adam_mut()
-            .restore(saved.m, saved.v, saved.t)
-            .map_err(|e| anyhow::anyhow!("resuming the optimizer: {e}"))?;
-    }
+    Ok(balancer)
+}
 
-    let run_id: String = {
+/// What a rank writes as it runs: the metrics lines of one run id, and the evaluations.
+struct Output {
+    run_id: String,
+    metrics: MetricsWriter,
+    path: PathBuf,
+    job: String,
+    rank: usize,
+    world: usize,
+    threads: bool,
+    evals: Vec<(u64, EvalTotals)>,
+}
+
+impl Output {
+    /// Opens the metrics file; rank 0's run id reaches every rank.
+    fn open(ddp: &mut DataParallel, s: &Settings, threads: bool) -> Result<Self> {
         let id = format!(
             "{}-{}",
             std::time::SystemTime::now()
@@ -380,175 +591,206 @@ fn rank_main<T: Task>(
                 .map_or(0, |d| d.as_secs()),
             std::process::id()
         );
-        ddp.comm().broadcast_value(0, &id)?
-    };
-    let mut metrics = MetricsWriter::append(&s.metrics)?;
-    let train_steps = if s.eval_only { state.step } else { steps };
-    let progress = (rank == 0).then(|| Progress::new(train_steps.saturating_sub(state.step), s.log_every));
-    let started = Instant::now();
-    let first_step = state.step;
-    let mut losses = Vec::new();
-    let mut samples = 0usize;
-    let mut last_checkpoint = None;
-    let mut evals = Vec::new();
-    // Every rank evaluates its slice of the held-out set by the current plan's shares.
-    let mut held_out = |ddp: &mut DataParallel,
-                        model: &T::Model,
-                        plan: &ballast_balancer::Plan,
-                        step: u64,
-                        metrics: &mut MetricsWriter|
-     -> Result<()> {
+        let run_id: String = ddp.comm().broadcast_value(0, &id)?;
+        let metrics = MetricsWriter::append(&s.metrics).map_err(|source| JobError::Metrics {
+            path: s.metrics.clone(),
+            source,
+        })?;
+        Ok(Self {
+            run_id,
+            metrics,
+            path: s.metrics.clone(),
+            job: s.job.clone(),
+            rank: ddp.rank(),
+            world: ddp.world_size(),
+            threads,
+            evals: Vec::new(),
+        })
+    }
+
+    /// Appends `fields` with the run's identity as one metrics line.
+    fn record(&mut self, kind: &str, fields: serde_json::Value) -> Result<()> {
+        let mut line = json!({
+            "run": self.run_id, "job": self.job, "kind": kind, "rank": self.rank, "world_size": self.world,
+        });
+        if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), fields) {
+            line.extend(fields);
+        }
+        self.metrics.record(&line).map_err(|source| JobError::Metrics {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// The training loop's state between steps.
+struct Training<'a, T> {
+    task: &'a T,
+    settings: &'a Settings,
+    device: &'a Device,
+    /// The run's last step.
+    steps: u64,
+    state: TrainState,
+    /// burn's optimizer, which the step signature asks for: a placeholder, as the host Adam
+    /// runs on every rank (`host_optimizer`).
+    optim: burn::optim::ModuleOptimizer,
+    out: &'a mut Output,
+    progress: Option<&'a Progress>,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl<T: Task> Training<'_, T> {
+    /// One step: this rank's share in planned micro-batches, the all-reduce and the update,
+    /// its metrics line, then a checkpoint and an evaluation when they are due. Returns the
+    /// model, the step's global loss and its samples.
+    fn step<F>(
+        &mut self,
+        ddp: &mut DataParallel,
+        balancer: &mut Balancer,
+        model: T::Model,
+        sampler: &GlobalSampler,
+        checkpointer: Option<&Checkpointer>,
+        loss_fn: &mut F,
+    ) -> Result<(T::Model, f64, usize)>
+    where
+        F: FnMut(&T::Model, &[usize]) -> Tensor<1>,
+    {
+        let s = self.settings;
+        let step = self.state.step;
+        #[cfg(feature = "testkit")]
+        if s.crash_at_step == Some(step) {
+            eprintln!(
+                "ballast: rank {}: aborting before step {step} as asked (--crash-at-step)",
+                self.out.rank
+            );
+            std::process::abort();
+        }
+        let plan = balancer.plan().clone();
+        let t0 = Instant::now();
+        let lr = s.lr_at(step, self.steps);
+        let (model, out) = balancer.step(ddp, model, &mut self.optim, lr, &sampler.batch(step), loss_fn)?;
+        let step_s = t0.elapsed().as_secs_f64();
+        if !out.stats.loss.is_finite() {
+            return Err(JobError::Diverged {
+                step,
+                loss: out.stats.loss,
+                lr: s.lr,
+            });
+        }
+        let mine = &plan.ranks[self.out.rank];
+        let peak_bytes = (!self.out.threads).then_some(out.peak_bytes);
+        self.out.record(
+            "train",
+            json!({
+                "step": step,
+                "loss": out.stats.loss,
+                "lr": lr,
+                "samples": out.stats.local_samples,
+                "global_samples": out.stats.global_samples,
+                "share": mine.share,
+                "micro_batch": mine.micro_batch,
+                "micro_batches": out.micro_batches,
+                "accumulation": out.micro_batches.len(),
+                "compute_s": out.stats.compute.as_secs_f64(),
+                "allreduce_s": out.stats.all_reduce.as_secs_f64(),
+                "step_s": step_s,
+                "all_reduces": out.stats.collectives,
+                "peak_bytes": peak_bytes,
+                "budget_bytes": s.device_memory.get(self.out.rank),
+                "predicted_peak_bytes": mine.predicted_peak_bytes,
+                "offload": mine.offload,
+                "oom_retries": out.oom_retries,
+                "plan_changed": out.plan_changed,
+                "swap_warning": out.swap_warning,
+            }),
+        )?;
+        self.state.step += 1;
+        if let Some(p) = self.progress {
+            p.update(self.state.step, &out.stats, &plan, step_s);
+        }
+        let done = self.state.step;
+        if let Some(cp) = checkpointer {
+            if done % s.checkpoint_every == 0 || done == self.steps {
+                // Rank 0 writes; the others wait so that nobody runs ahead of a failed save.
+                let written = if self.out.rank == 0 {
+                    self.state.plan = serde_json::to_value(balancer.plan()).ok();
+                    Some(cp.save(&model, balancer.host().map(|h| h.adam()), &self.state)?)
+                } else {
+                    None
+                };
+                barrier_after_write(ddp.comm(), checkpoint_bytes(&model))?;
+                self.last_checkpoint = written;
+            }
+        }
+        if done == self.steps || (s.eval_every > 0 && done % s.eval_every == 0) {
+            self.evaluate(ddp, &model, balancer.plan())?;
+        }
+        Ok((model, out.stats.loss, out.stats.global_samples))
+    }
+
+    /// Every rank evaluates its slice of the held-out set by `plan`'s shares; the totals go
+    /// to the metrics, the progress output and the summary.
+    fn evaluate(&mut self, ddp: &mut DataParallel, model: &T::Model, plan: &ballast_balancer::Plan) -> Result<()> {
+        let task = self.task;
         if task.eval_len() == 0 {
             return Ok(());
         }
+        let step = self.state.step;
         let t0 = Instant::now();
         let shares: Vec<usize> = plan.ranks.iter().map(|r| r.share).collect();
-        let micro = plan.ranks[rank].micro_batch.max(1);
+        let micro = plan.ranks[self.out.rank].micro_batch.max(1);
+        let device = self.device;
         let (totals, mine) = crate::eval::evaluate(ddp.comm(), task.eval_len(), &shares, micro, |idx| {
-            task.evaluate(model, idx, &device)
+            task.evaluate(model, idx, device)
         })
-        .with_context(|| format!("evaluating the held-out set after step {step}"))?;
+        .map_err(|source| JobError::Eval { step, source })?;
         let eval_s = t0.elapsed().as_secs_f64();
-        metrics.record(&json!({
-            "run": run_id,
-            "job": s.job,
-            "kind": "eval",
-            "rank": rank,
-            "world_size": world,
-            "step": step,
-            "eval_samples": mine,
-            "micro_batch": micro,
-            "samples": totals.samples,
-            "units": totals.units,
-            "correct": totals.correct,
-            "loss_sum": totals.loss_sum(),
-            // The exact integer sum (2^-32 nats), as text: JSON numbers lose its low bits.
-            "loss_sum_fixed": totals.loss_sum_fixed.to_string(),
-            "loss": totals.mean_loss(),
-            "accuracy": totals.accuracy(),
-            "perplexity": totals.perplexity(),
-            "eval_s": eval_s,
-            "eval_kind": task.eval_kind(),
-        }))?;
-        if let Some(p) = &progress {
+        self.out.record(
+            "eval",
+            json!({
+                "step": step,
+                "eval_samples": mine,
+                "micro_batch": micro,
+                "samples": totals.samples,
+                "units": totals.units,
+                "correct": totals.correct,
+                "loss_sum": totals.loss_sum(),
+                // The exact integer sum (2^-32 nats), as text: JSON numbers lose its low bits.
+                "loss_sum_fixed": totals.loss_sum_fixed.to_string(),
+                "loss": totals.mean_loss(),
+                "accuracy": totals.accuracy(),
+                "perplexity": totals.perplexity(),
+                "eval_s": eval_s,
+                "eval_kind": task.eval_kind(),
+            }),
+        )?;
+        if let Some(p) = self.progress {
             p.note(&format!(
                 "held-out after step {step}: {} ({eval_s:.1}s)",
                 totals.describe(task.eval_kind())
             ));
         }
-        evals.push((step, totals));
+        self.out.evals.push((step, totals));
         Ok(())
+    }
+}
+
+/// `--save-model`: rank 0 writes the final weights; nobody reports success before the file is
+/// in place.
+fn save_model<M: Module>(
+    ddp: &mut DataParallel,
+    model: &M,
+    s: &Settings,
+    state: &TrainState,
+) -> Result<Option<PathBuf>> {
+    let Some(path) = &s.save_model else {
+        return Ok(None);
     };
-    if s.eval_only {
-        held_out(&mut ddp, &model, balancer.plan(), state.step, &mut metrics)?;
+    if ddp.rank() == 0 {
+        checkpoint::save_model(path, model, state)?;
     }
-    while state.step < train_steps {
-        let step = state.step;
-        #[cfg(feature = "testkit")]
-        if s.crash_at_step == Some(step) {
-            eprintln!("ballast: rank {rank}: aborting before step {step} as asked (--crash-at-step)");
-            std::process::abort();
-        }
-        let plan = balancer.plan().clone();
-        let t0 = Instant::now();
-        let batch = sampler.batch(step);
-        let lr = s.lr_at(step, steps);
-        let (next, out) = balancer.step(&mut ddp, model, &mut optim, lr, &batch, &mut loss_fn)?;
-        model = next;
-        let step_s = t0.elapsed().as_secs_f64();
-        if !out.stats.loss.is_finite() {
-            anyhow::bail!(
-                "step {step}: the loss is {} (diverged); lower --lr (now {})",
-                out.stats.loss,
-                s.lr
-            );
-        }
-        losses.push(out.stats.loss);
-        samples += out.stats.global_samples;
-        let mine = &plan.ranks[rank];
-        metrics.record(&json!({
-            "run": run_id,
-            "job": s.job,
-            "kind": "train",
-            "rank": rank,
-            "world_size": world,
-            "step": step,
-            "loss": out.stats.loss,
-            "lr": lr,
-            "samples": out.stats.local_samples,
-            "global_samples": out.stats.global_samples,
-            "share": mine.share,
-            "micro_batch": mine.micro_batch,
-            "micro_batches": out.micro_batches,
-            "accumulation": out.micro_batches.len(),
-            "compute_s": out.stats.compute.as_secs_f64(),
-            "allreduce_s": out.stats.all_reduce.as_secs_f64(),
-            "step_s": step_s,
-            "all_reduces": out.stats.collectives,
-            "peak_bytes": if threads { None } else { Some(out.peak_bytes) },
-            "budget_bytes": s.device_memory.get(rank),
-            "predicted_peak_bytes": mine.predicted_peak_bytes,
-            "offload": mine.offload,
-            "oom_retries": out.oom_retries,
-            "plan_changed": out.plan_changed,
-            "swap_warning": out.swap_warning,
-        }))?;
-        state.step += 1;
-        if let Some(p) = &progress {
-            p.update(state.step, &out.stats, &plan, step_s);
-        }
-        if let Some(cp) = &checkpointer {
-            if state.step % s.checkpoint_every == 0 || state.step == steps {
-                // Rank 0 writes; the others wait so that nobody runs ahead of a failed save.
-                let written = if rank == 0 {
-                    state.plan = serde_json::to_value(balancer.plan()).ok();
-                    Some(cp.save(&model, balancer.host().map(|h| h.adam()), &state)?)
-                } else {
-                    None
-                };
-                barrier_after_write(ddp.comm(), checkpoint_bytes(&model))?;
-                last_checkpoint = written;
-            }
-        }
-        if state.step == steps || (s.eval_every > 0 && state.step % s.eval_every == 0) {
-            held_out(&mut ddp, &model, balancer.plan(), state.step, &mut metrics)?;
-        }
-    }
-    ddp.verify_replicas(&model)?;
-    let saved_model = match &s.save_model {
-        Some(path) => {
-            if rank == 0 {
-                checkpoint::save_model(path, &model, &state)?;
-            }
-            // Nobody reports success before the file is in place.
-            barrier_after_write(ddp.comm(), checkpoint_bytes(&model))?;
-            Some(path.clone())
-        }
-        None => None,
-    };
-    let seconds = started.elapsed().as_secs_f64();
-    if let Some(p) = progress {
-        p.finish();
-    }
-    Ok(Summary {
-        world_size: world,
-        first_step,
-        steps: steps - first_step,
-        losses,
-        seconds,
-        samples_per_sec: samples as f64 / seconds.max(1e-9),
-        checksum: crate::params::checksum(&model),
-        last_checkpoint,
-        evals,
-        eval_kind: task.eval_kind(),
-        eval_baseline: task.eval_baseline(),
-        saved_model,
-        note: if rank == 0 {
-            task.final_note(&model, &device)
-        } else {
-            None
-        },
-    })
+    barrier_after_write(ddp.comm(), checkpoint_bytes(model))?;
+    Ok(Some(path.clone()))
 }
 
 /// Rank 0's view: a progress bar on a terminal, a line every `log_every` steps otherwise.

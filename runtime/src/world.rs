@@ -54,3 +54,45 @@ pub fn launched_communicator(
         })
     }
 }
+
+/// A rank a launcher started: its communicator, the device it trains on and, on a GPU, the
+/// GPU's ordinal.
+pub struct LaunchedRank {
+    /// The communicator: MPI, or NCCL over MPI on a GPU rank (feature `cuda`).
+    pub comm: Box<dyn Communicator>,
+    /// The device for this rank's model (with autodiff).
+    pub device: burn::tensor::Device,
+    /// The GPU ordinal, when the device is a GPU.
+    pub gpu: Option<usize>,
+}
+
+/// Joins the job as [`launched_communicator`] does and picks this rank's device: with the
+/// `cuda` feature and a GPU present, the GPU for this local rank (honouring
+/// `CUDA_VISIBLE_DEVICES`), whose gradients are then summed over NCCL with MPI underneath as
+/// the control plane; otherwise the CPU (`flex`). `None` when ranks should run as threads.
+/// (The GPU branch is not yet verified on a GPU.)
+///
+/// # Errors
+/// As [`launched_communicator`]; no GPU for this local rank; NCCL failing to start.
+pub fn join(launch: &Launch, options: CommOptions) -> Result<Option<LaunchedRank>, WorldError> {
+    let Some(comm) = launched_communicator(launch, options)? else {
+        return Ok(None);
+    };
+    #[cfg(feature = "cuda")]
+    if ballast_collectives::nccl::cuda_present() {
+        let count = cudarc::driver::CudaContext::device_count().ok().map(|c| c as usize);
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        let gpu = ballast_cluster::device_for_local_rank(launch.local_rank, visible.as_deref(), count)?;
+        let comm: Box<dyn Communicator> = Box::new(ballast_collectives::nccl::NcclCommunicator::new(comm, gpu)?);
+        return Ok(Some(LaunchedRank {
+            comm,
+            device: burn::tensor::Device::cuda(gpu).autodiff(),
+            gpu: Some(gpu),
+        }));
+    }
+    Ok(Some(LaunchedRank {
+        comm,
+        device: burn::tensor::Device::flex().autodiff(),
+        gpu: None,
+    }))
+}
