@@ -230,6 +230,10 @@ pub fn check_longer_deadline(comm: &mut dyn Communicator) -> Result<String, Stri
             comm.timeout()
         ));
     }
+    // Everyone starts together, so every other rank waits the whole of rank 0's lateness: a
+    // deadline that was not raised would expire during it.
+    comm.barrier()
+        .map_err(|e| format!("rank {rank}: the barrier before the late one failed: {e}"))?;
     let late = usual + usual / 2;
     if rank == 0 {
         std::thread::sleep(late);
