@@ -166,6 +166,37 @@ pub trait Communicator: Send {
             message,
         })
     }
+
+    /// Element-wise sum over ranks of `buckets` taken together, as one collective: a step's
+    /// gradient buckets, which then need one agreement between the ranks, not one per bucket. The
+    /// buckets are summed as their concatenation, in order, so only the total length must match
+    /// across ranks (how each rank cuts it into buckets is its own affair). One bucket is reduced
+    /// by [`Communicator::all_reduce_sum_device`] directly; several are read once each, reduced as
+    /// one host buffer by [`Communicator::all_reduce_sum_f32`], and written back once each.
+    ///
+    /// # Errors
+    /// As [`Communicator::all_reduce_sum_device`].
+    fn all_reduce_sum_buckets(&mut self, buckets: &mut [&mut dyn DeviceBuffer]) -> Result<()> {
+        if let [one] = buckets {
+            return self.all_reduce_sum_device(&mut **one);
+        }
+        let rank = self.rank();
+        let device_error = |op: &'static str| move |message: String| Error::Device { op, rank, message };
+        let mut host = Vec::with_capacity(buckets.iter().map(|b| b.len()).sum());
+        for bucket in buckets.iter_mut() {
+            host.extend(bucket.read().map_err(device_error("reading a device buffer"))?);
+        }
+        self.all_reduce_sum_f32(&mut host)?;
+        let mut rest = host.as_slice();
+        for bucket in buckets.iter_mut() {
+            let (mine, after) = rest.split_at(bucket.len().min(rest.len()));
+            rest = after;
+            bucket
+                .write(mine.to_vec())
+                .map_err(device_error("writing a device buffer"))?;
+        }
+        Ok(())
+    }
 }
 
 /// A flat `f32` buffer owned by a tensor library, possibly in accelerator memory: what

@@ -141,7 +141,40 @@ pub fn check_all(comm: &mut dyn Communicator) -> Result<Vec<String>, String> {
             fused.layout().num_buckets()
         ));
     }
+    passed.push(check_buckets_as_one(comm)?);
     Ok(passed)
+}
+
+/// [`Communicator::all_reduce_sum_buckets`]: 1 000 values in three buffers cut at other places
+/// on every rank, and one buffer alone; the sums are the concatenation's, and each call is one
+/// collective.
+fn check_buckets_as_one(comm: &mut dyn Communicator) -> Result<String, String> {
+    let rank = comm.rank();
+    let n = comm.world_size();
+    let total = 1000;
+    let cuts = [rank * 37 % 400, 400 + rank * 91 % 500];
+    for pieces in [vec![0, cuts[0], cuts[1], total], vec![0, total]] {
+        let mut buffers: Vec<Vec<f32>> = pieces
+            .windows(2)
+            .map(|w| (w[0]..w[1]).map(|i| contribution(rank, i) as f32).collect())
+            .collect();
+        let before = comm.collectives_started();
+        let mut views: Vec<&mut dyn crate::DeviceBuffer> =
+            buffers.iter_mut().map(|b| b as &mut dyn crate::DeviceBuffer).collect();
+        comm.all_reduce_sum_buckets(&mut views)
+            .map_err(|x| format!("all_reduce_sum_buckets failed on rank {rank}: {x}"))?;
+        let calls = comm.collectives_started() - before;
+        if calls != 1 {
+            return Err(format!(
+                "all_reduce_sum_buckets: rank {rank} ran {calls} collectives for {} buffers, expected 1",
+                buffers.len()
+            ));
+        }
+        check_eq("all_reduce_sum_buckets", rank, &buffers.concat(), |i| {
+            expected_sum(n, i) as f32
+        })?;
+    }
+    Ok("all_reduce_sum_buckets: three buffers cut differently on each rank, one collective".to_string())
 }
 
 /// The last rank passes one element too many; every rank must get [`Error::ShapeMismatch`].

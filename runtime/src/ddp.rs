@@ -12,9 +12,10 @@
 //! Gradients stay where burn computed them: each micro-batch's gradient, scaled by its sample
 //! count, is added to a per-parameter sum with tensor operations on the model's device, and the
 //! loss sum is a device scalar. `finish_step` lays the sums out back to back (the same order on
-//! every rank), cuts them into buckets and reduces each bucket through
-//! [`Communicator::all_reduce_sum_device`]; a host communicator (threads, MPI) reads each bucket
-//! back once per step and writes the sum back once. The sums are divided once by the global
+//! every rank), cuts them into buckets and reduces the buckets together through
+//! [`Communicator::all_reduce_sum_buckets`], one collective (one agreement between the ranks)
+//! per step however many buckets there are; a host communicator (threads, MPI) reads each
+//! bucket back once per step and writes the sum back once. The sums are divided once by the global
 //! sample count, split back into burn's `GradientsParams` on the device, and the optimizer runs
 //! there. The result is the mean gradient of the global batch: exactly what one device computes
 //! on the whole batch, up to the order of f32 additions. [`StepStats::traffic`] counts the bytes
@@ -178,8 +179,11 @@ pub struct StepStats {
     pub compute: Duration,
     /// Time in the all-reduce (includes waiting for slower ranks).
     pub all_reduce: Duration,
-    /// Collectives this step ran, as the communicator counted them (one per bucket).
+    /// Collectives this step ran, as the communicator counted them (one per step: the buckets
+    /// are reduced together).
     pub collectives: usize,
+    /// Buckets this step's gradient sums were cut into and handed to the communicator.
+    pub buckets: usize,
     /// Bytes this step copied between this rank's device and its host: the buckets read back
     /// for a host communicator, the small tail of per-rank values, and on an offloaded rank the
     /// parameters loaded back. Nothing is read between micro-batches.
@@ -560,14 +564,19 @@ impl DataParallel {
         let started = Instant::now();
         let before = self.comm.collectives_started();
         let tail_range = self.layout.tensor(tail);
-        let mut buckets = Vec::with_capacity(self.layout.num_buckets());
-        for (range, parts) in self.layout.buckets().zip(bucket_parts(&self.layout, pieces)) {
-            let keep = keep_host || range.end > tail_range.start;
-            let mut bucket = TensorBucket::new(parts, device.clone(), keep);
-            self.comm.all_reduce_sum_device(&mut bucket)?;
+        let mut buckets: Vec<TensorBucket> = self
+            .layout
+            .buckets()
+            .zip(bucket_parts(&self.layout, pieces))
+            .map(|(range, parts)| TensorBucket::new(parts, device.clone(), keep_host || range.end > tail_range.start))
+            .collect();
+        // The whole step's buckets in one collective: one agreement between the ranks per step.
+        let mut views: Vec<&mut dyn DeviceBuffer> = buckets.iter_mut().map(|b| b as &mut dyn DeviceBuffer).collect();
+        self.comm.all_reduce_sum_buckets(&mut views)?;
+        let bucket_count = views.len();
+        for bucket in &buckets {
             traffic.to_host += bucket.traffic.to_host;
             traffic.to_device += bucket.traffic.to_device;
-            buckets.push(bucket);
         }
         let all_reduce = started.elapsed();
         let collectives = (self.comm.collectives_started() - before) as usize;
@@ -602,6 +611,7 @@ impl DataParallel {
             compute: busy,
             all_reduce,
             collectives,
+            buckets: bucket_count,
             traffic,
             rank_compute,
             rank_samples,
@@ -690,7 +700,7 @@ fn bucket_parts(layout: &BucketLayout, pieces: Vec<Tensor<1>>) -> Vec<Vec<Tensor
     out
 }
 
-/// One bucket of the fused buffer, for [`Communicator::all_reduce_sum_device`]: its parts on the
+/// One bucket of the fused buffer, for [`Communicator::all_reduce_sum_buckets`]: its parts on the
 /// device before the reduction, one tensor after it. Counts the bytes it moves and, when asked
 /// to, keeps the host copy of what was written back.
 ///

@@ -319,6 +319,10 @@ pub struct Case {
     pub weight_decay: f32,
     /// Each rank's device (see [`DeviceChoice::for_rank`]); empty: `flex` everywhere.
     pub devices: Vec<DeviceChoice>,
+    /// A bucket cap small enough to cut the gradients into several buckets (`None`: the
+    /// default cap, one bucket for these models); such a case also checks that the step still
+    /// ran one collective.
+    pub bucket_cap_bytes: Option<usize>,
 }
 
 impl Case {
@@ -336,6 +340,7 @@ impl Case {
             offload: false,
             weight_decay: 0.0,
             devices: Vec::new(),
+            bucket_cap_bytes: None,
         }
     }
 
@@ -367,6 +372,9 @@ impl Case {
             let devices: Vec<String> = self.devices.iter().map(ToString::to_string).collect();
             label.push_str(&format!("/on {}", devices.join(",")));
         }
+        if let Some(cap) = self.bucket_cap_bytes {
+            label.push_str(&format!("/buckets of {cap} B"));
+        }
         label
     }
 }
@@ -384,6 +392,8 @@ pub struct Outcome {
     pub micro_batches: Vec<usize>,
     /// Collective calls per step.
     pub collectives: Vec<usize>,
+    /// Buckets reduced per step.
+    pub buckets: Vec<usize>,
     /// Bytes copied between this rank's device and its host per step.
     pub traffic: Vec<crate::ddp::Traffic>,
     /// Largest relative difference `‖p_r − p_0‖ / ‖p_0‖` of any rank's final parameters from
@@ -410,7 +420,10 @@ fn run_ddp_with<M: Regressor>(
     let rank = comm.rank();
     let device = DeviceChoice::for_rank(&case.devices, rank).device(0)?.autodiff();
     let data = SyntheticSet::new(case.dataset_len, case.seed);
-    let options = DdpOptions::default().with_averaging(case.averaging);
+    let mut options = DdpOptions::default().with_averaging(case.averaging);
+    if let Some(cap) = case.bucket_cap_bytes {
+        options = options.with_bucket_cap_bytes(cap);
+    }
     let (mut ddp, mut model) = DataParallel::wrap(comm, M::init(&device), options)?;
     let initial = flatten_params(&model);
     let mut optim = case.optim.init(case.weight_decay);
@@ -434,6 +447,7 @@ fn run_ddp_with<M: Regressor>(
         initial,
         micro_batches: Vec::new(),
         collectives: Vec::new(),
+        buckets: Vec::new(),
         traffic: Vec::new(),
         replica_rel: 0.0,
     };
@@ -456,6 +470,7 @@ fn run_ddp_with<M: Regressor>(
         outcome.losses.push(stats.loss);
         outcome.micro_batches.push(stats.micro_batches);
         outcome.collectives.push(stats.collectives);
+        outcome.buckets.push(stats.buckets);
         outcome.traffic.push(stats.traffic);
     }
     if case.mixed() {
@@ -503,6 +518,7 @@ fn run_reference_with<M: Regressor>(case: &Case, initial: &[f32]) -> Outcome {
         initial: initial.to_vec(),
         micro_batches: vec![1; case.steps as usize],
         collectives: vec![0; case.steps as usize],
+        buckets: vec![0; case.steps as usize],
         traffic: vec![crate::ddp::Traffic::default(); case.steps as usize],
         replica_rel: 0.0,
     }
@@ -577,6 +593,10 @@ pub fn three_rank_cases() -> Vec<Case> {
         plain.averaging = Averaging::PerRankMean;
         cases.push(plain);
     }
+    // Gradients in buckets of 64 values, reduced together as one collective per step.
+    let mut bucketed = Case::new(ModelKind::Mlp, OptimKind::Adam, &[5, 2, 1], &[3, 2, 1]);
+    bucketed.bucket_cap_bytes = Some(256);
+    cases.push(bucketed);
     cases
 }
 
@@ -592,7 +612,9 @@ pub fn equivalence_report(mut comm: Box<dyn Communicator>, cases: &[Case]) -> Re
     for case in cases {
         let (outcome, back) = run_ddp(comm, case)?;
         comm = back;
-        let one_collective_per_step = outcome.collectives.iter().all(|&c| c == 1);
+        // One collective per step, however many buckets; a bucketed case must have had several.
+        let one_collective_per_step = outcome.collectives.iter().all(|&c| c == 1)
+            && (case.bucket_cap_bytes.is_none() || outcome.buckets.iter().all(|&b| b > 1));
         let replicas_ok = outcome.replica_rel <= MIXED_REPLICA_TOLERANCE;
         let replicas = if case.mixed() {
             format!("replicas within {:.3e} of rank 0's", outcome.replica_rel)
@@ -620,9 +642,10 @@ pub fn equivalence_report(mut comm: Box<dyn Communicator>, cases: &[Case]) -> Re
         };
         lines.push(format!(
             "equivalence rank 0 {}: max_rel_param {param_rel:.3e} tol {tol:.0e} max_rel_loss {loss_rel:.3e} \
-             collectives_per_step {:?} micro_batches {:?} final_loss {:.5} {replicas} {verdict}",
+             collectives_per_step {:?} buckets_per_step {:?} micro_batches {:?} final_loss {:.5} {replicas} {verdict}",
             case.label(),
             outcome.collectives.first(),
+            outcome.buckets.first(),
             outcome.micro_batches.first(),
             outcome.losses.last().copied().unwrap_or(f64::NAN),
         ));
