@@ -144,6 +144,25 @@ pub trait Communicator: Send {
     /// [`Error::Timeout`], backend errors.
     fn all_gather_bytes(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>>;
 
+    /// Sums `buf` over ranks and keeps this rank's shard of the sum: `buf` is cut into one
+    /// contiguous shard per rank, `counts[r]` elements for rank `r` in rank order, and `shard`
+    /// (`counts[rank]` elements) receives this rank's. Every rank passes the same `counts`,
+    /// summing to `buf.len()`; a count may be 0. The sum is reduced in one order everywhere, as
+    /// for [`Communicator::all_reduce_sum_f32`], and the bytes each rank sends are those of one
+    /// reduce-scatter, half of an all-reduce's.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for counts that do not fit the buffers, [`Error::CountsMismatch`]
+    /// when ranks pass different counts, and those of [`Communicator::all_reduce_sum_f32`].
+    fn reduce_scatter_sum_f32(&mut self, buf: &[f32], counts: &[usize], shard: &mut [f32]) -> Result<()>;
+
+    /// Gathers every rank's shard into `out` in rank order: rank `r` passes `counts[r]` elements
+    /// and `out` has their total. Every rank passes the same `counts`; a count may be 0.
+    ///
+    /// # Errors
+    /// As [`Communicator::reduce_scatter_sum_f32`].
+    fn all_gather_f32(&mut self, shard: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()>;
+
     /// Element-wise sum over ranks of a buffer that may live on an accelerator, in place; the
     /// same contract as [`Communicator::all_reduce_sum_f32`] (one collective, lengths must
     /// match). Backends that reduce host memory read the buffer once, sum it and write the sum
@@ -292,6 +311,8 @@ pub(crate) enum OpKind {
     AllReduceF64 = 5,
     AllReduceU64 = 6,
     AllGatherBytes = 7,
+    ReduceScatterF32 = 8,
+    AllGatherF32 = 9,
 }
 
 impl OpKind {
@@ -304,6 +325,8 @@ impl OpKind {
             OpKind::AllReduceF64 => "all_reduce_sum_f64",
             OpKind::AllReduceU64 => "all_reduce_sum_u64",
             OpKind::AllGatherBytes => "all_gather_bytes",
+            OpKind::ReduceScatterF32 => "reduce_scatter_sum_f32",
+            OpKind::AllGatherF32 => "all_gather_f32",
         }
     }
 
@@ -317,6 +340,8 @@ impl OpKind {
             5 => OpKind::AllReduceF64,
             6 => OpKind::AllReduceU64,
             7 => OpKind::AllGatherBytes,
+            8 => OpKind::ReduceScatterF32,
+            9 => OpKind::AllGatherF32,
             _ => return None,
         })
     }
@@ -333,15 +358,18 @@ pub(crate) struct Header {
     pub seq: u64,
     pub op: OpKind,
     pub root: u64,
+    /// What else every rank must agree on: the [`counts_key`] of a sharded collective, else 0.
+    pub key: u64,
     pub len: u64,
 }
 
 #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 impl Header {
-    pub(crate) const WORDS: usize = 4;
+    /// Words on the wire; the length comes last (some operations let it differ).
+    pub(crate) const WORDS: usize = 5;
 
     pub(crate) fn encode(&self) -> [u64; Self::WORDS] {
-        [self.seq, self.op as u64, self.root, self.len]
+        [self.seq, self.op as u64, self.root, self.key, self.len]
     }
 
     pub(crate) fn decode(words: &[u64; Self::WORDS]) -> Option<Self> {
@@ -349,7 +377,8 @@ impl Header {
             seq: words[0],
             op: OpKind::from_code(words[1])?,
             root: words[2],
-            len: words[3],
+            key: words[3],
+            len: words[4],
         })
     }
 
@@ -380,6 +409,14 @@ pub(crate) fn verify_headers(rank: usize, mine: &Header, all: &[Header]) -> Resu
             other_op: other.describe(),
         });
     }
+    if let Some(other_rank) = all.iter().position(|h| h.key != mine.key) {
+        return Err(Error::CountsMismatch {
+            op: mine.op.name(),
+            seq: mine.seq,
+            rank,
+            other_rank,
+        });
+    }
     if mine.op.lengths_must_match() && all.iter().any(|h| h.len != mine.len) {
         return Err(Error::ShapeMismatch {
             op: mine.op.name(),
@@ -389,6 +426,54 @@ pub(crate) fn verify_headers(rank: usize, mine: &Header, all: &[Header]) -> Resu
         });
     }
     Ok(())
+}
+
+/// The handshake key of a shard layout: every rank must pass the same counts (FNV-1a of the
+/// counts and their number).
+pub(crate) fn counts_key(counts: &[usize]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for word in std::iter::once(counts.len()).chain(counts.iter().copied()) {
+        for byte in (word as u64).to_le_bytes() {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+/// Checks a shard layout on this rank: one count per rank, counts summing to `total` (the full
+/// buffer) and this rank's count equal to `part` (its shard). Returns this rank's offset.
+pub(crate) fn shard_offset(
+    op: OpKind,
+    rank: usize,
+    world: usize,
+    counts: &[usize],
+    total: usize,
+    part: usize,
+) -> Result<usize> {
+    let invalid = |reason: String| Error::InvalidArgument {
+        op: op.name(),
+        rank,
+        reason,
+    };
+    if counts.len() != world {
+        return Err(invalid(format!(
+            "{} counts for a world of {world}: pass one count per rank",
+            counts.len()
+        )));
+    }
+    let sum: usize = counts.iter().sum();
+    if sum != total {
+        return Err(invalid(format!(
+            "the counts sum to {sum} but the full buffer has {total} elements"
+        )));
+    }
+    if counts[rank] != part {
+        return Err(invalid(format!(
+            "this rank's count is {} but its shard has {part} elements",
+            counts[rank]
+        )));
+    }
+    Ok(counts[..rank].iter().sum())
 }
 
 /// Element types that can be summed by a collective.

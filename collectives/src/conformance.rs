@@ -142,7 +142,91 @@ pub fn check_all(comm: &mut dyn Communicator) -> Result<Vec<String>, String> {
         ));
     }
     passed.push(check_buckets_as_one(comm)?);
+    passed.push(check_shards(comm)?);
     Ok(passed)
+}
+
+/// Shard layouts of `total` elements over `n` ranks: uneven (about 60/30/10 %, the remainder
+/// to the last rank), one rank with nothing, everything on the last rank, and even.
+pub fn shard_layouts(n: usize, total: usize) -> Vec<Vec<usize>> {
+    let mut layouts = Vec::new();
+    let weights: Vec<usize> = (0..n).map(|r| [6, 3, 1][r % 3]).collect();
+    let sum: usize = weights.iter().sum();
+    let mut uneven: Vec<usize> = weights.iter().map(|w| total * w / sum).collect();
+    uneven[n - 1] += total - uneven.iter().sum::<usize>();
+    layouts.push(uneven);
+    if n > 1 {
+        let mut hole = vec![total / (n - 1); n];
+        hole[0] = 0;
+        hole[n - 1] += total - hole.iter().sum::<usize>();
+        layouts.push(hole);
+    }
+    let mut last = vec![0; n];
+    last[n - 1] = total;
+    layouts.push(last);
+    let mut even = vec![total / n; n];
+    even[n - 1] += total % n;
+    layouts.push(even);
+    layouts
+}
+
+/// [`Communicator::reduce_scatter_sum_f32`] then [`Communicator::all_gather_f32`] on exact
+/// integers, for every layout of [`shard_layouts`] over 0, 1, 7 and 100 003 elements: each rank's
+/// shard is its slice of the serial sum, and the gather returns every rank's shard in order.
+fn check_shards(comm: &mut dyn Communicator) -> Result<String, String> {
+    let rank = comm.rank();
+    let n = comm.world_size();
+    let mut layouts_run = 0;
+    for total in [0, 1, 7, 100_003] {
+        for counts in shard_layouts(n, total) {
+            let offset: usize = counts[..rank].iter().sum();
+            let buf: Vec<f32> = (0..total).map(|i| contribution(rank, i) as f32).collect();
+            let mut shard = vec![-1.0f32; counts[rank]];
+            comm.reduce_scatter_sum_f32(&buf, &counts, &mut shard)
+                .map_err(|x| format!("reduce_scatter_sum_f32 {counts:?} failed on rank {rank}: {x}"))?;
+            check_eq(&format!("reduce_scatter_sum_f32 {counts:?}"), rank, &shard, |i| {
+                expected_sum(n, offset + i) as f32
+            })?;
+            // Each rank gathers its own shard of a marked sequence: the result is the sequence.
+            let mine: Vec<f32> = (offset..offset + counts[rank]).map(|i| (i % 65_521) as f32).collect();
+            let mut out = vec![-1.0f32; total];
+            comm.all_gather_f32(&mine, &counts, &mut out)
+                .map_err(|x| format!("all_gather_f32 {counts:?} failed on rank {rank}: {x}"))?;
+            check_eq(&format!("all_gather_f32 {counts:?}"), rank, &out, |i| {
+                (i % 65_521) as f32
+            })?;
+            layouts_run += 1;
+        }
+    }
+    Ok(format!(
+        "reduce_scatter_sum_f32 and all_gather_f32: {layouts_run} uneven layouts (shards of 0 included)"
+    ))
+}
+
+/// Rank 0 passes other (consistent) shard counts than the rest: every rank gets
+/// [`Error::CountsMismatch`] from the reduce-scatter (needs two ranks or more).
+///
+/// # Errors
+/// A message when any rank succeeds or gets another error.
+pub fn check_counts_mismatch(comm: &mut dyn Communicator) -> Result<String, String> {
+    let rank = comm.rank();
+    let n = comm.world_size();
+    let total = 10 * n;
+    let counts: Vec<usize> = if rank == 0 && n > 1 {
+        let mut c = vec![10; n];
+        c[0] = 11;
+        c[1] = 9;
+        c
+    } else {
+        vec![10; n]
+    };
+    let buf = vec![1.0f32; total];
+    let mut shard = vec![0.0f32; counts[rank]];
+    match comm.reduce_scatter_sum_f32(&buf, &counts, &mut shard) {
+        Err(err @ Error::CountsMismatch { .. }) => Ok(err.to_string()),
+        Err(other) => Err(format!("rank {rank}: expected a counts mismatch, got: {other}")),
+        Ok(()) => Err(format!("rank {rank}: reduce_scatter with mismatched counts succeeded")),
+    }
 }
 
 /// [`Communicator::all_reduce_sum_buckets`]: 1 000 values in three buffers cut at other places

@@ -44,6 +44,21 @@ pub enum Error {
         /// The length each rank passed, indexed by rank.
         lengths: Vec<u64>,
     },
+    /// Ranks passed different shard counts to a sharded collective.
+    #[error(
+        "{op} #{seq} (seen on rank {rank}): rank {other_rank} passed other shard counts than this \
+         rank; every rank must pass the same counts, one per rank"
+    )]
+    CountsMismatch {
+        /// The operation.
+        op: &'static str,
+        /// Sequence number of the operation.
+        seq: u64,
+        /// The rank reporting the mismatch.
+        rank: usize,
+        /// A rank whose counts differ from this rank's.
+        other_rank: usize,
+    },
     /// Ranks called different collectives (or with a different root) at the same position.
     #[error(
         "call order differs across ranks at operation #{seq} (seen on rank {rank}): rank 0 called \

@@ -27,7 +27,7 @@ use std::{
 };
 
 use crate::{
-    communicator::{verify_headers, Header, OpKind},
+    communicator::{counts_key, shard_offset, verify_headers, Header, OpKind},
     CommOptions, Communicator, Error, Result,
 };
 
@@ -127,7 +127,14 @@ impl World {
 impl LocalCommunicator {
     /// Deposits this rank's header and payload for the next operation and returns every rank's
     /// payload once all have arrived.
-    fn exchange(&mut self, op: OpKind, root: usize, len: usize, payload: Payload) -> Result<Vec<Arc<Payload>>> {
+    fn exchange(
+        &mut self,
+        op: OpKind,
+        root: usize,
+        key: u64,
+        len: usize,
+        payload: Payload,
+    ) -> Result<Vec<Arc<Payload>>> {
         if let Some(reason) = &self.poisoned {
             return Err(Error::Poisoned {
                 rank: self.rank,
@@ -147,6 +154,7 @@ impl LocalCommunicator {
             seq,
             op,
             root: root as u64,
+            key,
             len: len as u64,
         };
         let size = self.world.size;
@@ -232,10 +240,10 @@ impl LocalCommunicator {
         if self.world.size == 1 {
             // A world of one: the sum is the buffer itself. Keep the poisoning rule and the
             // sequence numbering, skip the copies.
-            self.exchange(op, 0, buf.len(), Payload::Empty)?;
+            self.exchange(op, 0, 0, buf.len(), Payload::Empty)?;
             return Ok(());
         }
-        let payloads = self.exchange(op, 0, buf.len(), wrap(buf.to_vec()))?;
+        let payloads = self.exchange(op, 0, 0, buf.len(), wrap(buf.to_vec()))?;
         // Every rank sums in rank order, so every rank gets the same bits.
         let mut first = true;
         for p in &payloads {
@@ -279,7 +287,7 @@ impl Communicator for LocalCommunicator {
     }
 
     fn barrier(&mut self) -> Result<()> {
-        self.exchange(OpKind::Barrier, 0, 0, Payload::Empty).map(drop)
+        self.exchange(OpKind::Barrier, 0, 0, 0, Payload::Empty).map(drop)
     }
 
     fn broadcast_f32(&mut self, root: usize, buf: &mut [f32]) -> Result<()> {
@@ -288,7 +296,7 @@ impl Communicator for LocalCommunicator {
         } else {
             Payload::Empty
         };
-        let payloads = self.exchange(OpKind::BroadcastF32, root, buf.len(), payload)?;
+        let payloads = self.exchange(OpKind::BroadcastF32, root, 0, buf.len(), payload)?;
         if let Payload::F32(src) = payloads[root].as_ref() {
             buf.copy_from_slice(src);
         }
@@ -301,7 +309,7 @@ impl Communicator for LocalCommunicator {
         } else {
             Payload::Empty
         };
-        let payloads = self.exchange(OpKind::BroadcastBytes, root, buf.len(), payload)?;
+        let payloads = self.exchange(OpKind::BroadcastBytes, root, 0, buf.len(), payload)?;
         if let Payload::Bytes(src) = payloads[root].as_ref() {
             buf.clone_from(src);
         }
@@ -330,7 +338,7 @@ impl Communicator for LocalCommunicator {
     }
 
     fn all_gather_bytes(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let payloads = self.exchange(OpKind::AllGatherBytes, 0, data.len(), Payload::Bytes(data.to_vec()))?;
+        let payloads = self.exchange(OpKind::AllGatherBytes, 0, 0, data.len(), Payload::Bytes(data.to_vec()))?;
         Ok(payloads
             .iter()
             .map(|p| match p.as_ref() {
@@ -338,5 +346,47 @@ impl Communicator for LocalCommunicator {
                 _ => Vec::new(),
             })
             .collect())
+    }
+
+    fn reduce_scatter_sum_f32(&mut self, buf: &[f32], counts: &[usize], shard: &mut [f32]) -> Result<()> {
+        let op = OpKind::ReduceScatterF32;
+        let offset =
+            shard_offset(op, self.rank, self.world.size, counts, buf.len(), shard.len()).map_err(|e| self.poison(e))?;
+        let range = offset..offset + shard.len();
+        if self.world.size == 1 {
+            self.exchange(op, 0, counts_key(counts), buf.len(), Payload::Empty)?;
+            shard.copy_from_slice(&buf[range]);
+            return Ok(());
+        }
+        let payloads = self.exchange(op, 0, counts_key(counts), buf.len(), Payload::F32(buf.to_vec()))?;
+        // Rank order, as in the all-reduce: every element is summed the same way.
+        for (i, p) in payloads.iter().enumerate() {
+            let Payload::F32(src) = p.as_ref() else {
+                unreachable!("ranks agreed on the operation")
+            };
+            if i == 0 {
+                shard.copy_from_slice(&src[range.clone()]);
+            } else {
+                for (d, s) in shard.iter_mut().zip(&src[range.clone()]) {
+                    *d += *s;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn all_gather_f32(&mut self, shard: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
+        let op = OpKind::AllGatherF32;
+        shard_offset(op, self.rank, self.world.size, counts, out.len(), shard.len()).map_err(|e| self.poison(e))?;
+        let payloads = self.exchange(op, 0, counts_key(counts), out.len(), Payload::F32(shard.to_vec()))?;
+        let mut offset = 0;
+        for p in &payloads {
+            let Payload::F32(src) = p.as_ref() else {
+                unreachable!("ranks agreed on the operation")
+            };
+            out[offset..offset + src.len()].copy_from_slice(src);
+            offset += src.len();
+        }
+        Ok(())
     }
 }

@@ -73,6 +73,73 @@ pub fn require_libraries() -> Result<()> {
     Ok(())
 }
 
+/// One CUDA device as the driver reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GpuDevice {
+    /// Its ordinal among the devices this process sees (after `CUDA_VISIBLE_DEVICES`).
+    pub ordinal: usize,
+    /// The device's name.
+    pub name: String,
+    /// Free device memory in bytes when asked.
+    pub free_bytes: u64,
+    /// Total device memory in bytes.
+    pub total_bytes: u64,
+}
+
+/// What the CUDA driver and NCCL report on this machine.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GpuInventory {
+    /// The driver's CUDA version, as `cuDriverGetVersion` encodes it (13000 is CUDA 13.0).
+    pub driver_cuda_version: i32,
+    /// NCCL's version (`ncclGetVersion`, 22703 is 2.27.3), or `None` without libnccl.
+    pub nccl_version: Option<i32>,
+    /// Every device with its memory.
+    pub devices: Vec<GpuDevice>,
+}
+
+/// Asks the driver for its version and every device with its memory, and NCCL for its version.
+///
+/// # Errors
+/// [`Error::LibraryMissing`] without libcuda; [`Error::Gpu`] when the driver fails (for example
+/// `CUDA_ERROR_NO_DEVICE` on a machine with a driver but no usable GPU).
+pub fn inventory() -> Result<GpuInventory> {
+    if !cuda_present() {
+        return Err(Error::LibraryMissing {
+            lib: "libcuda.so (CUDA driver)",
+            fix: "install an NVIDIA driver, or run CPU ranks (build without --features cuda)",
+        });
+    }
+    cudarc::driver::result::init().map_err(|e| gpu("cuInit", 0, e))?;
+    let mut version = 0;
+    // SAFETY: the driver library is loaded (checked above) and initialised; `version` is a valid
+    // out-pointer for the duration of the call.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| gpu("cuDriverGetVersion", 0, e))?;
+    let count = CudaContext::device_count().map_err(|e| gpu("cuDeviceGetCount", 0, e))?;
+    let mut devices = Vec::new();
+    for ordinal in 0..count.max(0) as usize {
+        let ctx = CudaContext::new(ordinal).map_err(|e| gpu("cuCtxCreate", 0, e))?;
+        let (free, total) = ctx.mem_get_info().map_err(|e| gpu("cuMemGetInfo", 0, e))?;
+        devices.push(GpuDevice {
+            ordinal,
+            name: ctx.name().map_err(|e| gpu("cuDeviceGetName", 0, e))?,
+            free_bytes: free as u64,
+            total_bytes: total as u64,
+        });
+    }
+    let nccl_version = if nccl_present() {
+        Some(nccl_result::get_nccl_version().map_err(|e| gpu("ncclGetVersion", 0, e))?)
+    } else {
+        None
+    };
+    Ok(GpuInventory {
+        driver_cuda_version: version,
+        nccl_version,
+        devices,
+    })
+}
+
 /// The raw NCCL communicator: aborted on drop or on a failed wait, and null after that.
 struct RawComm(nccl_sys::ncclComm_t);
 
@@ -315,6 +382,15 @@ impl Communicator for NcclCommunicator {
 
     fn all_gather_bytes(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.control.all_gather_bytes(data)
+    }
+
+    fn reduce_scatter_sum_f32(&mut self, buf: &[f32], counts: &[usize], shard: &mut [f32]) -> Result<()> {
+        // Host buffers: the control plane reduces them (a device shard over NCCL is not built).
+        self.control.reduce_scatter_sum_f32(buf, counts, shard)
+    }
+
+    fn all_gather_f32(&mut self, shard: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
+        self.control.all_gather_f32(shard, counts, out)
     }
 }
 

@@ -29,6 +29,17 @@ macro_rules! local_cases {
             }
 
             #[test]
+            fn different_shard_counts_are_an_error_on_every_rank() {
+                let results = local::run($ranks, conformance::short_timeout_options(), |mut comm| {
+                    conformance::check_counts_mismatch(&mut comm)
+                });
+                for (rank, r) in results.into_iter().enumerate() {
+                    let msg = r.unwrap_or_else(|e| panic!("rank {rank}: {e}"));
+                    assert!(msg.contains("passed other shard counts than this rank"), "{msg}");
+                }
+            }
+
+            #[test]
             fn a_raised_timeout_lets_a_late_rank_join() {
                 let results = local::run($ranks, conformance::short_timeout_options(), |mut comm| {
                     conformance::check_longer_deadline(&mut comm)
@@ -76,4 +87,37 @@ fn different_call_order_is_an_error() {
     for r in results {
         assert!(matches!(r, Err(Error::OrderMismatch { .. })), "{r:?}");
     }
+}
+
+/// Shard counts that do not fit the buffers are refused on the rank that passed them, with
+/// what is wrong, before any data moves.
+#[test]
+fn shard_counts_that_do_not_fit_are_clear_errors() {
+    use ballast_collectives::Communicator;
+    let mut comm = local::world(1, CommOptions::default()).pop().unwrap();
+    let buf = [1.0f32; 4];
+    let mut shard = [0.0f32; 4];
+    let cases: [(&[usize], &str); 3] = [
+        (&[2, 2], "2 counts for a world of 1"),
+        (&[3], "the counts sum to 3 but the full buffer has 4"),
+        (&[4], ""),
+    ];
+    for (counts, want) in cases {
+        let mut fresh = local::world(1, CommOptions::default()).pop().unwrap();
+        let result = fresh.reduce_scatter_sum_f32(&buf, counts, &mut shard);
+        if want.is_empty() {
+            result.unwrap();
+        } else {
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+    let err = comm
+        .all_gather_f32(&[1.0; 3], &[4], &mut [0.0; 4])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("this rank's count is 4 but its shard has 3 elements"),
+        "{err}"
+    );
 }

@@ -26,6 +26,7 @@ macro_rules! mpi_cases {
             fn every_collective_is_exact() {
                 for line in every_rank_ok($ranks, "collectives", &[]) {
                     assert!(line.contains("lengths [0, 1, 7, 1000003], cap 1048576 B, 4 buckets"), "{line}");
+                    assert!(line.contains("reduce_scatter_sum_f32 and all_gather_f32"), "{line}");
                 }
             }
 
@@ -38,6 +39,13 @@ macro_rules! mpi_cases {
                 });
                 for line in every_rank_ok($ranks, "wrong-length", &[]) {
                     assert!(line.contains(&want), "{line}");
+                }
+            }
+
+            #[test]
+            fn different_shard_counts_are_an_error_on_every_rank() {
+                for line in every_rank_ok($ranks, "counts-mismatch", &[]) {
+                    assert!(line.contains("passed other shard counts than this rank"), "{line}");
                 }
             }
 

@@ -297,7 +297,7 @@ fn status_ignore() -> *mut ffi::MPI_Status {
 
 impl MpiCommunicator {
     /// Agrees with every peer on this collective before its data phase (see the module docs).
-    pub(super) fn handshake(&mut self, op: OpKind, root: usize, len: usize) -> Result<Agreed> {
+    pub(super) fn handshake(&mut self, op: OpKind, root: usize, key: u64, len: usize) -> Result<Agreed> {
         if let Some(reason) = &self.poisoned {
             return Err(Error::Poisoned {
                 rank: self.rank,
@@ -315,6 +315,7 @@ impl MpiCommunicator {
             seq: self.seq,
             op,
             root: root as u64,
+            key,
             len: len as u64,
         };
         self.seq += 1;

@@ -49,7 +49,10 @@ use mpi::{ffi, raw::AsRaw, Threading};
 
 pub use self::handshake::Handshake;
 use self::watchdog::Watchdog;
-use crate::{communicator::OpKind, CommOptions, Communicator, Error, Result};
+use crate::{
+    communicator::{counts_key, shard_offset, OpKind},
+    CommOptions, Communicator, Error, Result,
+};
 
 /// Exit code of a process ended by the data-phase watchdog.
 pub const EXIT_STALLED: i32 = 75;
@@ -192,7 +195,7 @@ impl MpiCommunicator {
     }
 
     fn all_reduce<T>(&mut self, op: OpKind, buf: &mut [T], dtype: ffi::MPI_Datatype) -> Result<()> {
-        self.handshake(op, 0, buf.len())?;
+        self.handshake(op, 0, 0, buf.len())?;
         let seq = self.seq - 1;
         // Counts are C ints: reduce in chunks below 2^31 elements.
         for chunk in buf.chunks_mut(c_int::MAX as usize) {
@@ -234,6 +237,22 @@ impl MpiCommunicator {
             offset += n;
         }
         Ok(())
+    }
+
+    /// Checks a shard layout (see [`shard_offset`]) and converts it to MPI's C int counts; the
+    /// total must fit one too (MPI addresses the full buffer with C int displacements).
+    fn c_counts(&mut self, op: OpKind, counts: &[usize], total: usize, part: usize) -> Result<Vec<c_int>> {
+        let checked = shard_offset(op, self.rank, self.size, counts, total, part).and_then(|_| {
+            if total > c_int::MAX as usize {
+                return Err(Error::InvalidArgument {
+                    op: op.name(),
+                    rank: self.rank,
+                    reason: format!("{total} elements exceed what one MPI call can address; shard fewer"),
+                });
+            }
+            Ok(counts.iter().map(|&c| c as c_int).collect())
+        });
+        checked.map_err(|e| self.poison(e))
     }
 
     fn check(&mut self, rc: c_int, call: &'static str) -> Result<()> {
@@ -280,11 +299,11 @@ impl Communicator for MpiCommunicator {
 
     fn barrier(&mut self) -> Result<()> {
         // Every rank has announced itself once the handshake completes: that is a barrier.
-        self.handshake(OpKind::Barrier, 0, 0).map(drop)
+        self.handshake(OpKind::Barrier, 0, 0, 0).map(drop)
     }
 
     fn broadcast_f32(&mut self, root: usize, buf: &mut [f32]) -> Result<()> {
-        self.handshake(OpKind::BroadcastF32, root, buf.len())?;
+        self.handshake(OpKind::BroadcastF32, root, 0, buf.len())?;
         let seq = self.seq - 1;
         self.bcast_raw(
             OpKind::BroadcastF32,
@@ -296,7 +315,7 @@ impl Communicator for MpiCommunicator {
     }
 
     fn broadcast_bytes(&mut self, root: usize, buf: &mut Vec<u8>) -> Result<()> {
-        let agreed = self.handshake(OpKind::BroadcastBytes, root, buf.len())?;
+        let agreed = self.handshake(OpKind::BroadcastBytes, root, 0, buf.len())?;
         let seq = self.seq - 1;
         buf.resize(agreed.root_len as usize, 0);
         self.bcast_raw(OpKind::BroadcastBytes, seq, root, buf.as_mut_ptr().cast(), buf.len())
@@ -315,7 +334,7 @@ impl Communicator for MpiCommunicator {
     }
 
     fn all_gather_bytes(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.handshake(OpKind::AllGatherBytes, 0, data.len())?;
+        self.handshake(OpKind::AllGatherBytes, 0, 0, data.len())?;
         let seq = self.seq - 1;
         let mine = data.len() as u64;
         let mut gathered = vec![0u64; self.size];
@@ -373,6 +392,58 @@ impl Communicator for MpiCommunicator {
             off += l;
         }
         Ok(result)
+    }
+
+    fn reduce_scatter_sum_f32(&mut self, buf: &[f32], counts: &[usize], shard: &mut [f32]) -> Result<()> {
+        let op = OpKind::ReduceScatterF32;
+        let counts_c = self.c_counts(op, counts, buf.len(), shard.len())?;
+        self.handshake(op, 0, counts_key(counts), buf.len())?;
+        let seq = self.seq - 1;
+        // SAFETY: `buf` holds the sum of `counts_c` elements and `shard` this rank's count (checked
+        // by `c_counts`), both valid until `guarded` returns; every rank passes the same counts
+        // (the handshake compared their keys).
+        self.guarded(op, seq, "MPI_Ireduce_scatter", |comm, req| unsafe {
+            ffi::MPI_Ireduce_scatter(
+                buf.as_ptr().cast(),
+                shard.as_mut_ptr().cast(),
+                counts_c.as_ptr(),
+                f32_type(),
+                sum_op(),
+                comm,
+                req,
+            )
+        })
+    }
+
+    fn all_gather_f32(&mut self, shard: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
+        let op = OpKind::AllGatherF32;
+        let counts_c = self.c_counts(op, counts, out.len(), shard.len())?;
+        self.handshake(op, 0, counts_key(counts), out.len())?;
+        let seq = self.seq - 1;
+        let displs: Vec<c_int> = counts_c
+            .iter()
+            .scan(0, |offset, &c| {
+                let here = *offset;
+                *offset += c;
+                Some(here)
+            })
+            .collect();
+        // SAFETY: `shard` holds this rank's count and `out` their total, which fits a C int
+        // (checked by `c_counts`), so every displacement does too; all stay valid until `guarded`
+        // returns, and every rank passes the same counts (the handshake compared their keys).
+        self.guarded(op, seq, "MPI_Iallgatherv", |comm, req| unsafe {
+            ffi::MPI_Iallgatherv(
+                shard.as_ptr().cast(),
+                shard.len() as c_int,
+                f32_type(),
+                out.as_mut_ptr().cast(),
+                counts_c.as_ptr(),
+                displs.as_ptr(),
+                f32_type(),
+                comm,
+                req,
+            )
+        })
     }
 }
 
