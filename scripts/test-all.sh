@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Every test of the workspace, on a fresh machine: installs MPI, then runs unit, property,
-# thread, mpirun and wgpu (software Vulkan) tests in release mode (models train in these tests; debug burn is slow).
+# Every test of the workspace, on a fresh machine: installs MPI, Mesa's software Vulkan device and
+# the LLVM that the CUDA build links, then runs unit, property, thread, mpirun, wgpu (software
+# Vulkan) and GPU-kit tests in release mode against a build with every feature, `cuda` included
+# (models train in these tests; debug burn is slow). Without a GPU the CUDA paths report so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+./scripts/setup-cuda-build.sh >/dev/null
 # mpirun refuses to run as root unless told it may; the tests oversubscribe cores themselves.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
@@ -13,7 +16,7 @@ log="$(mktemp)"
 # Every test binary runs even when one fails, so one run shows every failure.
 status=0
 cargo test --release --workspace --no-fail-fast \
-  --features ballast/mpi,ballast-examples/mpi,ballast-collectives/nccl,ballast/wgpu,ballast-examples/wgpu,ballast/cli,ballast/testkit "$@" \
+  --features "$(./scripts/features.sh)" "$@" \
   2>&1 | tee "$log" || status=$?
 # One closing line with the totals of every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) g += $(i-1) } }

@@ -12,13 +12,11 @@ mod wgpu {
         balance::{BalanceOptions, InitialPlan},
         collectives::{local, CommOptions},
         device::DeviceChoice,
-        memory::DeviceMeter,
         testing::{
-            balanced_run, device_cases, equivalence_report, relative_difference, run_ddp, BalancedRun, Case, ModelKind,
-            OptimKind, Regressor, SyntheticSet, WideMlp, TARGETS, WIDE_FEATURES,
+            balanced_run, device_cases, equivalence_report, linear_fit, probe_peaks, relative_difference, run_ddp,
+            BalancedRun, Case, ModelKind, OptimKind,
         },
     };
-    use burn::nn::loss::{MseLoss, Reduction};
 
     type BalancedOutcome = (
         Vec<ballast::testing::StepRecord>,
@@ -137,20 +135,6 @@ mod wgpu {
         );
     }
 
-    /// Least-squares line through `(x, y)`: slope, intercept and R².
-    fn fit(points: &[(f64, f64)]) -> (f64, f64, f64) {
-        let n = points.len() as f64;
-        let (mx, my) = (
-            points.iter().map(|p| p.0).sum::<f64>() / n,
-            points.iter().map(|p| p.1).sum::<f64>() / n,
-        );
-        let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-        let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
-        let syy: f64 = points.iter().map(|p| (p.1 - my).powi(2)).sum();
-        let slope = sxy / sxx;
-        (slope, my - slope * mx, sxy * sxy / (sxx * syy))
-    }
-
     /// The wgpu meter reads burn's memory pool: a micro-batch's peak grows with its size, so the
     /// planner gets a real bytes-per-sample slope (a high-water mark that never resets would
     /// read the same at every size). The model is wide enough that the activations outgrow the
@@ -159,26 +143,11 @@ mod wgpu {
     fn device_wgpu_probe_peaks_grow_with_the_micro_batch() {
         let _pool = pool_lock();
         let device = WGPU.device(0).unwrap().autodiff();
-        let meter = DeviceMeter::for_device(&device);
-        assert!(meter.reads_pool(), "the wgpu device reports no memory pool");
-        let data = SyntheticSet::with_dims(1024, WIDE_FEATURES, TARGETS, 3);
-        let model = WideMlp::with_width(1024, &device);
-        let idx: Vec<usize> = (0..1024).collect();
-        let peak_at = |m: usize| {
-            meter.reset_peak();
-            let (x, y) = data.batch(&idx[..m], &device);
-            let grads = MseLoss::new().forward(model.forward(x), y, Reduction::Mean).backward();
-            let peak = meter.peak();
-            drop(grads);
-            peak
-        };
-        // Largest first, as the balancer's warm-up does: the sizes after it must not read its peak.
-        let _ = peak_at(1024);
-        let points: Vec<(f64, f64)> = [32, 64, 128, 256, 512, 1024]
-            .iter()
-            .map(|&m| (m as f64, peak_at(m) as f64))
+        let points: Vec<(f64, f64)> = probe_peaks(&device, 1024, &[32, 64, 128, 256, 512, 1024])
+            .into_iter()
+            .map(|(m, peak)| (m as f64, peak as f64))
             .collect();
-        let (slope, intercept, r2) = fit(&points);
+        let (slope, intercept, r2) = linear_fit(&points);
         println!(
             "wgpu probe peaks {:?}: slope {slope:.0} bytes/sample, intercept {intercept:.0}, R² {r2:.4}",
             points.iter().map(|p| (p.0 as usize, p.1 as u64)).collect::<Vec<_>>()

@@ -111,43 +111,55 @@ fn gpu_lines(local_rank: usize) -> (String, String, Vec<String>) {
         } else {
             "no NCCL: libnccl.so not found".to_string()
         };
-        if !nccl::cuda_present() {
-            return (
-                "no GPU: libcuda.so (the NVIDIA driver) not found".into(),
-                nccl_line,
-                Vec::new(),
-            );
-        }
-        let count = match cudarc::driver::CudaContext::device_count() {
-            Ok(n) => n.max(0) as usize,
-            Err(e) => return (format!("driver present but unusable: {e:?}"), nccl_line, Vec::new()),
+        let inventory = match nccl::inventory() {
+            Ok(inventory) => inventory,
+            Err(ballast::collectives::Error::LibraryMissing { .. }) => {
+                return (
+                    "no GPU: libcuda.so (the NVIDIA driver) not found".into(),
+                    nccl_line,
+                    Vec::new(),
+                )
+            }
+            Err(e) => {
+                return (
+                    format!("no GPU: driver present but unusable: {e}"),
+                    nccl_line,
+                    Vec::new(),
+                )
+            }
         };
+        let nccl_line = match inventory.nccl_version {
+            Some(v) => format!("NCCL {}.{}.{}", v / 10000, v / 100 % 100, v % 100),
+            None => nccl_line,
+        };
+        let count = inventory.devices.len();
         let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
         let mine = cluster::device_for_local_rank(local_rank, visible.as_deref(), Some(count));
-        let mut devices = Vec::new();
-        for i in 0..count {
-            let line = match cudarc::driver::CudaContext::new(i) {
-                Ok(ctx) => {
-                    let name = ctx.name().unwrap_or_else(|_| "unknown".into());
-                    match ctx.mem_get_info() {
-                        Ok((free, total)) => format!(
-                            "cuda:{i} {name}: {:.1} GiB free of {:.1} GiB{}",
-                            free as f64 / 1e9 * 1e9 / (1u64 << 30) as f64,
-                            total as f64 / (1u64 << 30) as f64,
-                            if matches!(mine, Ok(m) if m == i) {
-                                " (this rank's)"
-                            } else {
-                                ""
-                            }
-                        ),
-                        Err(e) => format!("cuda:{i} {name}: memory unknown ({e:?})"),
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let devices = inventory
+            .devices
+            .iter()
+            .map(|d| {
+                format!(
+                    "cuda:{} {}: {:.1} GiB free of {:.1} GiB{}",
+                    d.ordinal,
+                    d.name,
+                    gib(d.free_bytes),
+                    gib(d.total_bytes),
+                    if matches!(mine, Ok(m) if m == d.ordinal) {
+                        " (this rank's)"
+                    } else {
+                        ""
                     }
-                }
-                Err(e) => format!("cuda:{i}: cannot open ({e:?})"),
-            };
-            devices.push(line);
-        }
-        (format!("driver found, {count} device(s)"), nccl_line, devices)
+                )
+            })
+            .collect();
+        let v = inventory.driver_cuda_version;
+        (
+            format!("driver supports CUDA {}.{}, {count} device(s)", v / 1000, v % 1000 / 10),
+            nccl_line,
+            devices,
+        )
     }
     #[cfg(not(feature = "cuda"))]
     {

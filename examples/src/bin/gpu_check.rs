@@ -1,0 +1,431 @@
+//! `gpu-check CHECK`: one check of the GPU kit (`scripts/gpu-kit.sh`), printed as one JSON line.
+//!
+//! Every check first asks the CUDA driver for a device; without one it reports
+//! `"status": "no GPU"` with the reason and exits 0. A check that fails reports `"status":
+//! "fail"` with the error (and the step, where there is one) and exits 1; a panic inside burn or
+//! the driver is caught and reported the same way. The runner starts one process per check, so
+//! a check that crashes or hangs costs only itself.
+
+use std::{
+    panic::{catch_unwind, AssertUnwindSafe},
+    process::ExitCode,
+    time::Instant,
+};
+
+use ballast::{
+    balance::{BalanceOptions, InitialPlan},
+    balancer::{MicroBatchPolicy, Tunables},
+    collectives::{
+        conformance, local,
+        nccl::{self, GpuInventory, NcclCommunicator},
+        CommOptions, Communicator,
+    },
+    device::DeviceChoice,
+    offload::managed::ManagedBuffer,
+    testing::{
+        balanced_run, compare, device_cases, equivalence_report, linear_fit, overhead::measure_overhead, probe_peaks,
+        relative_difference, run_ddp, run_reference, BalancedRun, Case, ModelKind, OptimKind,
+    },
+};
+use ballast_examples::models::{ResNet, ResNetShape};
+use burn::{
+    nn::loss::CrossEntropyLossConfig,
+    tensor::{Distribution, Int, Tensor, TensorData},
+};
+use clap::{Parser, ValueEnum};
+use serde_json::{json, Map, Value};
+
+#[global_allocator]
+static ALLOC: ballast::memory::CountingAlloc = ballast::memory::CountingAlloc;
+
+/// Runs one check of the GPU kit and prints one JSON line.
+#[derive(Parser)]
+#[command(name = "gpu-check", version)]
+struct Cli {
+    /// The check.
+    check: Check,
+    /// The device budget of the `probes` check, as `--device-memory` takes it.
+    #[arg(long, default_value = "4GiB")]
+    device_memory: String,
+    /// Steps of each loop in the `resnet` check.
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+}
+
+/// The checks, in the order the runner runs them.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Check {
+    /// Driver, CUDA and NCCL versions, device names and memory.
+    Doctor,
+    /// NCCL on the GPU: exact integer all-reduce in place, the conformance checks, two ranks on one GPU.
+    Nccl,
+    /// Memory probes on cuda:0: peak bytes per micro-batch, the cap under a budget, an injected OOM.
+    Probes,
+    /// DDP on cuda:0 (1 rank, 4 micro-batches) against the flex reference.
+    Equivalence,
+    /// Ranks as threads: rank 0 on cuda:0, ranks 1-2 on flex, data plane on the host.
+    Hetero,
+    /// The ResNet example on cuda:0: DataParallel against a plain burn loop.
+    Resnet,
+    /// Optimizer state in CUDA managed memory, below the card's free memory.
+    Managed,
+    /// A real device out-of-memory on a micro-batch, backed off.
+    Oom,
+}
+
+/// Why a check did not pass.
+enum Stop {
+    /// No usable GPU: the check did not run.
+    NoGpu(String),
+    /// The check ran and failed.
+    Failed(String),
+}
+
+impl<E: std::fmt::Display> From<E> for Stop {
+    fn from(e: E) -> Self {
+        Stop::Failed(e.to_string())
+    }
+}
+
+impl Stop {
+    /// What went wrong, as text (`Stop` cannot be `Display`: its `From` takes every `Display`).
+    fn into_message(self) -> String {
+        match self {
+            Stop::NoGpu(why) => format!("no GPU: {why}"),
+            Stop::Failed(why) => why,
+        }
+    }
+}
+
+type Outcome = Result<Map<String, Value>, Stop>;
+
+const GPU: DeviceChoice = DeviceChoice::Cuda(Some(0));
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let started = Instant::now();
+    let result = catch_unwind(AssertUnwindSafe(|| run(&cli))).unwrap_or_else(|panic| {
+        let text = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic without a message".into());
+        Err(Stop::Failed(format!("panicked: {text}")))
+    });
+    let name = format!("{:?}", cli.check).to_lowercase();
+    let (status, mut fields, code) = match result {
+        Ok(fields) => {
+            let pass = fields.get("pass").and_then(Value::as_bool).unwrap_or(true);
+            (if pass { "pass" } else { "fail" }, fields, u8::from(!pass))
+        }
+        Err(Stop::NoGpu(reason)) => ("no GPU", Map::from_iter([("reason".into(), json!(reason))]), 0),
+        Err(Stop::Failed(error)) => ("fail", Map::from_iter([("error".into(), json!(error))]), 1),
+    };
+    fields.remove("pass");
+    fields.insert("check".into(), json!(name));
+    fields.insert("status".into(), json!(status));
+    fields.insert(
+        "seconds".into(),
+        json!((started.elapsed().as_secs_f64() * 100.0).round() / 100.0),
+    );
+    println!("{}", Value::Object(fields));
+    ExitCode::from(code)
+}
+
+fn run(cli: &Cli) -> Outcome {
+    let inventory = gpu()?;
+    match cli.check {
+        Check::Doctor => Ok(object(json!({
+            "driver_cuda_version": inventory.driver_cuda_version,
+            "nccl_version": inventory.nccl_version,
+            "devices": inventory.devices,
+        }))),
+        Check::Nccl => check_nccl(),
+        Check::Probes => check_probes(&cli.device_memory),
+        Check::Equivalence => check_equivalence(),
+        Check::Hetero => check_hetero(),
+        Check::Resnet => check_resnet(cli.steps),
+        Check::Managed => check_managed(&inventory),
+        Check::Oom => check_real_oom(&inventory),
+    }
+}
+
+/// The driver's inventory, or why there is no GPU to check.
+fn gpu() -> Result<GpuInventory, Stop> {
+    let inventory = nccl::inventory().map_err(|e| match e {
+        ballast::collectives::Error::LibraryMissing { .. } => {
+            Stop::NoGpu("libcuda.so (the NVIDIA driver) not found".into())
+        }
+        other => Stop::NoGpu(format!("the CUDA driver is present but reports no usable GPU: {other}")),
+    })?;
+    if inventory.devices.is_empty() {
+        return Err(Stop::NoGpu("the CUDA driver reports no device".into()));
+    }
+    Ok(inventory)
+}
+
+fn object(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        other => Map::from_iter([("value".into(), other)]),
+    }
+}
+
+/// Exact integers through NCCL on cuda:0: a world of one, then two ranks (threads) on the same
+/// GPU, which NCCL may refuse.
+fn check_nccl() -> Outcome {
+    let options = CommOptions::default();
+    let one = local::world(1, options.clone()).pop().expect("one rank");
+    let mut comm = NcclCommunicator::new(Box::new(one), 0)?;
+    let in_place = device_all_reduce(&mut comm, 1)?;
+    let passed = conformance::check_all(&mut comm).map_err(Stop::Failed)?;
+    drop(comm);
+    let two: Vec<Result<String, String>> = local::run(2, options, |control| {
+        let mut comm = NcclCommunicator::new(Box::new(control), 0).map_err(|e| e.to_string())?;
+        device_all_reduce(&mut comm, 2).map_err(Stop::into_message)?;
+        conformance::check_all(&mut comm).map(|p| format!("{} checks", p.len()))
+    });
+    let two_ranks = match two.iter().find_map(|r| r.as_ref().err()) {
+        None => json!("passed: in-place all-reduce and the conformance checks on 2 ranks of one GPU"),
+        Some(e) => json!(format!("refused or failed: {e}")),
+    };
+    Ok(object(json!({
+        "world_1_in_place_all_reduce": in_place,
+        "world_1_conformance": passed,
+        "world_2_one_gpu": two_ranks,
+        "async_error_poll": "every NCCL wait polls ncclCommGetAsyncError until the deadline",
+        "abort_at_deadline": "not exercised here: it needs a peer that stops after the handshake",
+    })))
+}
+
+/// Sums exact integers in a device buffer in place over `world` ranks and checks every value.
+fn device_all_reduce(comm: &mut NcclCommunicator, world: usize) -> Result<String, Stop> {
+    let len = 1 << 20;
+    let rank = comm.rank();
+    let contribution = |i: usize| ((i % 4096) * (rank + 1)) as f32;
+    let ctx = cudarc::driver::CudaContext::new(0).map_err(|e| Stop::Failed(format!("{e:?}")))?;
+    let stream = ctx.default_stream();
+    let host: Vec<f32> = (0..len).map(contribution).collect();
+    let mut buffer = stream.clone_htod(&host).map_err(|e| Stop::Failed(format!("{e:?}")))?;
+    comm.all_reduce_sum_cuda(&mut buffer)?;
+    let back = stream.clone_dtoh(&buffer).map_err(|e| Stop::Failed(format!("{e:?}")))?;
+    let ranks_sum: usize = (1..=world).sum();
+    match (0..len).find(|&i| back[i] != ((i % 4096) * ranks_sum) as f32) {
+        None => Ok(format!("{len} values exact")),
+        Some(i) => Err(Stop::Failed(format!(
+            "rank {rank}: element {i} is {}, expected {}",
+            back[i],
+            (i % 4096) * ranks_sum
+        ))),
+    }
+}
+
+/// The balancer on cuda:0 with one rank: four steps of a wide MLP.
+fn balanced(budget_bytes: u64, global_batch: usize, probe_sizes: &[usize], oom_at: Option<u64>) -> BalancedRun {
+    BalancedRun {
+        global_batch,
+        steps: 4,
+        width: 1024,
+        conv: false,
+        lr: 1e-3,
+        device: GPU,
+        device_oom_at_step: oom_at,
+        balance: BalanceOptions {
+            budget_bytes,
+            initial: InitialPlan::Equal,
+            rebalance: false,
+            probe_sizes: probe_sizes.to_vec(),
+            tunables: Tunables {
+                micro_batch_policy: MicroBatchPolicy::Largest,
+                ..Default::default()
+            },
+            ..BalanceOptions::default()
+        },
+    }
+}
+
+fn run_balanced(run: &BalancedRun) -> Result<ballast::testing::BalancedOutcome, Stop> {
+    local::run(1, CommOptions::default(), |comm| balanced_run(Box::new(comm), run))
+        .pop()
+        .expect("one rank")
+        .map_err(Stop::from)
+}
+
+/// Peaks per micro-batch, the cap under `--device-memory`, an injected out-of-memory.
+fn check_probes(device_memory: &str) -> Outcome {
+    let budget = ballast::cluster::parse_bytes(device_memory)?;
+    let device = GPU.device(0)?.autodiff();
+    let sizes = [256, 512, 1024, 2048, 4096];
+    let peaks = probe_peaks(&device, 1024, &sizes);
+    let points: Vec<(f64, f64)> = peaks.iter().map(|&(m, p)| (m as f64, p as f64)).collect();
+    let (slope, intercept, r2) = linear_fit(&points);
+
+    // The planner's own fit, then a global batch large enough that the budget sets the cap.
+    let probe_sizes = [1024, 2048, 4096, 8192];
+    let (_, _, reports) = run_balanced(&balanced(u64::MAX, 8192, &probe_sizes, None))?;
+    let r = &reports[0];
+    let fits = budget.saturating_sub(r.fixed_bytes) / r.bytes_per_sample.max(1);
+    let global_batch = (fits as usize * 3 / 2).clamp(8192, 1 << 20);
+    let (records, _, _) = run_balanced(&balanced(budget, global_batch, &probe_sizes, None))?;
+    let steps: Vec<Value> = records
+        .iter()
+        .map(|s| {
+            json!({"step": s.step, "cap": s.caps[0], "micro_batches": s.micro_batches.len(),
+                   "peak_bytes": s.peak_bytes, "peak_of_budget": s.peak_bytes as f64 / budget as f64,
+                   "back_offs": s.oom_retries})
+        })
+        .collect();
+    let within = records.iter().all(|s| s.peak_bytes <= budget);
+    let last = records.last().expect("four steps");
+    let used = last.peak_bytes as f64 / budget as f64;
+
+    let small = [1, 2, 4, 8, 16, 32];
+    let (clean, clean_params, _) = run_balanced(&balanced(u64::MAX, 32, &small, None))?;
+    let (fault, fault_params, _) = run_balanced(&balanced(u64::MAX, 32, &small, Some(2)))?;
+    let samples_kept = clean
+        .iter()
+        .zip(&fault)
+        .all(|(a, b)| a.global_samples == b.global_samples);
+    let rel = relative_difference(&clean_params, &fault_params);
+    let injected_ok = fault[2].oom_retries == 1 && samples_kept && rel <= 1e-6;
+    Ok(object(json!({
+        "pass": slope > 0.0 && within && used >= 0.7 && injected_ok,
+        "probe_peaks": peaks, "slope_bytes_per_sample": slope, "intercept_bytes": intercept, "r2": r2,
+        "planned_fixed_bytes": r.fixed_bytes, "planned_bytes_per_sample": r.bytes_per_sample,
+        "budget_bytes": budget, "global_batch": global_batch, "steps": steps,
+        "peaks_within_budget": within, "last_peak_of_budget": used,
+        "injected_oom": {"retries": fault[2].oom_retries, "samples_kept": samples_kept,
+                         "rel_param_diff_vs_clean": rel},
+    })))
+}
+
+/// A micro-batch larger than the card's free memory: the first step backs off, no crash.
+fn check_real_oom(inventory: &GpuInventory) -> Outcome {
+    let free = inventory.devices[0].free_bytes;
+    let probe_sizes = [1024, 2048, 4096];
+    let (_, _, reports) = run_balanced(&balanced(u64::MAX, 4096, &probe_sizes, None))?;
+    let per_sample = reports[0].bytes_per_sample.max(1);
+    let global_batch = (free / per_sample * 2).min(1 << 24) as usize;
+    let mut run = balanced(u64::MAX, global_batch, &probe_sizes, None);
+    run.steps = 1;
+    let (records, _, _) = run_balanced(&run)?;
+    let s = &records[0];
+    Ok(object(json!({
+        "pass": s.oom_retries > 0 && s.global_samples == global_batch,
+        "free_bytes": free, "planned_bytes_per_sample": per_sample, "global_batch": global_batch,
+        "back_offs": s.oom_retries, "micro_batches": s.micro_batches.len(), "peak_bytes": s.peak_bytes,
+    })))
+}
+
+/// 1 rank on cuda:0, batch 8 in 4 micro-batches, 20 steps, against one flex device on the
+/// whole batch from the same initial weights.
+fn check_equivalence() -> Outcome {
+    let mut cases = Vec::new();
+    let mut pass = true;
+    for model in [ModelKind::Mlp, ModelKind::Conv] {
+        for optim in [OptimKind::Sgd, OptimKind::Adam] {
+            let case = Case::new(model, optim, &[8], &[2]).on(&[GPU]);
+            let comm = local::world(1, CommOptions::default()).pop().expect("one rank");
+            let (outcome, _) = run_ddp(Box::new(comm), &case)?;
+            let reference = run_reference(&case.clone().on(&[DeviceChoice::Flex]), &outcome.initial);
+            let (param_rel, loss_rel) = compare(&outcome, &reference);
+            let ok = param_rel <= optim.tolerance();
+            pass &= ok;
+            cases.push(
+                json!({"case": case.label(), "max_rel_param": param_rel, "max_rel_loss": loss_rel,
+                              "tolerance": optim.tolerance(), "micro_batches": outcome.micro_batches[0],
+                              "device_to_host_bytes_per_step": outcome.traffic[0].to_host, "ok": ok}),
+            );
+        }
+    }
+    Ok(object(json!({"pass": pass, "reference": "flex", "cases": cases})))
+}
+
+/// Ranks as threads, rank 0 on the GPU and ranks 1-2 on flex.
+fn check_hetero() -> Outcome {
+    let devices = [GPU, DeviceChoice::Flex, DeviceChoice::Flex];
+    let cases = device_cases(3, &devices);
+    let reports = local::run(3, CommOptions::default(), |comm| {
+        equivalence_report(Box::new(comm), &cases).map_err(|e| e.to_string())
+    });
+    let mut lines = Vec::new();
+    for r in reports {
+        lines.extend(r.map_err(Stop::Failed)?);
+    }
+    let pass = lines.iter().all(|l| l.ends_with(" OK"));
+    let case = Case::new(ModelKind::Mlp, OptimKind::Adam, &[5, 2, 1], &[3, 2, 1]).on(&devices);
+    let losses = local::run(3, CommOptions::default(), |comm| {
+        run_ddp(Box::new(comm), &case)
+            .map(|(o, _)| o.losses)
+            .map_err(|e| e.to_string())
+    });
+    let losses = losses.into_iter().next().expect("rank 0").map_err(Stop::Failed)?;
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    Ok(object(json!({
+        "pass": pass && last < first,
+        "devices": ["cuda:0", "flex", "flex"], "shares": [5, 2, 1], "caps": [3, 2, 1],
+        "loss_first": first, "loss_last": last, "lines": lines,
+    })))
+}
+
+/// The ResNet example's model on cuda:0, batch 128 in 4 micro-batches.
+fn check_resnet(steps: usize) -> Outcome {
+    let device = GPU.device(0)?.autodiff();
+    let (batch, k) = (128, 4);
+    let m = batch / k;
+    let shape = ResNetShape {
+        width: 16,
+        stages: 3,
+        blocks: 2,
+        classes: 10,
+    };
+    let images = Tensor::<4>::random([batch, 3, 32, 32], Distribution::Uniform(-1.0, 1.0), &device);
+    let labels: Vec<i64> = (0..batch as i64).map(|i| i * 7 % 10).collect();
+    let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &device);
+    let loss = CrossEntropyLossConfig::new().init(&device);
+    let measured = measure_overhead(ResNet::new(shape, &device), k, m, steps, 1e-2, |net: &ResNet, j| {
+        let x = images.clone().narrow(0, j * m, m);
+        let y = labels.clone().narrow(0, j * m, m);
+        loss.forward(net.forward(x), y)
+    })?;
+    Ok(object(json!({
+        "model": format!("ResNet width {} x {} stages x {} blocks", shape.width, shape.stages, shape.blocks),
+        "params": measured.params, "batch": batch, "micro_batches": k, "steps": steps,
+        "ours_samples_per_s": batch as f64 / measured.median_ours,
+        "plain_samples_per_s": batch as f64 / measured.median_plain,
+        "overhead_ratio": measured.ratio(),
+        "device_to_host_bytes_per_step": measured.to_host,
+        "max_rel_param_diff": measured.param_rel,
+    })))
+}
+
+/// A managed buffer of at most an eighth of the free memory (and at most 1 GiB): written on the
+/// host, prefetched to the device and back, read back exactly.
+fn check_managed(inventory: &GpuInventory) -> Outcome {
+    let free = inventory.devices[0].free_bytes;
+    let bytes = (free / 8).min(1 << 30);
+    let len = (bytes / 4) as usize;
+    let mut buffer = ManagedBuffer::new(0, len)?;
+    for (i, v) in buffer.as_mut_slice().iter_mut().enumerate() {
+        *v = (i % 65_536) as f32;
+    }
+    let started = Instant::now();
+    buffer.prefetch_to_device()?;
+    buffer.wait()?;
+    let to_device = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    buffer.prefetch_to_host()?;
+    buffer.wait()?;
+    let to_host = started.elapsed().as_secs_f64();
+    let exact = buffer
+        .as_slice()
+        .iter()
+        .enumerate()
+        .all(|(i, &v)| v == (i % 65_536) as f32);
+    Ok(object(json!({
+        "pass": exact, "bytes": len * 4, "free_bytes": free, "values_exact": exact,
+        "prefetch_to_device_gb_per_s": (len * 4) as f64 / to_device / 1e9,
+        "prefetch_to_host_gb_per_s": (len * 4) as f64 / to_host / 1e9,
+        "chunked_device_update": "not built yet: offloaded Adam runs on the host",
+    })))
+}

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The GPU kit: every check ballast runs on a GPU, built here and run on a machine without Rust or
+# network.
+#
+#   scripts/gpu-kit.sh build   (here) builds the `gpu-check` binary with --features cuda, strips
+#                              and compresses it into gpu-kit/ (ignored by git, ≤ 60 MiB); the last
+#                              line printed is the kit's path and size.
+#   scripts/gpu-kit.sh run     (there) unpacks the binary, finds libcuda, libnccl and libnvrtc
+#                              (system paths, LD_LIBRARY_PATH, NVIDIA's wheels in Python's
+#                              site-packages) and runs each check in its own process, one JSON
+#                              line each, then a summary line.
+#
+# `run` exits 0 when no check failed (a check without a GPU reports "no GPU" and does not fail),
+# 1 when one or more failed, 2 when the kit is missing. Each check has its own time limit
+# (GPU_KIT_CHECK_SECS, default 120); the whole run stays under 8 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kit="${GPU_KIT_DIR:-gpu-kit}"
+checks=(doctor nccl probes equivalence hetero resnet managed oom)
+
+build() {
+  ./scripts/setup-cuda-build.sh >/dev/null
+  local features=ballast-examples/cuda,ballast-examples/testkit,ballast-examples/wgpu,ballast/cli,ballast/testkit
+  cargo build --release -p ballast-examples --bin gpu-check --features "$features"
+  mkdir -p "$kit"
+  rm -f "$kit/gpu-check.xz"
+  strip -o "$kit/gpu-check" target/release/gpu-check
+  xz -T0 -9 -f "$kit/gpu-check"
+  git rev-parse --short HEAD > "$kit/commit" 2>/dev/null || echo unknown > "$kit/commit"
+  echo "$kit $(du -sh "$kit" | cut -f1) ($(du -b "$kit/gpu-check.xz" | cut -f1) bytes compressed)"
+}
+
+# Directories that hold the CUDA libraries, NVIDIA's pip wheels included.
+library_dirs() {
+  local py
+  for py in python3 python; do
+    command -v "$py" >/dev/null 2>&1 || continue
+    "$py" - <<'EOF' 2>/dev/null || true
+import glob, os, site, sys
+roots = set(site.getsitepackages() if hasattr(site, "getsitepackages") else [])
+roots.add(site.getusersitepackages() if hasattr(site, "getusersitepackages") else "")
+roots.update(p for p in sys.path if p.endswith("site-packages"))
+for root in sorted(r for r in roots if r):
+    for lib in sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib"))):
+        print(lib)
+EOF
+    break
+  done
+  local d
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
+    [ -d "$d" ] && echo "$d"
+  done
+  return 0
+}
+
+# Unversioned names cudarc opens, made to point at the versioned libraries the wheels ship.
+link_unversioned() {
+  local into="$1" dir lib base
+  while read -r dir; do
+    for lib in "$dir"/libnccl.so.* "$dir"/libnvrtc.so.* "$dir"/libcudart.so.*; do
+      [ -e "$lib" ] || continue
+      base="$(basename "$lib")"
+      base="${base%%.so.*}.so"
+      [ -e "$into/$base" ] || ln -s "$lib" "$into/$base"
+    done
+  done
+}
+
+run() {
+  if [ ! -e "$kit/gpu-check.xz" ]; then
+    echo "{\"kit\": \"$kit\", \"status\": \"missing\", \"fix\": \"run scripts/gpu-kit.sh build first\"}"
+    exit 2
+  fi
+  local work bin limit dirs out code line failed=0 passed=0 no_gpu=0
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  if command -v xz >/dev/null 2>&1; then
+    xz -dc "$kit/gpu-check.xz" > "$work/gpu-check"
+  else
+    python3 -c 'import lzma, sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "$kit/gpu-check.xz" > "$work/gpu-check"
+  fi
+  chmod +x "$work/gpu-check"
+  bin="$work/gpu-check"
+  mkdir -p "$work/lib"
+  dirs="$(library_dirs)"
+  link_unversioned "$work/lib" <<< "$dirs"
+  export LD_LIBRARY_PATH="$work/lib:$(paste -sd: <<< "$dirs")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$work}"
+  limit="${GPU_KIT_CHECK_SECS:-120}"
+  echo "{\"kit\": \"$kit\", \"commit\": \"$(cat "$kit/commit" 2>/dev/null || echo unknown)\", \"library_dirs\": $(printf '%s\n' "$dirs" | python3 -c 'import json, sys; print(json.dumps([l.strip() for l in sys.stdin if l.strip()]))' 2>/dev/null || echo '[]')}"
+  for check in "${checks[@]}"; do
+    code=0
+    out="$(timeout --kill-after=10 "$limit" "$bin" "$check" 2> "$work/$check.err")" || code=$?
+    line="$(grep '^{' <<< "$out" | tail -n 1 || true)"
+    if [ -z "$line" ]; then
+      # The process died or hung before printing its line: say how, with its last words.
+      local why="exit code $code"
+      [ "$code" -eq 124 ] && why="no result within ${limit}s"
+      line="{\"check\": \"$check\", \"status\": \"fail\", \"error\": \"$why\", \"stderr\": $(tail -n 5 "$work/$check.err" | python3 -c 'import json, sys; print(json.dumps(sys.stdin.read()))' 2>/dev/null || echo '""')}"
+    fi
+    echo "$line"
+    case "$line" in
+      *'"status":"pass"'* | *'"status": "pass"'*) passed=$((passed + 1)) ;;
+      *'"status":"no GPU"'* | *'"status": "no GPU"'*) no_gpu=$((no_gpu + 1)) ;;
+      *) failed=$((failed + 1)) ;;
+    esac
+  done
+  echo "{\"kit\": \"summary\", \"checks\": ${#checks[@]}, \"passed\": $passed, \"failed\": $failed, \"no_gpu\": $no_gpu}"
+  [ "$failed" -eq 0 ]
+}
+
+case "${1:-}" in
+  build) build ;;
+  run) run ;;
+  *)
+    echo "usage: scripts/gpu-kit.sh build|run" >&2
+    exit 2
+    ;;
+esac
