@@ -90,6 +90,12 @@ pub enum DdpError {
     /// The rank's device is not available in this binary.
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
+    /// A sharded optimizer's layout does not fit the model or the world.
+    #[error("the optimizer shards do not fit: {reason}; plan one shard per rank covering every parameter")]
+    Shards {
+        /// What does not fit.
+        reason: String,
+    },
     /// A gradient could not be read back from burn.
     #[error("reading the gradient of parameter {path}: {message}")]
     Tensor {
@@ -507,7 +513,7 @@ impl DataParallel {
     ) -> Result<(M, StepStats), DdpError> {
         let device = model_device(&model);
         let (mut reduced, mut stats) = self.reduce(&device, true)?;
-        let n = self.layout.total_elems() - self.layout.tensor(self.params.len()).len();
+        let n = self.param_count();
         let mut grads = reduced.host_range(0..n, &mut stats.traffic)?;
         grads.iter_mut().for_each(|g| *g /= reduced.count);
         let params = host.step(&grads, lr as f32);
@@ -515,55 +521,65 @@ impl DataParallel {
         Ok((load_params(model, params), stats))
     }
 
+    /// As [`DataParallel::finish_step`] with the optimizer state sharded over the ranks
+    /// (uneven ZeRO-1, see [`crate::sharded`]): the gradient sums are reduce-scattered (each rank
+    /// receives the global sum of its own shard only), divided once by the global sample count,
+    /// `shard` updates this rank's parameters with Adam, and the updated shards are all-gathered
+    /// into every replica. Each parameter's update is computed once, on one rank, so the replicas
+    /// are bit-identical whatever device computed each shard. Three collectives per step: the
+    /// small tail (loss, counts, per-rank values), the reduce-scatter and the all-gather.
+    ///
+    /// # Errors
+    /// As [`DataParallel::finish_step`]; [`DdpError::Shards`] when `shard`'s layout does not fit
+    /// this model and world.
+    pub fn finish_step_sharded<M: Module>(
+        &mut self,
+        model: M,
+        shard: &mut crate::sharded::ShardedAdam,
+        lr: f64,
+    ) -> Result<(M, StepStats), DdpError> {
+        let n = self.param_count();
+        let counts = shard.counts().to_vec();
+        let rank = self.comm.rank();
+        if counts.len() != self.comm.world_size() || counts.iter().sum::<usize>() != n || shard.rank() != rank {
+            return Err(DdpError::Shards {
+                reason: format!(
+                    "{} shards of {} parameters in all, made for rank {}, on rank {rank} of a world of {} \
+                     and a model of {n} parameters",
+                    counts.len(),
+                    counts.iter().sum::<usize>(),
+                    shard.rank(),
+                    self.comm.world_size()
+                ),
+            });
+        }
+        let device = model_device(&model);
+        let mut grads = vec![0.0; counts[rank]];
+        let (count, mut stats) = self.reduce_sharded(&device, &counts, &mut grads)?;
+        grads.iter_mut().for_each(|g| *g /= count);
+        let mine = shard.step(&grads, lr as f32);
+        let before = self.comm.collectives_started();
+        let mut params = vec![0.0; n];
+        self.comm.all_gather_f32(mine, &counts, &mut params)?;
+        stats.collectives += (self.comm.collectives_started() - before) as usize;
+        stats.traffic.to_device += byte_len(n);
+        Ok((load_params(model, &params), stats))
+    }
+
+    /// Parameters of the model (the fused buffer without its tail).
+    pub fn param_count(&self) -> usize {
+        self.layout.total_elems() - self.layout.tensor(self.params.len()).len()
+    }
+
     /// The all-reduce of a step and its bookkeeping: lays this step's sums and the tail out as
     /// device buckets, reduces each through the communicator, and returns the reduced buckets
     /// with the global sample count (the divisor). The host copies a host communicator leaves
     /// are kept for the tail, and for every bucket when `keep_host` (the host optimizer's input).
     fn reduce(&mut self, device: &Device, keep_host: bool) -> Result<(Reduced, StepStats), DdpError> {
-        let world = self.comm.world_size();
-        let rank = self.comm.rank();
-        let tail = self.params.len();
-        let mut traffic = std::mem::take(&mut self.traffic);
-        if self.micro_batches == 0 {
-            // Nothing was added this step (share 0): contribute zeros.
-            self.grads.iter_mut().for_each(|g| *g = None);
-            self.loss_sum = None;
-        }
-        let mut count = self.local_samples as f32;
-        if self.options.averaging == Averaging::PerRankMean && self.local_samples > 0 {
-            // Each rank that has samples counts as one; gradient and loss become the rank's mean.
-            let inv = 1.0 / count;
-            for g in self.grads.iter_mut().flatten() {
-                *g = g.clone().mul_scalar(inv);
-            }
-            self.loss_sum = self.loss_sum.take().map(|l| l.mul_scalar(inv));
-            count = 1.0;
-        }
-        // Wall time since this rank was last ready: forward, backward, data and any waiting in
-        // the caller's loop. This is what a slower device costs the step.
-        let busy = self.ready_since.elapsed();
-        let mut values = vec![0.0; 1 + TAIL_VALUES_PER_RANK * world];
-        values[0] = count;
-        values[1 + TAIL_VALUES_PER_RANK * rank] = busy.as_secs_f32();
-        values[1 + TAIL_VALUES_PER_RANK * rank + 1] = self.local_samples as f32;
-        values[1 + TAIL_VALUES_PER_RANK * rank + 2] = self.note;
-        values[1 + TAIL_VALUES_PER_RANK * rank + 3] = self.ready_clock as f32;
-        values[1 + TAIL_VALUES_PER_RANK * rank + 4] = self.last_all_reduce;
-        traffic.to_device += byte_len(values.len());
-        let mut pieces: Vec<Tensor<1>> = Vec::with_capacity(tail + 2);
-        for (i, g) in self.grads.iter_mut().enumerate() {
-            pieces.push(
-                g.take()
-                    .unwrap_or_else(|| Tensor::zeros([self.layout.tensor(i).len()], device)),
-            );
-        }
-        pieces.push(self.loss_sum.take().unwrap_or_else(|| Tensor::zeros([1], device)));
-        let values_len = values.len();
-        pieces.push(Tensor::from_data(TensorData::new(values, [values_len]), device));
-
+        let (pieces, busy, mut traffic) = self.take_step(device);
         let started = Instant::now();
         let before = self.comm.collectives_started();
-        let tail_range = self.layout.tensor(tail);
+        let tail_range = self.layout.tensor(self.params.len());
         let mut buckets: Vec<TensorBucket> = self
             .layout
             .buckets()
@@ -591,17 +607,102 @@ impl DataParallel {
             reduced.buckets.push(b.reduced.expect("written by the all-reduce"));
         }
         let t = reduced.host_range(tail_range, &mut traffic)?;
-        let [loss_sum, count] = [t[0], t[1]];
+        let (count, stats) = self.conclude(&t, busy, all_reduce, collectives, bucket_count, traffic)?;
         reduced.count = count;
+        Ok((reduced, stats))
+    }
+
+    /// The collectives of a sharded step: the tail all-reduced, the gradient sums read to the
+    /// host once and reduce-scattered by `counts` into `shard`. Returns the global sample count.
+    fn reduce_sharded(
+        &mut self,
+        device: &Device,
+        counts: &[usize],
+        shard: &mut [f32],
+    ) -> Result<(f32, StepStats), DdpError> {
+        let (mut grads, busy, mut traffic) = self.take_step(device);
+        let tail = grads.split_off(self.params.len());
+        let started = Instant::now();
+        let before = self.comm.collectives_started();
+        let mut tail = TensorBucket::new(tail, device.clone(), false);
+        let mut grads = TensorBucket::new(grads, device.clone(), false);
+        let read_error = |message: String| DdpError::Tensor {
+            path: "the step's gradient sums".into(),
+            message,
+        };
+        let mut t = tail.read().map_err(read_error)?;
+        let sums = grads.read().map_err(read_error)?;
+        traffic.to_host += tail.traffic.to_host + grads.traffic.to_host;
+        self.comm.all_reduce_sum_f32(&mut t)?;
+        self.comm.reduce_scatter_sum_f32(&sums, counts, shard)?;
+        let collectives = (self.comm.collectives_started() - before) as usize;
+        self.conclude(&t, busy, started.elapsed(), collectives, 1, traffic)
+    }
+
+    /// Ends this rank's part of a step: this step's pieces of the fused buffer (each parameter's
+    /// gradient sum, zeros where none, then the loss sum, then the tail values), the wall time
+    /// since the rank was last ready, and the traffic so far.
+    fn take_step(&mut self, device: &Device) -> (Vec<Tensor<1>>, Duration, Traffic) {
+        let world = self.comm.world_size();
+        let rank = self.comm.rank();
+        let mut traffic = std::mem::take(&mut self.traffic);
+        if self.micro_batches == 0 {
+            // Nothing was added this step (share 0): contribute zeros.
+            self.grads.iter_mut().for_each(|g| *g = None);
+            self.loss_sum = None;
+        }
+        let mut count = self.local_samples as f32;
+        if self.options.averaging == Averaging::PerRankMean && self.local_samples > 0 {
+            // Each rank that has samples counts as one; gradient and loss become the rank's mean.
+            let inv = 1.0 / count;
+            for g in self.grads.iter_mut().flatten() {
+                *g = g.clone().mul_scalar(inv);
+            }
+            self.loss_sum = self.loss_sum.take().map(|l| l.mul_scalar(inv));
+            count = 1.0;
+        }
+        // Wall time since this rank was last ready: forward, backward, data and any waiting in
+        // the caller's loop. This is what a slower device costs the step.
+        let busy = self.ready_since.elapsed();
+        let mut values = vec![0.0; 1 + TAIL_VALUES_PER_RANK * world];
+        values[0] = count;
+        values[1 + TAIL_VALUES_PER_RANK * rank] = busy.as_secs_f32();
+        values[1 + TAIL_VALUES_PER_RANK * rank + 1] = self.local_samples as f32;
+        values[1 + TAIL_VALUES_PER_RANK * rank + 2] = self.note;
+        values[1 + TAIL_VALUES_PER_RANK * rank + 3] = self.ready_clock as f32;
+        values[1 + TAIL_VALUES_PER_RANK * rank + 4] = self.last_all_reduce;
+        traffic.to_device += byte_len(values.len());
+        let mut pieces: Vec<Tensor<1>> = Vec::with_capacity(self.params.len() + 2);
+        for (i, g) in self.grads.iter_mut().enumerate() {
+            pieces.push(
+                g.take()
+                    .unwrap_or_else(|| Tensor::zeros([self.layout.tensor(i).len()], device)),
+            );
+        }
+        pieces.push(self.loss_sum.take().unwrap_or_else(|| Tensor::zeros([1], device)));
+        let values_len = values.len();
+        pieces.push(Tensor::from_data(TensorData::new(values, [values_len]), device));
+        (pieces, busy, traffic)
+    }
+
+    /// Reads the reduced tail `t` (loss sum, global count, per-rank values) into the step's
+    /// statistics and starts the next step. Returns the global sample count.
+    fn conclude(
+        &mut self,
+        t: &[f32],
+        busy: Duration,
+        all_reduce: Duration,
+        collectives: usize,
+        buckets: usize,
+        traffic: Traffic,
+    ) -> Result<(f32, StepStats), DdpError> {
+        let world = self.comm.world_size();
+        let [loss_sum, count] = [t[0], t[1]];
         let per_rank = |r: usize, k: usize| t[2 + TAIL_VALUES_PER_RANK * r + k];
-        let rank_compute: Vec<f64> = (0..world).map(|r| f64::from(per_rank(r, 0))).collect();
-        let rank_samples: Vec<usize> = (0..world).map(|r| per_rank(r, 1) as usize).collect();
-        let rank_notes: Vec<f32> = (0..world).map(|r| per_rank(r, 2)).collect();
-        let rank_started: Vec<f64> = (0..world).map(|r| f64::from(per_rank(r, 3))).collect();
-        let rank_prev_all_reduce: Vec<f64> = (0..world).map(|r| f64::from(per_rank(r, 4))).collect();
         if count <= 0.0 {
             return Err(DdpError::EmptyStep { step: self.step });
         }
+        let rank_samples: Vec<usize> = (0..world).map(|r| per_rank(r, 1) as usize).collect();
         let stats = StepStats {
             step: self.step,
             local_samples: self.local_samples,
@@ -611,13 +712,13 @@ impl DataParallel {
             compute: busy,
             all_reduce,
             collectives,
-            buckets: bucket_count,
+            buckets,
             traffic,
-            rank_compute,
+            rank_compute: (0..world).map(|r| f64::from(per_rank(r, 0))).collect(),
             rank_samples,
-            rank_notes,
-            rank_started,
-            rank_prev_all_reduce,
+            rank_notes: (0..world).map(|r| per_rank(r, 2)).collect(),
+            rank_started: (0..world).map(|r| f64::from(per_rank(r, 3))).collect(),
+            rank_prev_all_reduce: (0..world).map(|r| f64::from(per_rank(r, 4))).collect(),
         };
         self.last_all_reduce = all_reduce.as_secs_f32();
         self.local_samples = 0;
@@ -625,7 +726,7 @@ impl DataParallel {
         self.note = 0.0;
         self.step += 1;
         self.mark_ready();
-        Ok((reduced, stats))
+        Ok((count, stats))
     }
 
     /// All-gathers a checksum of every parameter's bits and fails if any rank differs.
@@ -803,7 +904,7 @@ impl Reduced {
 }
 
 /// The inner (non-autodiff) device the model's gradients live on.
-fn model_device<M: Module>(model: &M) -> Device {
+pub(crate) fn model_device<M: Module>(model: &M) -> Device {
     struct Find(Option<Device>);
     impl ModuleVisitor for Find {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {

@@ -39,6 +39,7 @@ pub mod params;
 #[cfg(feature = "cli")]
 pub mod report;
 pub mod sampler;
+pub mod sharded;
 #[cfg(feature = "testkit")]
 pub mod testing;
 pub mod world;

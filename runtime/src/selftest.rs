@@ -84,11 +84,16 @@ enum Check {
     WrongLength,
     /// The last rank never joins: every other rank must get a timeout naming it.
     MissingRank,
+    /// Rank 0 passes other shard counts to a reduce-scatter: every rank must get a counts error.
+    CountsMismatch,
     /// Rank 0 is later than the timeout to a barrier for which every rank raised it.
     LongerDeadline,
     /// Data-parallel training with unequal shares against one device on the whole batch
     /// (three ranks).
     Equivalence,
+    /// Adam with its state sharded unevenly over three ranks against one device on the whole
+    /// batch.
+    Sharded,
     /// Balanced training with per-rank memory budgets; prints one JSON record per rank.
     Balance,
     /// Writes checkpoints of a `--width` MLP into `--out-dir` forever, printing `saved STEP`
@@ -106,8 +111,20 @@ fn run(args: &Args) -> Result<ExitCode> {
             .map_or_else(|| Ok(conformance::short_timeout_options()), |_| CommOptions::from_env())?,
     };
     let check = args.check;
-    if let Check::Equivalence = check {
-        return equivalence(&launch, options, args.threads, args.device.as_deref());
+    if let Check::Equivalence | Check::Sharded = check {
+        let cases = match (check, args.device.as_deref()) {
+            (Check::Sharded, _) => ballast::testing::sharded_cases(),
+            (_, None) => ballast::testing::three_rank_cases(),
+            (_, Some(list)) => {
+                let world = if launch.is_launched() {
+                    launch.world_size
+                } else {
+                    args.threads
+                };
+                ballast::testing::device_cases(world, &ballast::device::DeviceChoice::parse_list(list)?)
+            }
+        };
+        return equivalence(&launch, options, args.threads, &cases);
     }
     if let Check::Balance = check {
         return balance(&launch, options, args);
@@ -139,29 +156,26 @@ fn one(comm: &mut dyn Communicator, check: Check) -> (usize, usize, &'static str
         Check::Collectives => conformance::check_all(comm).map(|p| p.join("; ")),
         Check::WrongLength => conformance::check_wrong_length(comm),
         Check::MissingRank => conformance::check_missing_rank(comm, last),
+        Check::CountsMismatch => conformance::check_counts_mismatch(comm),
         Check::LongerDeadline => conformance::check_longer_deadline(comm),
-        Check::Equivalence | Check::Balance | Check::CheckpointWriter => Err("has its own runner".into()),
+        Check::Equivalence | Check::Sharded | Check::Balance | Check::CheckpointWriter => {
+            Err("has its own runner".into())
+        }
     };
     (comm.rank(), comm.world_size(), comm.backend(), result)
 }
 
-fn equivalence(launch: &Launch, options: CommOptions, threads: usize, device: Option<&str>) -> Result<ExitCode> {
-    use ballast::testing::{device_cases, equivalence_report, three_rank_cases};
-    let cases = match device {
-        None => three_rank_cases(),
-        Some(list) => {
-            let world = if launch.is_launched() {
-                launch.world_size
-            } else {
-                threads
-            };
-            device_cases(world, &ballast::device::DeviceChoice::parse_list(list)?)
-        }
-    };
+fn equivalence(
+    launch: &Launch,
+    options: CommOptions,
+    threads: usize,
+    cases: &[ballast::testing::Case],
+) -> Result<ExitCode> {
+    use ballast::testing::equivalence_report;
     let reports: Vec<Result<Vec<String>, String>> = match launched_communicator(launch, options.clone())? {
-        Some(comm) => vec![equivalence_report(comm, &cases).map_err(|e| e.to_string())],
+        Some(comm) => vec![equivalence_report(comm, cases).map_err(|e| e.to_string())],
         None => local::run(threads, options, |comm| {
-            equivalence_report(Box::new(comm), &cases).map_err(|e| e.to_string())
+            equivalence_report(Box::new(comm), cases).map_err(|e| e.to_string())
         }),
     };
     let mut ok = true;

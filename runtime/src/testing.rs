@@ -6,6 +6,8 @@
 //! communicator; [`run_reference`] trains the same model from the same initial parameters with a
 //! plain burn loop; [`compare`] reports the largest per-tensor relative difference.
 
+pub mod overhead;
+
 use burn::{
     module::Module,
     nn::{
@@ -323,6 +325,14 @@ pub struct Case {
     /// default cap, one bucket for these models); such a case also checks that the step still
     /// ran one collective.
     pub bucket_cap_bytes: Option<usize>,
+    /// Shard the optimizer state over the ranks in proportion to these weights (one per rank;
+    /// [`crate::sharded::ShardedAdam`], Adam only, weight decay from [`Case::weight_decay`]);
+    /// empty: every rank holds the whole state.
+    pub shards: Vec<f64>,
+    /// Replace the model's random initial parameters with values drawn from this seed (uniform
+    /// in ±0.25) before the first broadcast, so that separate runs start from the same point;
+    /// `None`: burn's random initialisation, which differs from run to run.
+    pub init_seed: Option<u64>,
 }
 
 impl Case {
@@ -341,6 +351,28 @@ impl Case {
             weight_decay: 0.0,
             devices: Vec::new(),
             bucket_cap_bytes: None,
+            shards: Vec::new(),
+            init_seed: None,
+        }
+    }
+
+    /// The acceptance bound on per-tensor relative parameter difference: the optimizer's, or
+    /// 1e-5 where ballast's host Adam replaces burn's (offloaded or sharded state).
+    pub fn tolerance(&self) -> f64 {
+        if self.offload || !self.shards.is_empty() {
+            1e-5
+        } else {
+            self.optim.tolerance()
+        }
+    }
+
+    /// Collectives each step runs: one fused all-reduce, or with sharded state the tail's
+    /// all-reduce, the gradients' reduce-scatter and the parameters' all-gather.
+    pub fn collectives_per_step(&self) -> usize {
+        if self.shards.is_empty() {
+            1
+        } else {
+            3
         }
     }
 
@@ -374,6 +406,12 @@ impl Case {
         }
         if let Some(cap) = self.bucket_cap_bytes {
             label.push_str(&format!("/buckets of {cap} B"));
+        }
+        if !self.shards.is_empty() {
+            label.push_str(&format!("/sharded {:?}", self.shards));
+        }
+        if self.weight_decay != 0.0 {
+            label.push_str(&format!("/decay {}", self.weight_decay));
         }
         label
     }
@@ -424,14 +462,19 @@ fn run_ddp_with<M: Regressor>(
     if let Some(cap) = case.bucket_cap_bytes {
         options = options.with_bucket_cap_bytes(cap);
     }
-    let (mut ddp, mut model) = DataParallel::wrap(comm, M::init(&device), options)?;
+    let mut model = M::init(&device);
+    if let Some(seed) = case.init_seed {
+        let values = seeded_values(flatten_params(&model).len(), seed);
+        model = load_params(model, &values);
+    }
+    let (mut ddp, mut model) = DataParallel::wrap(comm, model, options)?;
     let initial = flatten_params(&model);
     let mut optim = case.optim.init(case.weight_decay);
+    let config = crate::offload::HostAdamConfig {
+        weight_decay: case.weight_decay,
+        ..Default::default()
+    };
     let mut host = if case.offload {
-        let config = crate::offload::HostAdamConfig {
-            weight_decay: case.weight_decay,
-            ..Default::default()
-        };
         Some(crate::offload::HostOffload::new(
             &model,
             config,
@@ -439,6 +482,12 @@ fn run_ddp_with<M: Regressor>(
         )?)
     } else {
         None
+    };
+    let mut sharded = if case.shards.is_empty() {
+        None
+    } else {
+        let counts = crate::sharded::shard_counts(initial.len(), &case.shards)?;
+        Some(crate::sharded::ShardedAdam::new(&model, rank, counts, config)?)
     };
     let sampler = GlobalSampler::new(data.len(), case.global_batch(), case.seed).expect("non-empty case");
     let mut outcome = Outcome {
@@ -462,9 +511,10 @@ fn run_ddp_with<M: Regressor>(
             let loss = MseLoss::new().forward(model.forward(x), y, Reduction::Mean);
             ddp.backward(&model, loss, m)?;
         }
-        let (next, stats) = match host.as_mut() {
-            Some(h) => ddp.finish_step_offloaded(model, h, case.optim.lr())?,
-            None => ddp.finish_step(model, &mut optim, case.optim.lr())?,
+        let (next, stats) = match (host.as_mut(), sharded.as_mut()) {
+            (Some(h), _) => ddp.finish_step_offloaded(model, h, case.optim.lr())?,
+            (None, Some(shard)) => ddp.finish_step_sharded(model, shard, case.optim.lr())?,
+            (None, None) => ddp.finish_step(model, &mut optim, case.optim.lr())?,
         };
         model = next;
         outcome.losses.push(stats.loss);
@@ -481,6 +531,21 @@ fn run_ddp_with<M: Regressor>(
     }
     outcome.params = param_values(&model);
     Ok((outcome, ddp.into_comm()))
+}
+
+/// `len` values uniform in ±0.25 from `seed` (SplitMix64), the same on every machine.
+fn seeded_values(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.5
+        })
+        .collect()
 }
 
 /// Trains `case` on one device (rank 0's) with the whole global batch per step, from `initial`
@@ -600,6 +665,25 @@ pub fn three_rank_cases() -> Vec<Case> {
     cases
 }
 
+/// The sharded-optimizer cases for three ranks: Adam on both models, with and without weight
+/// decay, the state sharded 60/30/10 % and 70/30/0 % (a rank without a shard), shares 5/2/1,
+/// 50 steps each.
+pub fn sharded_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for model in [ModelKind::Mlp, ModelKind::Conv] {
+        for weight_decay in [0.0, 0.01] {
+            for shards in [[6.0, 3.0, 1.0], [7.0, 3.0, 0.0]] {
+                let mut case = Case::new(model, OptimKind::Adam, &[5, 2, 1], &[3, 2, 1]);
+                case.steps = 50;
+                case.weight_decay = weight_decay;
+                case.shards = shards.to_vec();
+                cases.push(case);
+            }
+        }
+    }
+    cases
+}
+
 /// Runs `cases` on `comm`; on rank 0 compares each with the single-device reference and returns
 /// one report line per case (`OK`, or `FAIL` with the reason). Other ranks return their own
 /// lines about replica agreement. An unweighted case passes when it *exceeds* the tolerance.
@@ -612,8 +696,9 @@ pub fn equivalence_report(mut comm: Box<dyn Communicator>, cases: &[Case]) -> Re
     for case in cases {
         let (outcome, back) = run_ddp(comm, case)?;
         comm = back;
-        // One collective per step, however many buckets; a bucketed case must have had several.
-        let one_collective_per_step = outcome.collectives.iter().all(|&c| c == 1)
+        // One collective per step (three with sharded state), however many buckets; a bucketed
+        // case must have had several.
+        let collectives_as_planned = outcome.collectives.iter().all(|&c| c == case.collectives_per_step())
             && (case.bucket_cap_bytes.is_none() || outcome.buckets.iter().all(|&b| b > 1));
         let replicas_ok = outcome.replica_rel <= MIXED_REPLICA_TOLERANCE;
         let replicas = if case.mixed() {
@@ -632,9 +717,9 @@ pub fn equivalence_report(mut comm: Box<dyn Communicator>, cases: &[Case]) -> Re
         }
         let reference = run_reference(case, &outcome.initial);
         let (param_rel, loss_rel) = compare(&outcome, &reference);
-        let tol = case.optim.tolerance();
+        let tol = case.tolerance();
         let verdict = match case.averaging {
-            Averaging::BySamples if param_rel <= tol && loss_rel <= 1e-5 && one_collective_per_step && replicas_ok => {
+            Averaging::BySamples if param_rel <= tol && loss_rel <= 1e-5 && collectives_as_planned && replicas_ok => {
                 "OK"
             }
             Averaging::PerRankMean if param_rel > tol => "OK (differs, as expected)",
@@ -738,7 +823,8 @@ pub fn balanced_run(
     }
 }
 
-type BalancedOutcome = (Vec<StepRecord>, Vec<f32>, Vec<ballast_balancer::DeviceReport>);
+/// What [`balanced_run`] returns: every step's record, the final parameters, the device reports.
+pub type BalancedOutcome = (Vec<StepRecord>, Vec<f32>, Vec<ballast_balancer::DeviceReport>);
 
 fn balanced_loop<M: Regressor>(
     comm: Box<dyn Communicator>,
@@ -815,4 +901,41 @@ fn balanced_steps<M: Regressor>(
     }
     ddp.verify_replicas(&model)?;
     Ok((records, flatten_params(&model), balancer.reports().to_vec()))
+}
+
+/// Least-squares line through `(x, y)`: slope, intercept and R².
+pub fn linear_fit(points: &[(f64, f64)]) -> (f64, f64, f64) {
+    let n = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let syy: f64 = points.iter().map(|p| (p.1 - my).powi(2)).sum();
+    let slope = sxy / sxx;
+    (slope, my - slope * mx, sxy * sxy / (sxx * syy))
+}
+
+/// The measured peak bytes of one forward and backward pass of a [`WideMlp`] of `width` on
+/// `device`, per micro-batch size in `sizes` (after one pass at the largest size, as the
+/// balancer's warm-up does: later sizes must not read its peak).
+///
+/// # Panics
+/// When `device` reports no memory pool (CPU backends).
+pub fn probe_peaks(device: &Device, width: usize, sizes: &[usize]) -> Vec<(usize, u64)> {
+    let meter = crate::memory::DeviceMeter::for_device(device);
+    assert!(meter.reads_pool(), "the device reports no memory pool");
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    let data = SyntheticSet::with_dims(largest, WIDE_FEATURES, TARGETS, 3);
+    let model = WideMlp::with_width(width, device);
+    let idx: Vec<usize> = (0..largest).collect();
+    let peak_at = |m: usize| {
+        meter.reset_peak();
+        let (x, y) = data.batch(&idx[..m], device);
+        let grads = MseLoss::new().forward(model.forward(x), y, Reduction::Mean).backward();
+        let peak = meter.peak();
+        drop(grads);
+        peak
+    };
+    let _ = peak_at(largest);
+    sizes.iter().map(|&m| (m, peak_at(m))).collect()
 }

@@ -1,0 +1,126 @@
+//! Adam with its state sharded unevenly over the ranks equals one device on the whole batch.
+//!
+//! Run with `cargo test --release -p ballast --features mpi,cli,testkit sharded`.
+
+mod common;
+
+use ballast::{
+    collectives::{conformance, local, CommOptions},
+    offload::HostAdamConfig,
+    sharded::{shard_counts, ShardedAdam},
+    testing::{equivalence_report, run_ddp, sharded_cases, Case, Mlp, ModelKind, OptimKind, Regressor},
+    DataParallel, DdpError, DdpOptions,
+};
+use burn::tensor::Device;
+
+/// Every case passes within 1e-5 of burn's Adam on one device, with three collectives per step,
+/// and the replicas are identical.
+fn assert_sharded_report(lines: &[String]) {
+    let rank0: Vec<&String> = lines.iter().filter(|l| l.starts_with("equivalence rank 0 ")).collect();
+    assert_eq!(rank0.len(), sharded_cases().len(), "{lines:#?}");
+    for line in lines {
+        assert!(line.ends_with("OK"), "{line}");
+        assert!(line.contains("/sharded ["), "{line}");
+        assert!(line.contains("replicas identical"), "{line}");
+    }
+    for line in rank0 {
+        assert!(line.contains("tol 1e-5"), "{line}");
+        assert!(line.contains("collectives_per_step Some(3)"), "{line}");
+    }
+}
+
+#[test]
+fn sharded_adam_on_threads_equals_one_device() {
+    let cases = sharded_cases();
+    let reports = local::run(3, CommOptions::default(), |comm| {
+        equivalence_report(Box::new(comm), &cases).map_err(|e| e.to_string())
+    });
+    let lines: Vec<String> = reports
+        .into_iter()
+        .flat_map(|r| r.unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    for l in &lines {
+        println!("{l}");
+    }
+    assert_sharded_report(&lines);
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn sharded_adam_under_mpirun_equals_one_device() {
+    let out = common::selftest(3, &["sharded"], &[]);
+    assert!(out.status.success(), "{}", common::dump(&out));
+    let lines = common::lines_with(&out, "equivalence rank");
+    for l in &lines {
+        println!("{l}");
+    }
+    assert_sharded_report(&lines);
+    assert_eq!(lines.len(), 3 * sharded_cases().len(), "{}", common::dump(&out));
+}
+
+/// On threads every sum is taken in rank order, so sharding changes nothing but where each
+/// update is computed: the sharded run ends bit for bit where the replicated host Adam does.
+#[test]
+fn sharded_state_ends_where_replicated_state_does_bit_for_bit() {
+    let run = |case: &Case| {
+        local::run(3, CommOptions::default(), |comm| {
+            run_ddp(Box::new(comm), case).map(|(o, _)| o).map_err(|e| e.to_string())
+        })
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap()
+    };
+    for model in [ModelKind::Mlp, ModelKind::Conv] {
+        let mut replicated = Case::new(model, OptimKind::Adam, &[5, 2, 1], &[3, 2, 1]);
+        replicated.weight_decay = 0.01;
+        replicated.offload = true;
+        replicated.init_seed = Some(11);
+        let mut sharded = replicated.clone();
+        sharded.offload = false;
+        sharded.shards = vec![6.0, 3.0, 1.0];
+        let (a, b) = (run(&replicated), run(&sharded));
+        assert_eq!(a.initial, b.initial);
+        assert_eq!(a.params, b.params, "{model:?}");
+        assert_eq!(a.losses, b.losses, "{model:?}");
+        assert!(b.collectives.iter().all(|&c| c == 3), "{:?}", b.collectives);
+    }
+}
+
+/// Shards that do not cover the model, or were made for another rank, are refused with what
+/// does not fit, before any collective runs.
+#[test]
+fn sharded_layouts_that_do_not_fit_are_clear_errors() {
+    let device = Device::flex().autodiff();
+    let model = Mlp::init(&device);
+    let n = ballast::params::flatten_params(&model).len();
+    let err = ShardedAdam::new(&model, 0, vec![n - 1, 0], HostAdamConfig::default()).unwrap_err();
+    assert!(matches!(err, DdpError::Shards { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&format!(
+            "2 shards of {} parameters in all for rank 0 of a model with {n}",
+            n - 1
+        )),
+        "{err}"
+    );
+    // Rank 0 goes on to the step's collectives and times out waiting for rank 1.
+    let results = local::run(2, conformance::short_timeout_options(), |comm| {
+        let device = Device::flex().autodiff();
+        let (mut ddp, model) = DataParallel::wrap(Box::new(comm), Mlp::init(&device), DdpOptions::default()).unwrap();
+        let counts = shard_counts(ddp.param_count(), &[1.0, 1.0]).unwrap();
+        // Both ranks build rank 0's shard: rank 1's is refused before its first collective.
+        let mut shard = ShardedAdam::new(&model, 0, counts, HostAdamConfig::default()).unwrap();
+        let before = ddp.comm().collectives_started();
+        let outcome = ddp.finish_step_sharded(model, &mut shard, 1e-3).map(drop);
+        (ddp.comm().rank(), before, outcome)
+    });
+    for (rank, before, outcome) in results {
+        assert!(before > 0, "wrap ran collectives");
+        let err = outcome.unwrap_err().to_string();
+        if rank == 1 {
+            assert!(err.contains("made for rank 0, on rank 1"), "{err}");
+        } else {
+            assert!(err.contains("rank(s) [1] never arrived"), "{err}");
+        }
+    }
+}
