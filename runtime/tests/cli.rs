@@ -74,6 +74,97 @@ fn plan_table_names_every_device() {
     }
 }
 
+/// A 1.3 B-parameter model on 80, 24 and 12 GiB cards: with every rank holding all of Adam's
+/// state the 12 GiB card must offload it; sharded by memory every shard stays on a device, the
+/// shards cover every parameter, and the 24 GiB card runs a larger micro-batch.
+#[test]
+fn sharded_plan_keeps_the_state_on_the_devices_where_replication_offloads() {
+    let out = ballast(&[
+        "plan",
+        "--device",
+        "80GiB:3:a100",
+        "--device",
+        "24GiB:1:rtx3090",
+        "--device",
+        "12GiB:0.5:rtx3060",
+        "--params",
+        "1.3B",
+        "--bytes-per-sample",
+        "600MiB",
+        "--global-batch",
+        "512",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flags = |p: &serde_json::Value| -> Vec<bool> {
+        p["on_host"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_bool().unwrap())
+            .collect()
+    };
+    let micro = |p: &serde_json::Value| -> Vec<u64> {
+        p["plan"]["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["micro_batch"].as_u64().unwrap())
+            .collect()
+    };
+    let (replicated, sharded) = (&v["replicated"], &v["optimizer"]);
+    assert_eq!(sharded["sharding"], "Memory");
+    assert!(flags(replicated).contains(&true), "{replicated}");
+    assert_eq!(flags(sharded), [false, false, false], "{sharded}");
+    let counts: Vec<u64> = sharded["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .collect();
+    assert_eq!(counts.iter().sum::<u64>(), 1_300_000_000);
+    assert!(
+        micro(sharded)[1] > micro(replicated)[1],
+        "{:?} vs {:?}",
+        micro(sharded),
+        micro(replicated)
+    );
+    for (r, rep) in v["plan"]["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(v["reports"].as_array().unwrap())
+    {
+        assert!(r["predicted_peak_bytes"].as_u64().unwrap() <= rep["budget_bytes"].as_u64().unwrap());
+    }
+    // The table shows both plans, each rank's shard and the optimizer's predicted time.
+    let out = ballast(&[
+        "plan",
+        "--device",
+        "80GiB:3:a100",
+        "--device",
+        "24GiB:1:rtx3090",
+        "--device",
+        "12GiB:0.5:rtx3060",
+        "--params",
+        "1.3B",
+        "--bytes-per-sample",
+        "600MiB",
+        "--global-batch",
+        "512",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "replicated optimizer state",
+        "optimizer state sharded (memory)",
+        "rank 2: optimizer state for",
+        "optimizer",
+    ] {
+        assert!(text.contains(needle), "{needle:?} in {text}");
+    }
+}
+
 #[test]
 fn infeasible_plan_is_a_clear_error() {
     let out = ballast(&[
@@ -86,6 +177,8 @@ fn infeasible_plan_is_a_clear_error() {
         "1MiB",
         "--global-batch",
         "8",
+        "--optimizer-sharding",
+        "off",
     ]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -134,4 +227,23 @@ fn closed_stdout_ends_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?} {stderr}", out.status);
+}
+
+/// A CUDA build on a machine without the NVIDIA driver: `doctor` says there is no GPU (and the
+/// ranks run on the CPU) instead of failing.
+#[cfg(feature = "cuda")]
+#[test]
+fn doctor_of_a_cuda_build_says_no_gpu_without_a_driver() {
+    if ballast::collectives::nccl::cuda_present() {
+        println!("skipped: the NVIDIA driver is installed here");
+        return;
+    }
+    let out = ballast(&["doctor", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cuda = v["cuda"].as_str().unwrap();
+    assert!(cuda.starts_with("no GPU: libcuda.so"), "{cuda}");
+    assert_eq!(v["devices"], serde_json::json!([]));
+    let text = ballast(&["doctor"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("devices      no GPU: ranks run on CPU"));
 }

@@ -4,7 +4,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{bail, Context, Result};
 use ballast::{
-    balancer::{solve, DeviceReport, OffloadPolicy, Plan, Tunables},
+    balance::human_bytes,
+    balancer::{solve_sharded, DeviceReport, OffloadPolicy, OptimizerState, Plan, ShardedPlan, Sharding, Tunables},
     cluster::parse_bytes,
 };
 use plotters::prelude::*;
@@ -43,6 +44,18 @@ pub struct Args {
     /// Host RAM available for offloaded state (e.g. 64GiB); unchecked when absent.
     #[arg(long)]
     host_memory: Option<String>,
+    /// Where Adam's moments live: off (every rank holds all of them), even (one equal shard per
+    /// rank) or memory (shards in proportion to the memory each device has left).
+    #[arg(long, default_value = "memory")]
+    optimizer_sharding: Sharding,
+    /// Parameters per second a device's optimizer updates (an assumption: about 28 bytes move
+    /// per parameter, so 2.5e10 stands for some 700 GB/s).
+    #[arg(long, default_value_t = 2.5e10)]
+    optimizer_rate: f64,
+    /// Parameters per second the host optimizer updates (`ballast bench adam` measures it; 1e9
+    /// is about 27 GB/s).
+    #[arg(long, default_value_t = 1e9)]
+    host_optimizer_rate: f64,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -66,12 +79,23 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.samples_per_sec.is_nan() || args.samples_per_sec <= 0.0 {
         bail!("--samples-per-sec must be positive, got {}", args.samples_per_sec);
     }
-    let reports = args
-        .devices
-        .iter()
-        .enumerate()
-        .map(|(i, spec)| parse_device(i, spec, params * per_param, per_sample, args.samples_per_sec))
-        .collect::<Result<Vec<_>>>()?;
+    for (flag, rate) in [
+        ("--optimizer-rate", args.optimizer_rate),
+        ("--host-optimizer-rate", args.host_optimizer_rate),
+    ] {
+        if rate.is_nan() || rate <= 0.0 {
+            bail!("{flag} must be positive, got {rate}");
+        }
+    }
+    // Adam's two moments are the state to place; the reports carry the rest (parameters,
+    // gradients) as fixed bytes.
+    let state = OptimizerState {
+        params,
+        bytes_per_param: if per_param == 16 { 8 } else { 0 },
+        device_params_per_sec: args.optimizer_rate,
+        host_params_per_sec: args.host_optimizer_rate,
+    };
+    let stateless = params * (per_param - state.bytes_per_param);
     let offload = match args.offload.as_str() {
         "never" => OffloadPolicy::Never,
         "when-needed" => OffloadPolicy::WhenNeeded,
@@ -82,30 +106,125 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         Some(h) => Some(parse_bytes(h).map_err(anyhow::Error::msg)?),
         None => None,
     };
-    let optimizer_bytes = if per_param == 16 { 8 * params } else { 0 };
-    let reports: Vec<DeviceReport> = reports
-        .into_iter()
-        .map(|r| DeviceReport {
-            offloadable_bytes: optimizer_bytes,
-            host_available_bytes: host_available,
-            ..r
+    let reports = args
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let r = parse_device(i, spec, stateless, per_sample, args.samples_per_sec)?;
+            Ok(DeviceReport {
+                host_available_bytes: host_available,
+                ..r
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>>>()?;
     let tunables = Tunables {
         memory_margin: args.margin,
         offload,
         ..Tunables::default()
     };
-    let plan = solve(&reports, args.global_batch, args.allreduce_s, &tunables)?;
+    let solve = |sharding| {
+        solve_sharded(
+            &reports,
+            args.global_batch,
+            args.allreduce_s,
+            &tunables,
+            &state,
+            sharding,
+        )
+    };
+    let chosen = solve(args.optimizer_sharding)?;
+    // The replicated plan beside a sharded one: what sharding changes (it may be infeasible).
+    let replicated = match args.optimizer_sharding {
+        Sharding::Off => None,
+        _ => Some(solve(Sharding::Off)),
+    };
+    // Reports as the chosen plan sees them: each rank's state in its fixed bytes.
+    let planned = with_state(&reports, &chosen, &state);
     if let Some(path) = &args.svg {
-        draw(&plan, &reports, path).with_context(|| format!("drawing {}", path.display()))?;
+        draw(&chosen.plan, &planned, path).with_context(|| format!("drawing {}", path.display()))?;
     }
     if args.json {
-        println!("{}", json!({"reports": reports, "plan": plan, "tunables": tunables}));
-    } else {
-        print!("{}", ballast::balance::plan_table(&plan, &reports));
+        let replicated = match &replicated {
+            Some(Ok(p)) => json!(p),
+            Some(Err(e)) => json!({"infeasible": e.to_string()}),
+            None => json!(null),
+        };
+        println!(
+            "{}",
+            json!({"reports": planned, "plan": chosen.plan, "optimizer": chosen, "replicated": replicated,
+                   "state": state, "tunables": tunables})
+        );
+        return Ok(ExitCode::SUCCESS);
     }
+    match &replicated {
+        Some(Ok(p)) => {
+            println!("replicated optimizer state (--optimizer-sharding off):");
+            print!(
+                "{}",
+                ballast::balance::plan_table(&p.plan, &with_state(&reports, p, &state))
+            );
+            print!("{}", optimizer_lines(p, &state, args.allreduce_s));
+            println!();
+        }
+        Some(Err(e)) => println!("replicated optimizer state (--optimizer-sharding off): {e}\n"),
+        None => {}
+    }
+    if replicated.is_some() {
+        println!("optimizer state sharded ({}):", sharding_name(chosen.sharding));
+    }
+    print!("{}", ballast::balance::plan_table(&chosen.plan, &planned));
+    print!("{}", optimizer_lines(&chosen, &state, args.allreduce_s));
     Ok(ExitCode::SUCCESS)
+}
+
+fn sharding_name(s: Sharding) -> &'static str {
+    match s {
+        Sharding::Off => "off",
+        Sharding::Even => "even",
+        Sharding::Memory => "memory",
+    }
+}
+
+/// `reports` with each rank's optimizer state in its fixed bytes, as `plan` placed it.
+fn with_state(reports: &[DeviceReport], plan: &ShardedPlan, state: &OptimizerState) -> Vec<DeviceReport> {
+    reports
+        .iter()
+        .enumerate()
+        .map(|(i, r)| DeviceReport {
+            fixed_bytes: r.fixed_bytes + plan.state_bytes(i, state),
+            offloadable_bytes: plan.state_bytes(i, state),
+            ..r.clone()
+        })
+        .collect()
+}
+
+/// Each rank's optimizer state and the predicted optimizer, collective and step times.
+fn optimizer_lines(plan: &ShardedPlan, state: &OptimizerState, allreduce_s: f64) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if state.bytes_per_param == 0 {
+        return "optimizer without state (sgd): nothing to shard\n".into();
+    }
+    for (i, (&count, &host)) in plan.counts.iter().zip(&plan.on_host).enumerate() {
+        let _ = writeln!(
+            out,
+            "rank {i}: optimizer state for {count} parameters ({:.1} %), {} in {} memory",
+            100.0 * count as f64 / state.params.max(1) as f64,
+            human_bytes(plan.state_bytes(i, state)),
+            if host { "host" } else { "device" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "predicted per step: compute and collectives {:.3}s (collectives {allreduce_s:.3}s, --allreduce-s), \
+         optimizer {:.3}s, step {:.3}s ({:.1} samples/s)",
+        plan.plan.predicted_step_s,
+        plan.optimizer_s,
+        plan.step_s,
+        plan.plan.global_batch as f64 / plan.step_s.max(1e-12)
+    );
+    out
 }
 
 fn parse_count(s: &str) -> Result<u64> {
