@@ -73,7 +73,8 @@ run() {
   fi
   local work bin limit dirs out code line failed=0 passed=0 no_gpu=0
   work="$(mktemp -d)"
-  trap 'rm -rf "$work"' EXIT
+  # Expanded now: \$work is local to this function and gone when the EXIT trap runs.
+  trap "rm -rf '$work'" EXIT
   if command -v xz >/dev/null 2>&1; then
     xz -dc "$kit/gpu-check.xz" > "$work/gpu-check"
   else

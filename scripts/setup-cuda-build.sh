@@ -50,9 +50,15 @@ out=\$("$llvm_config" "\$@") || exit \$?
 printf '%s\n' "\$out" | sed -E 's#(^| )/[^ ]*/lib([A-Za-z0-9_+.-]+)\\.(so|a)(\\.[0-9.]+)?#\\1-l\\2#g'
 EOF
 chmod +x "$standin/bin/llvm-config.new"
-mv "$standin/bin/llvm-config.new" "$standin/bin/llvm-config"
+# Files are replaced only when they change: cubecl-llvm's build script reruns (and burn-cuda
+# with it, minutes) when they are touched.
+replace_if_changed() {
+  if cmp -s "$1" "$2"; then rm -f "$1"; else mv "$1" "$2"; fi
+}
+replace_if_changed "$standin/bin/llvm-config.new" "$standin/bin/llvm-config"
 "$standin/bin/llvm-config" --link-static --system-libs >/dev/null
-echo "stand-in for $bundle: Debian LLVM $("$llvm_config" --version)" > "$standin/.tracel-llvm-installed"
+echo "stand-in for $bundle: Debian LLVM $("$llvm_config" --version)" > "$standin/.tracel-llvm-installed.new"
+replace_if_changed "$standin/.tracel-llvm-installed.new" "$standin/.tracel-llvm-installed"
 
 echo "setup-cuda-build: LLVM stand-in ready in $standin"
 echo "setup-cuda-build: build with: cargo build --release -p ballast -p ballast-examples --features ballast/cuda,ballast-examples/cuda"
