@@ -8,14 +8,14 @@ use std::path::Path;
 
 /// Whether this build has `feature` on.
 fn enabled(feature: &str) -> bool {
-    match feature {
-        "cli" => cfg!(feature = "cli"),
-        "testkit" => cfg!(feature = "testkit"),
-        "mpi" => cfg!(feature = "mpi"),
-        "wgpu" => cfg!(feature = "wgpu"),
-        "cuda" => cfg!(feature = "cuda"),
-        _ => false,
-    }
+    let on = [
+        ("cli", cfg!(feature = "cli")),
+        ("testkit", cfg!(feature = "testkit")),
+        ("mpi", cfg!(feature = "mpi")),
+        ("wgpu", cfg!(feature = "wgpu")),
+        ("cuda", cfg!(feature = "cuda")),
+    ];
+    on.iter().any(|&(name, enabled)| name == feature && enabled)
 }
 
 /// `(name, required features)` of every `[[test]]` table of the manifest.
