@@ -74,27 +74,31 @@ fn plan_table_names_every_device() {
     }
 }
 
+/// `ballast plan` of a 1.3 B-parameter model on 80, 24 and 12 GiB cards.
+const BIG_MODEL: [&str; 13] = [
+    "plan",
+    "--device",
+    "80GiB:3:a100",
+    "--device",
+    "24GiB:1:rtx3090",
+    "--device",
+    "12GiB:0.5:rtx3060",
+    "--params",
+    "1.3B",
+    "--bytes-per-sample",
+    "600MiB",
+    "--global-batch",
+    "512",
+];
+
 /// A 1.3 B-parameter model on 80, 24 and 12 GiB cards: with every rank holding all of Adam's
 /// state the 12 GiB card must offload it; sharded by memory every shard stays on a device, the
 /// shards cover every parameter, and the 24 GiB card runs a larger micro-batch.
 #[test]
 fn sharded_plan_keeps_the_state_on_the_devices_where_replication_offloads() {
-    let out = ballast(&[
-        "plan",
-        "--device",
-        "80GiB:3:a100",
-        "--device",
-        "24GiB:1:rtx3090",
-        "--device",
-        "12GiB:0.5:rtx3060",
-        "--params",
-        "1.3B",
-        "--bytes-per-sample",
-        "600MiB",
-        "--global-batch",
-        "512",
-        "--json",
-    ]);
+    let mut args = BIG_MODEL.to_vec();
+    args.push("--json");
+    let out = ballast(&args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let flags = |p: &serde_json::Value| -> Vec<bool> {
@@ -139,21 +143,7 @@ fn sharded_plan_keeps_the_state_on_the_devices_where_replication_offloads() {
         assert!(r["predicted_peak_bytes"].as_u64().unwrap() <= rep["budget_bytes"].as_u64().unwrap());
     }
     // The table shows both plans, each rank's shard and the optimizer's predicted time.
-    let out = ballast(&[
-        "plan",
-        "--device",
-        "80GiB:3:a100",
-        "--device",
-        "24GiB:1:rtx3090",
-        "--device",
-        "12GiB:0.5:rtx3060",
-        "--params",
-        "1.3B",
-        "--bytes-per-sample",
-        "600MiB",
-        "--global-batch",
-        "512",
-    ]);
+    let out = ballast(&BIG_MODEL);
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "replicated optimizer state",
