@@ -29,6 +29,9 @@ need=()
 [ -e /usr/include/zstd.h ] || need+=(libzstd-dev)
 [ -e /usr/include/zlib.h ] || need+=(zlib1g-dev)
 command -v c++ >/dev/null 2>&1 || need+=(g++)
+# The GPU kit is compressed with xz and stripped with binutils' strip.
+command -v xz >/dev/null 2>&1 || need+=(xz-utils)
+command -v strip >/dev/null 2>&1 || need+=(binutils)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup-cuda-build: installing ${need[*]}"
   $sudo apt-get update -qq
