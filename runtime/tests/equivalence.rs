@@ -6,7 +6,7 @@ mod common;
 
 use ballast::{
     collectives::{local, CommOptions, Communicator},
-    testing::{equivalence_report, three_rank_cases, Mlp, Regressor},
+    testing::{three_rank_cases, Mlp, Regressor},
     DataParallel, DdpError, DdpOptions,
 };
 use burn::tensor::Device;
@@ -36,31 +36,16 @@ fn assert_report(lines: &[String]) {
 
 #[test]
 fn equivalence_on_threads() {
-    let cases = three_rank_cases();
-    let reports = local::run(3, CommOptions::default(), |comm| {
-        equivalence_report(Box::new(comm), &cases).map_err(|e| e.to_string())
-    });
-    let lines: Vec<String> = reports
-        .into_iter()
-        .flat_map(|r| r.unwrap_or_else(|e| panic!("{e}")))
-        .collect();
-    for l in &lines {
-        println!("{l}");
-    }
-    assert_report(&lines);
+    assert_report(&common::equivalence_on_threads(3, &three_rank_cases()));
 }
 
 #[cfg(feature = "mpi")]
 #[test]
 fn equivalence_under_mpirun() {
-    let out = common::selftest(3, &["equivalence"], &[]);
-    assert!(out.status.success(), "{}", common::dump(&out));
-    let lines = common::lines_with(&out, "equivalence rank");
-    for l in &lines {
-        println!("{l}");
-    }
-    assert_report(&lines);
-    assert_eq!(lines.len(), 3 * three_rank_cases().len(), "{}", common::dump(&out));
+    assert_report(&common::equivalence_under_mpirun(
+        "equivalence",
+        three_rank_cases().len(),
+    ));
 }
 
 /// Ranks that build different models are refused at wrap time, on every rank.

@@ -8,7 +8,7 @@ use ballast::{
     collectives::{conformance, local, CommOptions},
     offload::HostAdamConfig,
     sharded::{shard_counts, ShardedAdam},
-    testing::{equivalence_report, run_ddp, sharded_cases, Case, Mlp, ModelKind, OptimKind, Regressor},
+    testing::{run_ddp, sharded_cases, Case, Mlp, ModelKind, OptimKind, Regressor},
     DataParallel, DdpError, DdpOptions,
 };
 use burn::tensor::Device;
@@ -31,31 +31,13 @@ fn assert_sharded_report(lines: &[String]) {
 
 #[test]
 fn sharded_adam_on_threads_equals_one_device() {
-    let cases = sharded_cases();
-    let reports = local::run(3, CommOptions::default(), |comm| {
-        equivalence_report(Box::new(comm), &cases).map_err(|e| e.to_string())
-    });
-    let lines: Vec<String> = reports
-        .into_iter()
-        .flat_map(|r| r.unwrap_or_else(|e| panic!("{e}")))
-        .collect();
-    for l in &lines {
-        println!("{l}");
-    }
-    assert_sharded_report(&lines);
+    assert_sharded_report(&common::equivalence_on_threads(3, &sharded_cases()));
 }
 
 #[cfg(feature = "mpi")]
 #[test]
 fn sharded_adam_under_mpirun_equals_one_device() {
-    let out = common::selftest(3, &["sharded"], &[]);
-    assert!(out.status.success(), "{}", common::dump(&out));
-    let lines = common::lines_with(&out, "equivalence rank");
-    for l in &lines {
-        println!("{l}");
-    }
-    assert_sharded_report(&lines);
-    assert_eq!(lines.len(), 3 * sharded_cases().len(), "{}", common::dump(&out));
+    assert_sharded_report(&common::equivalence_under_mpirun("sharded", sharded_cases().len()));
 }
 
 /// On threads every sum is taken in rank order, so sharding changes nothing but where each
