@@ -9,13 +9,16 @@
 //! every replica. Each parameter's update is computed once, on one rank, so the replicas are
 //! bit-identical whatever device computed each shard.
 //!
-//! The update is [`HostAdam`]'s, burn's Adam step for step, on this rank's host.
+//! The update is [`crate::offload::HostAdam`]'s, burn's Adam step for step, on this rank's host
+//! ([`HostOffload`] of the shard's values).
+
+use std::path::Path;
 
 use burn::module::Module;
 
 use crate::{
     balancer::split_proportional,
-    offload::{HostAdam, HostAdamConfig},
+    offload::{HostAdamConfig, HostOffload},
     params::flatten_params,
     DdpError,
 };
@@ -36,8 +39,7 @@ pub struct ShardedAdam {
     rank: usize,
     counts: Vec<usize>,
     offset: usize,
-    master: Vec<f32>,
-    adam: HostAdam,
+    host: HostOffload,
 }
 
 impl ShardedAdam {
@@ -47,7 +49,7 @@ impl ShardedAdam {
     ///
     /// # Errors
     /// [`DdpError::Shards`] when `counts` has no entry for `rank` or does not add up to the
-    /// model's parameters.
+    /// model's parameters; [`DdpError::Offload`] when host RAM cannot hold the shard's state.
     pub fn new<M: Module>(
         model: &M,
         rank: usize,
@@ -67,13 +69,12 @@ impl ShardedAdam {
         }
         let offset: usize = counts[..rank].iter().sum();
         let master = all[offset..offset + counts[rank]].to_vec();
-        let adam = HostAdam::new(master.len(), config);
+        let host = HostOffload::from_values(master, config, Path::new("/"))?;
         Ok(Self {
             rank,
             counts,
             offset,
-            master,
-            adam,
+            host,
         })
     }
 
@@ -97,24 +98,23 @@ impl ShardedAdam {
     /// # Panics
     /// If `grads` is not as long as this rank's shard.
     pub fn step(&mut self, grads: &[f32], lr: f32) -> &[f32] {
-        self.adam.step(&mut self.master, grads, lr);
-        &self.master
+        self.host.step(grads, lr)
     }
 
-    /// The shard's Adam state (moments and step count).
-    pub fn adam(&self) -> &HostAdam {
-        &self.adam
+    /// The shard's host optimizer: its Adam state (`adam`, `adam_mut`) and bytes held.
+    pub fn host(&self) -> &HostOffload {
+        &self.host
     }
 
-    /// The shard's Adam state, to restore it.
-    pub fn adam_mut(&mut self) -> &mut HostAdam {
-        &mut self.adam
+    /// The shard's host optimizer, to restore its Adam state.
+    pub fn host_mut(&mut self) -> &mut HostOffload {
+        &mut self.host
     }
 
     /// Bytes this rank holds for its shard: Adam's two moments and the master values (12 per
     /// parameter of the shard).
     pub fn state_bytes(&self) -> u64 {
-        self.adam.state_bytes() + self.master.len() as u64 * 4
+        self.host.host_bytes()
     }
 }
 

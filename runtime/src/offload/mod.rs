@@ -214,7 +214,24 @@ impl HostOffload {
         root: &Path,
         gpu: Option<usize>,
     ) -> Result<Self, OffloadError> {
-        let master = flatten_params(model);
+        Self::with_state(flatten_params(model), config, root, gpu)
+    }
+
+    /// Host Adam for `master`, some of a model's flat parameters (a shard of them), with zeroed
+    /// moments in host memory, after the same host-RAM check as [`HostOffload::new`].
+    ///
+    /// # Errors
+    /// [`OffloadError::HostMemory`] when host RAM cannot hold them.
+    pub fn from_values(master: Vec<f32>, config: HostAdamConfig, root: &Path) -> Result<Self, OffloadError> {
+        Self::with_state(master, config, root, None)
+    }
+
+    fn with_state(
+        master: Vec<f32>,
+        config: HostAdamConfig,
+        root: &Path,
+        gpu: Option<usize>,
+    ) -> Result<Self, OffloadError> {
         check_host_memory(root, master.len() as u64 * 12, DEFAULT_HOST_MARGIN)?;
         let n = master.len();
         let (m, v) = match gpu {
