@@ -524,7 +524,8 @@ impl DataParallel {
     /// As [`DataParallel::finish_step`] with the optimizer state sharded over the ranks
     /// (uneven ZeRO-1, see [`crate::sharded`]): the gradient sums are reduce-scattered (each rank
     /// receives the global sum of its own shard only), divided once by the global sample count,
-    /// `shard` updates this rank's parameters with Adam, and the updated shards are all-gathered
+    /// `shard` updates this rank's parameters with Adam (on the device or on the host, where the
+    /// shard lives), and the updated shards are all-gathered
     /// into every replica. Each parameter's update is computed once, on one rank, so the replicas
     /// are bit-identical whatever device computed each shard. Three collectives per step: the
     /// small tail (loss, counts, per-rank values), the reduce-scatter and the all-gather.
@@ -557,10 +558,10 @@ impl DataParallel {
         let mut grads = vec![0.0; counts[rank]];
         let (count, mut stats) = self.reduce_sharded(&device, &counts, &mut grads)?;
         grads.iter_mut().for_each(|g| *g /= count);
-        let mine = shard.step(&grads, lr as f32);
+        let mine = shard.step(&model, grads, lr as f32, &mut stats.traffic)?;
         let before = self.comm.collectives_started();
         let mut params = vec![0.0; n];
-        self.comm.all_gather_f32(mine, &counts, &mut params)?;
+        self.comm.all_gather_f32(&mine, &counts, &mut params)?;
         stats.collectives += (self.comm.collectives_started() - before) as usize;
         stats.traffic.to_device += byte_len(n);
         Ok((load_params(model, &params), stats))

@@ -123,3 +123,48 @@ pub fn checksum<M: Module>(model: &M) -> u64 {
     model.visit(&mut h);
     h.0.digest()
 }
+
+/// The values `range` of the flat parameters (as [`flatten_params`] orders them), as one tensor
+/// on the parameters' own device, outside any autodiff graph: no copy to the host. `None` for
+/// an empty range.
+///
+/// # Panics
+/// If `range` ends past the model's parameters.
+pub fn params_range<M: Module>(model: &M, range: std::ops::Range<usize>) -> Option<Tensor<1>> {
+    struct Slice {
+        range: std::ops::Range<usize>,
+        offset: usize,
+        parts: Vec<Tensor<1>>,
+    }
+    impl ModuleVisitor for Slice {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let n = param.lazy_shape().num_elements();
+            let (start, end) = (self.offset, self.offset + n);
+            self.offset = end;
+            let (lo, hi) = (start.max(self.range.start), end.min(self.range.end));
+            if lo >= hi {
+                return;
+            }
+            let t = param.val();
+            let t = if t.is_require_grad() { t.inner() } else { t };
+            self.parts.push(t.reshape([n]).slice(lo - start..hi - start));
+        }
+    }
+    let mut s = Slice {
+        range: range.clone(),
+        offset: 0,
+        parts: Vec::new(),
+    };
+    model.visit(&mut s);
+    let covered: usize = s.parts.iter().map(|p| p.shape().num_elements()).sum();
+    assert_eq!(
+        covered,
+        range.len(),
+        "parameter range {range:?} past the model's parameters"
+    );
+    match s.parts.len() {
+        0 => None,
+        1 => s.parts.pop(),
+        _ => Some(Tensor::cat(s.parts, 0)),
+    }
+}

@@ -9,17 +9,26 @@
 //! every replica. Each parameter's update is computed once, on one rank, so the replicas are
 //! bit-identical whatever device computed each shard.
 //!
-//! The update is [`crate::offload::HostAdam`]'s, burn's Adam step for step, on this rank's host
-//! ([`HostOffload`] of the shard's values).
+//! Where a rank keeps its shard is a [`ShardPlace`]: on the model's device (Adam's two moments
+//! as device tensors, 8 bytes per parameter of the shard, updated with tensor operations on the
+//! shard's values sliced from the model: nothing but the shard's gradient and its new values
+//! crosses to the host), or in host memory ([`HostOffload`] of the shard: the fast host Adam,
+//! with the host-RAM check), for a device that cannot hold even its shard. Both compute burn's
+//! Adam step for step, in the same order of operations.
 
 use std::path::Path;
 
-use burn::module::Module;
+use burn::{
+    module::Module,
+    tensor::{Device, Tensor, TensorData},
+};
 
 use crate::{
     balancer::split_proportional,
+    checkpoint::AdamMoments,
+    ddp::{model_device, Traffic},
     offload::{HostAdamConfig, HostOffload},
-    params::flatten_params,
+    params::{flatten_params, params_range},
     DdpError,
 };
 
@@ -33,48 +42,70 @@ pub fn shard_counts(params: usize, weights: &[f64]) -> Result<Vec<usize>, DdpErr
     split_proportional(params, weights).map_err(|e| DdpError::Shards { reason: e.to_string() })
 }
 
+/// Where a rank keeps the optimizer state of its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardPlace {
+    /// On the model's device, next to the parameters.
+    Device,
+    /// In host memory, updated by the host Adam (this rank only).
+    Host,
+}
+
 /// Adam for this rank's shard of the parameters (see the module docs).
 #[derive(Debug, Clone)]
 pub struct ShardedAdam {
     rank: usize,
     counts: Vec<usize>,
     offset: usize,
-    host: HostOffload,
+    state: ShardState,
+}
+
+#[derive(Debug, Clone)]
+enum ShardState {
+    Device(DeviceAdam),
+    Host(HostOffload),
 }
 
 impl ShardedAdam {
-    /// This rank's shard of `model`'s parameters, with zeroed moments. `counts` holds one count
-    /// per rank (the same on every rank) and covers every parameter; `model` must be the replica
-    /// [`crate::DataParallel::wrap`] returned, so every rank starts from the same values.
+    /// This rank's shard of `model`'s parameters, with zeroed moments kept at `place`. `counts`
+    /// holds one count per rank (the same on every rank) and covers every parameter; `model`
+    /// must be the replica [`crate::DataParallel::wrap`] returned, so every rank starts from the
+    /// same values.
     ///
     /// # Errors
     /// [`DdpError::Shards`] when `counts` has no entry for `rank` or does not add up to the
-    /// model's parameters; [`DdpError::Offload`] when host RAM cannot hold the shard's state.
+    /// model's parameters; [`DdpError::Offload`] when host RAM cannot hold a host shard's state.
     pub fn new<M: Module>(
         model: &M,
         rank: usize,
         counts: Vec<usize>,
         config: HostAdamConfig,
+        place: ShardPlace,
     ) -> Result<Self, DdpError> {
-        let all = flatten_params(model);
+        let params = model.num_params();
         let total: usize = counts.iter().sum();
-        if rank >= counts.len() || total != all.len() {
+        if rank >= counts.len() || total != params {
             return Err(DdpError::Shards {
                 reason: format!(
-                    "{} shards of {total} parameters in all for rank {rank} of a model with {} parameters",
+                    "{} shards of {total} parameters in all for rank {rank} of a model with {params} parameters",
                     counts.len(),
-                    all.len()
                 ),
             });
         }
         let offset: usize = counts[..rank].iter().sum();
-        let master = all[offset..offset + counts[rank]].to_vec();
-        let host = HostOffload::from_values(master, config, Path::new("/"))?;
+        let len = counts[rank];
+        let state = match place {
+            ShardPlace::Device => ShardState::Device(DeviceAdam::new(len, config, &model_device(model))),
+            ShardPlace::Host => {
+                let master = flatten_params(model)[offset..offset + len].to_vec();
+                ShardState::Host(HostOffload::from_values(master, config, Path::new("/"))?)
+            }
+        };
         Ok(Self {
             rank,
             counts,
             offset,
-            host,
+            state,
         })
     }
 
@@ -93,28 +124,209 @@ impl ShardedAdam {
         self.offset
     }
 
-    /// One Adam step of this rank's shard with its averaged gradient; returns the updated values.
+    /// Parameters in this rank's shard.
+    pub fn len(&self) -> usize {
+        self.counts[self.rank]
+    }
+
+    /// Whether this rank's shard is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Where this rank keeps its shard's state.
+    pub fn place(&self) -> ShardPlace {
+        match self.state {
+            ShardState::Device(_) => ShardPlace::Device,
+            ShardState::Host(_) => ShardPlace::Host,
+        }
+    }
+
+    /// One Adam step of this rank's shard of `model` with its averaged gradient (host values,
+    /// as the reduce-scatter leaves them); returns the shard's updated values for the
+    /// all-gather. The bytes copied between device and host are added to `traffic`.
+    ///
+    /// # Errors
+    /// [`DdpError::Tensor`] when the device cannot give the updated values back.
     ///
     /// # Panics
     /// If `grads` is not as long as this rank's shard.
-    pub fn step(&mut self, grads: &[f32], lr: f32) -> &[f32] {
-        self.host.step(grads, lr)
+    pub fn step<M: Module>(
+        &mut self,
+        model: &M,
+        grads: Vec<f32>,
+        lr: f32,
+        traffic: &mut Traffic,
+    ) -> Result<Vec<f32>, DdpError> {
+        assert_eq!(grads.len(), self.len(), "gradient count differs from the shard");
+        match &mut self.state {
+            ShardState::Host(host) => Ok(host.step(&grads, lr).to_vec()),
+            ShardState::Device(adam) => {
+                let Some(values) = params_range(model, self.offset..self.offset + grads.len()) else {
+                    return Ok(Vec::new());
+                };
+                traffic.to_device += 4 * grads.len() as u64;
+                let updated = adam.step(values, grads, lr);
+                let data = updated.try_into_data().map_err(|e| DdpError::Tensor {
+                    path: "the updated optimizer shard".into(),
+                    message: format!("{e:?}"),
+                })?;
+                let values = data.try_into_vec::<f32>().map_err(|e| DdpError::Tensor {
+                    path: "the updated optimizer shard".into(),
+                    message: format!("{e:?}"),
+                })?;
+                traffic.to_host += 4 * values.len() as u64;
+                Ok(values)
+            }
+        }
     }
 
-    /// The shard's host optimizer: its Adam state (`adam`, `adam_mut`) and bytes held.
-    pub fn host(&self) -> &HostOffload {
-        &self.host
-    }
-
-    /// The shard's host optimizer, to restore its Adam state.
-    pub fn host_mut(&mut self) -> &mut HostOffload {
-        &mut self.host
-    }
-
-    /// Bytes this rank holds for its shard: Adam's two moments and the master values (12 per
-    /// parameter of the shard).
+    /// Bytes of optimizer state this rank holds for its shard: Adam's two moments (8 per
+    /// parameter), plus the master values of a host shard (4 more).
     pub fn state_bytes(&self) -> u64 {
-        self.host.host_bytes()
+        match &self.state {
+            ShardState::Device(adam) => adam.state_bytes(),
+            ShardState::Host(host) => host.host_bytes(),
+        }
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> i32 {
+        match &self.state {
+            ShardState::Device(adam) => adam.t,
+            ShardState::Host(host) => host.adam().steps(),
+        }
+    }
+
+    /// This rank's moments, read to the host (for a checkpoint: every rank's moments, all-
+    /// gathered in rank order, are the whole model's).
+    ///
+    /// # Errors
+    /// [`DdpError::Tensor`] when the device cannot give them back.
+    pub fn moments(&self) -> Result<(Vec<f32>, Vec<f32>), DdpError> {
+        match &self.state {
+            ShardState::Host(host) => {
+                let (m, v) = host.adam().moments();
+                Ok((m.to_vec(), v.to_vec()))
+            }
+            ShardState::Device(adam) => Ok((read(&adam.m, "m")?, read(&adam.v, "v")?)),
+        }
+    }
+
+    /// Restores this rank's shard from the whole model's saved moments (saved by any number of
+    /// ranks: the shard is cut out of them here).
+    ///
+    /// # Errors
+    /// [`DdpError::Shards`] when `saved` does not hold one moment per parameter.
+    pub fn restore(&mut self, saved: &AdamMoments) -> Result<(), DdpError> {
+        let total: usize = self.counts.iter().sum();
+        if saved.m.len() != total || saved.v.len() != total {
+            return Err(DdpError::Shards {
+                reason: format!(
+                    "the saved Adam state holds {} and {} moments for a model of {total} parameters",
+                    saved.m.len(),
+                    saved.v.len()
+                ),
+            });
+        }
+        let range = self.offset..self.offset + self.len();
+        let (m, v) = (saved.m[range.clone()].to_vec(), saved.v[range].to_vec());
+        match &mut self.state {
+            ShardState::Host(host) => host
+                .adam_mut()
+                .restore(m, v, saved.t)
+                .map_err(|reason| DdpError::Shards { reason }),
+            ShardState::Device(adam) => {
+                adam.restore(m, v, saved.t);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Reads a moment tensor to the host (empty for an empty shard).
+fn read(t: &Option<Tensor<1>>, name: &str) -> Result<Vec<f32>, DdpError> {
+    let Some(t) = t else { return Ok(Vec::new()) };
+    let err = |message: String| DdpError::Tensor {
+        path: format!("the optimizer shard's moment {name}"),
+        message,
+    };
+    t.clone()
+        .try_into_data()
+        .map_err(|e| err(format!("{e:?}")))?
+        .try_into_vec::<f32>()
+        .map_err(|e| err(format!("{e:?}")))
+}
+
+/// Adam's moments for one shard as tensors on the model's device, updated with tensor
+/// operations in [`crate::offload::HostAdam`]'s order of operations (burn's).
+#[derive(Debug, Clone)]
+struct DeviceAdam {
+    config: HostAdamConfig,
+    device: Device,
+    len: usize,
+    /// `None` for an empty shard.
+    m: Option<Tensor<1>>,
+    v: Option<Tensor<1>>,
+    t: i32,
+}
+
+impl DeviceAdam {
+    fn new(len: usize, config: HostAdamConfig, device: &Device) -> Self {
+        let zeros = || (len > 0).then(|| Tensor::<1>::zeros([len], device));
+        Self {
+            config,
+            device: device.clone(),
+            len,
+            m: zeros(),
+            v: zeros(),
+            t: 0,
+        }
+    }
+
+    fn state_bytes(&self) -> u64 {
+        8 * self.len as u64
+    }
+
+    fn restore(&mut self, m: Vec<f32>, v: Vec<f32>, t: i32) {
+        let n = self.len;
+        let upload = |values: Vec<f32>| (n > 0).then(|| Tensor::from_data(TensorData::new(values, [n]), &self.device));
+        self.m = upload(m);
+        self.v = upload(v);
+        self.t = t;
+    }
+
+    /// One step of `p` (the shard's values, on the device) with the gradient `g`; returns the
+    /// new values.
+    fn step(&mut self, p: Tensor<1>, g: Vec<f32>, lr: f32) -> Tensor<1> {
+        let c = self.config;
+        self.t += 1;
+        let bc2 = (1.0 - c.beta_2.powi(self.t)).sqrt();
+        let factor = bc2 / (1.0 - c.beta_1.powi(self.t));
+        let eps = c.epsilon * bc2;
+        let mut p = p;
+        let mut g = Tensor::<1>::from_data(TensorData::new(g, [self.len]), &self.device);
+        if c.weight_decay != 0.0 {
+            if c.decoupled {
+                p = p.clone() - p.mul_scalar(lr * c.weight_decay);
+            } else {
+                // burn: θ·λ + g.
+                g = g + p.clone().mul_scalar(c.weight_decay);
+            }
+        }
+        let g2 = g.clone() * g.clone();
+        // burn starts the moments from the first gradient.
+        let (m, v) = match (self.m.take(), self.v.take()) {
+            (Some(m), Some(v)) if self.t > 1 => (
+                m.mul_scalar(c.beta_1) + g.mul_scalar(1.0 - c.beta_1),
+                v.mul_scalar(c.beta_2) + g2.mul_scalar(1.0 - c.beta_2),
+            ),
+            _ => (g.mul_scalar(1.0 - c.beta_1), g2.mul_scalar(1.0 - c.beta_2)),
+        };
+        let delta = (m.clone().mul_scalar(factor) / v.clone().sqrt().add_scalar(eps)).mul_scalar(lr);
+        self.m = Some(m);
+        self.v = Some(v);
+        p - delta
     }
 }
 

@@ -329,6 +329,9 @@ pub struct Case {
     /// [`crate::sharded::ShardedAdam`], Adam only, weight decay from [`Case::weight_decay`]);
     /// empty: every rank holds the whole state.
     pub shards: Vec<f64>,
+    /// Ranks that keep their shard of the optimizer state in host memory (the host Adam)
+    /// instead of on their device; the others keep it on the device.
+    pub host_shards: Vec<usize>,
     /// Replace the model's random initial parameters with values drawn from this seed (uniform
     /// in ±0.25) before the first broadcast, so that separate runs start from the same point;
     /// `None`: burn's random initialisation, which differs from run to run.
@@ -352,6 +355,7 @@ impl Case {
             devices: Vec::new(),
             bucket_cap_bytes: None,
             shards: Vec::new(),
+            host_shards: Vec::new(),
             init_seed: None,
         }
     }
@@ -409,6 +413,9 @@ impl Case {
         }
         if !self.shards.is_empty() {
             label.push_str(&format!("/sharded {:?}", self.shards));
+        }
+        if !self.host_shards.is_empty() {
+            label.push_str(&format!("/host shards {:?}", self.host_shards));
         }
         if self.weight_decay != 0.0 {
             label.push_str(&format!("/decay {}", self.weight_decay));
@@ -487,7 +494,12 @@ fn run_ddp_with<M: Regressor>(
         None
     } else {
         let counts = crate::sharded::shard_counts(initial.len(), &case.shards)?;
-        Some(crate::sharded::ShardedAdam::new(&model, rank, counts, config)?)
+        let place = if case.host_shards.contains(&rank) {
+            crate::sharded::ShardPlace::Host
+        } else {
+            crate::sharded::ShardPlace::Device
+        };
+        Some(crate::sharded::ShardedAdam::new(&model, rank, counts, config, place)?)
     };
     let sampler = GlobalSampler::new(data.len(), case.global_batch(), case.seed).expect("non-empty case");
     let mut outcome = Outcome {
@@ -666,8 +678,8 @@ pub fn three_rank_cases() -> Vec<Case> {
 }
 
 /// The sharded-optimizer cases for three ranks: Adam on both models, with and without weight
-/// decay, the state sharded 60/30/10 % and 70/30/0 % (a rank without a shard), shares 5/2/1,
-/// 50 steps each.
+/// decay, the state sharded 60/30/10 % and 70/30/0 % (a rank without a shard) on the devices,
+/// and 60/30/10 % with rank 1's shard in host memory; shares 5/2/1, 50 steps each.
 pub fn sharded_cases() -> Vec<Case> {
     let mut cases = Vec::new();
     for model in [ModelKind::Mlp, ModelKind::Conv] {
@@ -680,6 +692,12 @@ pub fn sharded_cases() -> Vec<Case> {
                 cases.push(case);
             }
         }
+        let mut host = Case::new(model, OptimKind::Adam, &[5, 2, 1], &[3, 2, 1]);
+        host.steps = 50;
+        host.weight_decay = 0.01;
+        host.shards = vec![6.0, 3.0, 1.0];
+        host.host_shards = vec![1];
+        cases.push(host);
     }
     cases
 }

@@ -7,7 +7,7 @@ mod common;
 use ballast::{
     collectives::{conformance, local, CommOptions},
     offload::HostAdamConfig,
-    sharded::{shard_counts, ShardedAdam},
+    sharded::{shard_counts, ShardPlace, ShardedAdam},
     testing::{run_ddp, sharded_cases, Case, Mlp, ModelKind, OptimKind, Regressor},
     DataParallel, DdpError, DdpOptions,
 };
@@ -41,7 +41,9 @@ fn sharded_adam_under_mpirun_equals_one_device() {
 }
 
 /// On threads every sum is taken in rank order, so sharding changes nothing but where each
-/// update is computed: the sharded run ends bit for bit where the replicated host Adam does.
+/// update is computed: the sharded run ends bit for bit where the replicated host Adam does,
+/// with every shard on the host and with every shard on its device (the device update follows
+/// the host Adam's order of operations).
 #[test]
 fn sharded_state_ends_where_replicated_state_does_bit_for_bit() {
     let run = |case: &Case| {
@@ -58,14 +60,18 @@ fn sharded_state_ends_where_replicated_state_does_bit_for_bit() {
         replicated.weight_decay = 0.01;
         replicated.offload = true;
         replicated.init_seed = Some(11);
-        let mut sharded = replicated.clone();
-        sharded.offload = false;
-        sharded.shards = vec![6.0, 3.0, 1.0];
-        let (a, b) = (run(&replicated), run(&sharded));
-        assert_eq!(a.initial, b.initial);
-        assert_eq!(a.params, b.params, "{model:?}");
-        assert_eq!(a.losses, b.losses, "{model:?}");
-        assert!(b.collectives.iter().all(|&c| c == 3), "{:?}", b.collectives);
+        let a = run(&replicated);
+        for host_shards in [vec![0, 1, 2], vec![]] {
+            let mut sharded = replicated.clone();
+            sharded.offload = false;
+            sharded.shards = vec![6.0, 3.0, 1.0];
+            sharded.host_shards = host_shards.clone();
+            let b = run(&sharded);
+            assert_eq!(a.initial, b.initial);
+            assert_eq!(a.params, b.params, "{model:?}, host shards {host_shards:?}");
+            assert_eq!(a.losses, b.losses, "{model:?}, host shards {host_shards:?}");
+            assert!(b.collectives.iter().all(|&c| c == 3), "{:?}", b.collectives);
+        }
     }
 }
 
@@ -76,7 +82,7 @@ fn sharded_layouts_that_do_not_fit_are_clear_errors() {
     let device = Device::flex().autodiff();
     let model = Mlp::init(&device);
     let n = ballast::params::flatten_params(&model).len();
-    let err = ShardedAdam::new(&model, 0, vec![n - 1, 0], HostAdamConfig::default()).unwrap_err();
+    let err = ShardedAdam::new(&model, 0, vec![n - 1, 0], HostAdamConfig::default(), ShardPlace::Device).unwrap_err();
     assert!(matches!(err, DdpError::Shards { .. }), "{err}");
     assert!(
         err.to_string().contains(&format!(
@@ -91,7 +97,7 @@ fn sharded_layouts_that_do_not_fit_are_clear_errors() {
         let (mut ddp, model) = DataParallel::wrap(Box::new(comm), Mlp::init(&device), DdpOptions::default()).unwrap();
         let counts = shard_counts(ddp.param_count(), &[1.0, 1.0]).unwrap();
         // Both ranks build rank 0's shard: rank 1's is refused before its first collective.
-        let mut shard = ShardedAdam::new(&model, 0, counts, HostAdamConfig::default()).unwrap();
+        let mut shard = ShardedAdam::new(&model, 0, counts, HostAdamConfig::default(), ShardPlace::Device).unwrap();
         let before = ddp.comm().collectives_started();
         let outcome = ddp.finish_step_sharded(model, &mut shard, 1e-3).map(drop);
         (ddp.comm().rank(), before, outcome)
