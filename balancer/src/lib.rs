@@ -23,7 +23,7 @@ mod shard;
 mod solve;
 
 pub use rebalance::Rebalancer;
-pub use shard::{solve_sharded, OptimizerState, ShardedPlan, Sharding};
+pub use shard::{solve_sharded, solve_with_shards, OptimizerState, ShardedPlan, Sharding};
 pub use solve::{
     cap_with_offload, compute_groups, memory_cap, micro_batch_schedule, operating_point, solve, speed_at, DeviceReport,
     MicroBatchPolicy, OffloadPolicy, Plan, RankAssignment, SpeedPoint, Tunables,

@@ -28,7 +28,8 @@ use burn::{
 };
 
 use ballast_balancer::{
-    solve, split_proportional, DeviceReport, Plan, RankAssignment, RankPlan, Rebalancer, SpeedPoint, Tunables,
+    solve, solve_sharded, solve_with_shards, split_proportional, DeviceReport, OptimizerState, Plan, RankAssignment,
+    RankPlan, Rebalancer, ShardedPlan, Sharding, SpeedPoint, Tunables,
 };
 use ballast_collectives::CommunicatorExt;
 
@@ -36,6 +37,7 @@ use crate::{
     ddp::{DataParallel, DdpError, StepStats},
     memory::{self, DeviceMeter},
     sampler::split_batch,
+    sharded::{ShardPlace, ShardedAdam},
 };
 
 /// Errors of balanced training.
@@ -140,6 +142,17 @@ pub struct BalanceOptions {
     /// Run the optimizer on the host (the fast host Adam) on every rank, whether or not a
     /// device needs its state offloaded: its state can then be checkpointed exactly.
     pub host_optimizer: bool,
+    /// Where the optimizer state lives. `Off` (default): whole on every rank (burn's optimizer,
+    /// or the host Adam with `host_optimizer` or when a rank offloads). `Even` and `Memory`: one
+    /// shard per rank ([`crate::sharded::ShardedAdam`], Adam), each on its device, where it
+    /// counts against the budget (`optimizer_bytes_per_param` per parameter), unless the plan
+    /// moves that rank's shard to its host.
+    pub optimizer_sharding: Sharding,
+    /// Shards to keep instead of planning them (a resumed run's, saved with its checkpoint, so
+    /// that it continues bit for bit); used only when they cover this model on this world.
+    pub shard_counts: Option<Vec<usize>>,
+    /// Hyper-parameters of the sharded Adam.
+    pub adam: crate::offload::HostAdamConfig,
 }
 
 impl Default for BalanceOptions {
@@ -159,6 +172,9 @@ impl Default for BalanceOptions {
             proc_root: std::path::PathBuf::from("/"),
             shared_heap: false,
             host_optimizer: false,
+            optimizer_sharding: Sharding::Off,
+            shard_counts: None,
+            adam: crate::offload::HostAdamConfig::default(),
         }
     }
 }
@@ -211,6 +227,18 @@ pub struct Balancer {
     plan_changes: Vec<u64>,
     swap: crate::offload::SwapMonitor,
     host: Option<crate::offload::HostOffload>,
+    sharded: Option<Sharded>,
+}
+
+/// The optimizer state cut over the ranks: the placement every rank agreed on and this rank's
+/// shard.
+#[derive(Debug, Clone)]
+struct Sharded {
+    plan: ShardedPlan,
+    adam: ShardedAdam,
+    /// Bytes the shard's state took when it was allocated, as the device meter saw them
+    /// (`None` on a shared heap, which cannot tell ranks apart).
+    measured_bytes: Option<u64>,
 }
 
 /// One probe measurement.
@@ -287,13 +315,40 @@ impl Balancer {
                 p.seconds = p.samples as f64 / speed;
             }
         }
-        let mut report = report_from_probes(&points, params, &options);
+        let sharding = options.optimizer_sharding;
+        // Sharded state is placed by the planner (solve_sharded), not added whole to each device.
+        let stateless = BalanceOptions {
+            optimizer_bytes_per_param: 0,
+            ..options.clone()
+        };
+        let mut report = report_from_probes(
+            &points,
+            params,
+            if sharding == Sharding::Off {
+                &options
+            } else {
+                &stateless
+            },
+        );
         // CPU ranks pinned to the same cores share them (ranks as threads stand for separate
         // simulated devices; GPU ranks each have their own device).
         if !options.shared_heap && !meter.reads_pool() && simulated.is_none() {
             report.compute_group = ballast_cluster::cpu_affinity().map(|cpus| format!("{}:cpus {cpus}", report.host));
         }
-        let reports: Vec<DeviceReport> = ddp.comm().all_gather(&report)?;
+        let mut reports: Vec<DeviceReport> = ddp.comm().all_gather(&report)?;
+        let sharded_plan = match sharding {
+            Sharding::Off => None,
+            _ => {
+                let placed = place_shards(&reports, global_batch, params, &options)?;
+                // From here on each device's report carries its own shard, so every later plan
+                // (rebalancing, out-of-memory caps) keeps room for it.
+                for (r, &c) in reports.iter_mut().zip(&placed.counts) {
+                    r.fixed_bytes += c * options.optimizer_bytes_per_param;
+                    r.offloadable_bytes = c * options.optimizer_bytes_per_param;
+                }
+                Some(placed)
+            }
+        };
         let world = reports.len();
         let mut balancer = Self {
             plan: Plan {
@@ -311,10 +366,15 @@ impl Balancer {
             plan_changes: Vec::new(),
             swap: crate::offload::SwapMonitor::new(&options.proc_root),
             host: None,
+            sharded: None,
             options,
         };
         balancer.swap.poll();
         balancer.plan = balancer.initial_plan(global_batch)?;
+        if let Some(placed) = sharded_plan {
+            balancer.start_shard(ddp.rank(), model, placed)?;
+            return Ok(balancer);
+        }
         // If any rank keeps its optimizer state on the host, every rank runs the host Adam: the
         // replicas must apply bit-identical updates, and burn's Adam rounds differently.
         if balancer.options.host_optimizer || balancer.plan.ranks.iter().any(|r| r.offload) {
@@ -328,6 +388,29 @@ impl Balancer {
             balancer.host = Some(host);
         }
         Ok(balancer)
+    }
+
+    /// Allocates this rank's shard where `placed` (and the first plan, which may move a shard
+    /// that does not fit beside a sample) puts it, measuring the bytes it takes.
+    fn start_shard<M: Module>(&mut self, rank: usize, model: &M, placed: ShardedPlan) -> Result<(), BalanceError> {
+        let place = if placed.on_host[rank] || self.plan.ranks[rank].offload {
+            ShardPlace::Host
+        } else {
+            ShardPlace::Device
+        };
+        let counts: Vec<usize> = placed.counts.iter().map(|&c| c as usize).collect();
+        let before = self.meter.in_use();
+        let adam = ShardedAdam::new(model, rank, counts, self.options.adam, place)?;
+        let measured = self.meter.in_use().saturating_sub(before);
+        if place == ShardPlace::Host {
+            self.meter.exclude(adam.state_bytes());
+        }
+        self.sharded = Some(Sharded {
+            plan: placed,
+            adam,
+            measured_bytes: (!self.options.shared_heap).then_some(measured),
+        });
+        Ok(())
     }
 
     fn initial_plan(&self, global_batch: usize) -> Result<Plan, BalanceError> {
@@ -398,6 +481,7 @@ impl Balancer {
             plan_changes: Vec::new(),
             swap: self.swap.clone(),
             host: self.host.clone(),
+            sharded: self.sharded.clone(),
         };
         other.plan = other.initial_plan(self.plan.global_batch)?;
         Ok(other)
@@ -434,6 +518,28 @@ impl Balancer {
             self.plan = plan;
         }
         fits
+    }
+
+    /// The placement of the sharded optimizer state every rank agreed on (`None` when the state
+    /// is not sharded).
+    pub fn shard_plan(&self) -> Option<&ShardedPlan> {
+        self.sharded.as_ref().map(|s| &s.plan)
+    }
+
+    /// This rank's shard of the optimizer state, when it is sharded.
+    pub fn shard(&self) -> Option<&ShardedAdam> {
+        self.sharded.as_ref().map(|s| &s.adam)
+    }
+
+    /// This rank's shard, to restore its state on resume.
+    pub fn shard_mut(&mut self) -> Option<&mut ShardedAdam> {
+        self.sharded.as_mut().map(|s| &mut s.adam)
+    }
+
+    /// Bytes this rank's shard took on its device (or host) when it was allocated, as measured
+    /// (`None` on a shared heap or without sharding).
+    pub fn shard_measured_bytes(&self) -> Option<u64> {
+        self.sharded.as_ref().and_then(|s| s.measured_bytes)
     }
 
     /// The host optimizer, when one runs.
@@ -593,9 +699,10 @@ impl Balancer {
         if pool && !check {
             peak_bytes = self.meter.peak();
         }
-        let (model, stats) = match self.host.as_mut() {
-            Some(host) => ddp.finish_step_offloaded(model, host, lr)?,
-            None => ddp.finish_step(model, optim, lr)?,
+        let (model, stats) = match (self.host.as_mut(), self.sharded.as_mut()) {
+            (Some(host), _) => ddp.finish_step_offloaded(model, host, lr)?,
+            (None, Some(sharded)) => ddp.finish_step_sharded(model, &mut sharded.adam, lr)?,
+            (None, None) => ddp.finish_step(model, optim, lr)?,
         };
         // Caps lowered by out-of-memory retries, agreed through the all-reduce.
         let mut plan_changed = false;
@@ -716,6 +823,27 @@ pub fn plan_table(plan: &Plan, reports: &[DeviceReport]) -> String {
         plan.predicted_step_s,
         plan.global_batch as f64 / plan.predicted_step_s.max(1e-12)
     );
+    out
+}
+
+/// One line per rank: the parameters whose optimizer state it holds, their share of the model,
+/// the bytes (`bytes_per_param` each) and whether they live in device or host memory.
+pub fn shard_table(plan: &ShardedPlan, bytes_per_param: u64) -> String {
+    use std::fmt::Write;
+    let params: u64 = match plan.sharding {
+        Sharding::Off => plan.counts.first().copied().unwrap_or(0),
+        _ => plan.counts.iter().sum(),
+    };
+    let mut out = String::new();
+    for (i, (&count, &host)) in plan.counts.iter().zip(&plan.on_host).enumerate() {
+        let _ = writeln!(
+            out,
+            "rank {i}: optimizer state for {count} parameters ({:.1} %), {} in {} memory",
+            100.0 * count as f64 / params.max(1) as f64,
+            human_bytes(count * bytes_per_param),
+            if host { "host" } else { "device" }
+        );
+    }
     out
 }
 
@@ -964,6 +1092,37 @@ fn assignment(report: &DeviceReport, share: usize, cap: usize, t: &Tunables) -> 
 /// gradient to an `f32` sum on the device): they exist from the first micro-batch of a step to
 /// its all-reduce, and the probes, which run forward and backward alone, never see them.
 pub const GRADIENT_SUM_BYTES_PER_PARAM: u64 = 4;
+
+/// Cuts the optimizer state of `params` parameters over the ranks of `reports` (stateless) as
+/// `options` ask: the saved shards when they fit, else the planner's.
+fn place_shards(
+    reports: &[DeviceReport],
+    global_batch: usize,
+    params: u64,
+    options: &BalanceOptions,
+) -> Result<ShardedPlan, BalanceError> {
+    let state = OptimizerState {
+        bytes_per_param: options.optimizer_bytes_per_param,
+        ..OptimizerState::adam(params)
+    };
+    let t = &options.tunables;
+    let saved = options
+        .shard_counts
+        .as_ref()
+        .filter(|c| c.len() == reports.len() && c.iter().sum::<usize>() as u64 == params);
+    Ok(match saved {
+        Some(counts) => solve_with_shards(
+            reports,
+            global_batch,
+            0.0,
+            t,
+            &state,
+            options.optimizer_sharding,
+            counts.iter().map(|&c| c as u64).collect(),
+        )?,
+        None => solve_sharded(reports, global_batch, 0.0, t, &state, options.optimizer_sharding)?,
+    })
+}
 
 /// A device report from probe measurements: least-squares line through (samples, peak), plus
 /// optimizer state that does not exist yet; the probes' speeds as the device's speed curve, and

@@ -149,6 +149,10 @@ pub struct TrainState {
     /// The plan in force when saved (informational: a resume re-plans).
     #[serde(default)]
     pub plan: Option<serde_json::Value>,
+    /// Parameters whose optimizer state each rank held, when it was sharded (a resume on as
+    /// many ranks keeps them; on another number of ranks the state is cut anew).
+    #[serde(default)]
+    pub shards: Option<Vec<usize>>,
 }
 
 impl TrainState {
@@ -193,6 +197,35 @@ pub struct AdamMoments {
     pub v: Vec<f32>,
     /// Steps taken.
     pub t: i32,
+}
+
+/// Adam's state to write: the whole model's moments, flat in model order, and the steps taken
+/// (from a [`HostAdam`], or gathered from the ranks' shards).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamView<'a> {
+    /// First moments.
+    pub m: &'a [f32],
+    /// Second moments.
+    pub v: &'a [f32],
+    /// Steps taken.
+    pub t: i32,
+}
+
+impl<'a> From<&'a HostAdam> for AdamView<'a> {
+    fn from(adam: &'a HostAdam) -> Self {
+        let (m, v) = adam.moments();
+        Self { m, v, t: adam.steps() }
+    }
+}
+
+impl<'a> From<&'a AdamMoments> for AdamView<'a> {
+    fn from(adam: &'a AdamMoments) -> Self {
+        Self {
+            m: &adam.m,
+            v: &adam.v,
+            t: adam.t,
+        }
+    }
 }
 
 /// A checkpoint read into memory.
@@ -288,7 +321,7 @@ impl Checkpointer {
     ///
     /// # Errors
     /// IO errors, with the path.
-    pub fn save<M: Module>(&self, model: &M, adam: Option<&HostAdam>, state: &TrainState) -> Result<PathBuf> {
+    pub fn save<M: Module>(&self, model: &M, adam: Option<AdamView<'_>>, state: &TrainState) -> Result<PathBuf> {
         let bytes = encode(model, adam, state).map_err(|reason| CheckpointError::Malformed {
             path: self.path_for(state.step),
             reason,
@@ -401,9 +434,19 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
 /// When a view cannot be built (never for consistent inputs).
 pub fn encode<M: Module>(
     model: &M,
-    adam: Option<&HostAdam>,
+    adam: Option<AdamView<'_>>,
     state: &TrainState,
 ) -> std::result::Result<Vec<u8>, String> {
+    if let Some(adam) = adam {
+        let n = model.num_params();
+        if adam.m.len() != n || adam.v.len() != n {
+            return Err(format!(
+                "the Adam state holds {} and {} moments for a model of {n} parameters",
+                adam.m.len(),
+                adam.v.len()
+            ));
+        }
+    }
     let slots = collect_params(model);
     let flat = flatten_params(model);
     let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -415,8 +458,7 @@ pub fn encode<M: Module>(
             slot.dims.clone(),
             f32_bytes(&flat[offset..offset + n]),
         ));
-        if let Some(adam) = adam {
-            let (m, v) = adam.moments();
+        if let Some(AdamView { m, v, .. }) = adam {
             named.push((
                 format!("optim.adam.m.{}", slot.path),
                 slot.dims.clone(),
@@ -447,7 +489,7 @@ pub fn encode<M: Module>(
         "params".to_string(),
         serde_json::to_string(&paths).map_err(|e| e.to_string())?,
     );
-    meta.insert("adam_steps".to_string(), adam.map_or(-1, HostAdam::steps).to_string());
+    meta.insert("adam_steps".to_string(), adam.map_or(-1, |a| a.t).to_string());
     meta.insert("checksum".to_string(), format!("xxh3:{:016x}", hasher.digest()));
     let views: Vec<(String, TensorView<'_>)> = named
         .iter()

@@ -99,6 +99,12 @@ pub struct TrainArgs {
     /// that fits its memory) or `largest` (fills the memory budget) [default: fastest].
     #[arg(long, value_name = "fastest|largest")]
     pub micro_batch: Option<String>,
+    /// Where Adam's state lives: `memory` (one shard per rank, sized by the memory each device
+    /// has left, on the devices; a device that cannot hold even its shard keeps it in host
+    /// memory), `even` (equal shards) or `off` (the whole state on every rank, updated by the
+    /// host Adam) [default: memory].
+    #[arg(long, value_name = "off|even|memory")]
+    pub optimizer_sharding: Option<String>,
     /// Held-out data to evaluate on (the job's --help says which format: CIFAR-10
     /// `test_batch.bin`, or a text file); never trained on.
     #[arg(long, value_name = "PATH", conflicts_with = "eval_fraction")]
@@ -210,6 +216,8 @@ pub struct Settings {
     pub equal_start: bool,
     /// How each device's micro-batch is chosen within its memory.
     pub micro_batch_policy: ballast_balancer::MicroBatchPolicy,
+    /// Where the optimizer state lives.
+    pub optimizer_sharding: ballast_balancer::Sharding,
     /// Held-out data file or directory.
     pub eval_data: Option<PathBuf>,
     /// Fraction of the training data to hold out (validated: strictly between 0 and 1).
@@ -450,6 +458,12 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
             None | Some("fastest") => ballast_balancer::MicroBatchPolicy::Fastest,
             Some("largest") => ballast_balancer::MicroBatchPolicy::Largest,
             Some(other) => bail!("--micro-batch is {other:?}; use `fastest` or `largest`"),
+        },
+        optimizer_sharding: match pick!(optimizer_sharding) {
+            None => ballast_balancer::Sharding::Memory,
+            Some(text) => text
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--optimizer-sharding: {e}"))?,
         },
         eval_data,
         eval_fraction,

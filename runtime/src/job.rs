@@ -15,16 +15,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ballast_balancer::Sharding;
 use ballast_cluster::Launch;
 use ballast_collectives::{local, CommOptions, Communicator, CommunicatorExt};
 
 use crate::{
-    balance::{plan_table, BalanceError, BalanceOptions, Balancer},
+    balance::{plan_table, shard_table, BalanceError, BalanceOptions, Balancer},
     checkpoint::{self, CheckpointError, Checkpointer, TrainState},
     eval::{EvalBatch, EvalError, EvalKind, EvalTotals},
     memory::DeviceMeter,
     metrics::MetricsWriter,
     sampler::SamplerError,
+    sharded::ShardPlace,
     world::WorldError,
     DataParallel, DdpError, DdpOptions, GlobalSampler,
 };
@@ -269,6 +271,9 @@ pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Su
     summary.ok_or(JobError::NoRank)
 }
 
+/// Adam's state per parameter on the device when it is sharded: two f32 moments.
+const ADAM_BYTES_PER_PARAM: u64 = 8;
+
 /// The slowest write a barrier behind rank 0's save allows for, in bytes per second: a
 /// multi-gigabyte checkpoint on a slow disk must not trip the collective timeout.
 const SLOWEST_WRITE_BYTES_PER_S: f64 = 20e6;
@@ -314,15 +319,7 @@ fn rank_main<T: Task>(
     let mut loss_fn = |m: &T::Model, idx: &[usize]| task.loss(m, idx, &device);
     let mut balancer = plan_devices(&mut ddp, &start, task, s, steps, threads, meter, &mut loss_fn)?;
     if let Some((path, saved)) = start.optimizer {
-        // The host Adam runs on every rank (`host_optimizer`); its state is what checkpoints
-        // carry.
-        let host = balancer.host_mut().ok_or_else(|| JobError::OptimizerState {
-            path: path.clone(),
-            reason: "the host optimizer is not running".into(),
-        })?;
-        host.adam_mut()
-            .restore(saved.m, saved.v, saved.t)
-            .map_err(|reason| JobError::OptimizerState { path, reason })?;
+        restore_optimizer(&mut balancer, path, saved)?;
     }
     let mut out = Output::open(&mut ddp, s, threads)?;
     let train_steps = if s.eval_only { start.state.step } else { steps };
@@ -432,6 +429,44 @@ fn build_model<T: Task>(
     Ok((loaded.apply(model), step))
 }
 
+/// Puts a checkpoint's Adam state where this run keeps it: this rank's shard of it (cut out of
+/// the whole model's moments, whatever number of ranks saved them), or the host Adam that runs
+/// on every rank when the state is not sharded.
+fn restore_optimizer(balancer: &mut Balancer, path: PathBuf, saved: checkpoint::AdamMoments) -> Result<()> {
+    if let Some(shard) = balancer.shard_mut() {
+        return shard.restore(&saved).map_err(|e| JobError::OptimizerState {
+            path,
+            reason: e.to_string(),
+        });
+    }
+    let host = balancer.host_mut().ok_or_else(|| JobError::OptimizerState {
+        path: path.clone(),
+        reason: "the host optimizer is not running".into(),
+    })?;
+    host.adam_mut()
+        .restore(saved.m, saved.v, saved.t)
+        .map_err(|reason| JobError::OptimizerState { path, reason })
+}
+
+/// The whole model's Adam moments, all-gathered from every rank's shard, on rank 0 (every rank
+/// must call it; the others drop each moment as soon as the collective returns). `None` when
+/// the state is not sharded.
+fn gather_shards(comm: &mut dyn Communicator, balancer: &Balancer) -> Result<Option<checkpoint::AdamMoments>> {
+    let Some(shard) = balancer.shard() else {
+        return Ok(None);
+    };
+    let n: usize = shard.counts().iter().sum();
+    let (m, v) = shard.moments()?;
+    let mut gather = |mine: Vec<f32>| -> Result<Vec<f32>> {
+        let mut all = vec![0.0; n];
+        comm.all_gather_f32(&mine, shard.counts(), &mut all)?;
+        Ok(if comm.rank() == 0 { all } else { Vec::new() })
+    };
+    let m = gather(m)?;
+    let v = gather(v)?;
+    Ok((comm.rank() == 0).then(|| checkpoint::AdamMoments { m, v, t: shard.steps() }))
+}
+
 /// Where training starts: the model, the step, and what a resumed checkpoint carried.
 struct Start<M> {
     model: M,
@@ -440,6 +475,8 @@ struct Start<M> {
     optimizer: Option<(PathBuf, checkpoint::AdamMoments)>,
     /// The checkpoint's plan, when it was saved by a world of this size.
     plan: Option<serde_json::Value>,
+    /// The checkpoint's optimizer shards, when it was saved by a world of this size.
+    shards: Option<Vec<usize>>,
 }
 
 /// With `--resume`, every rank loads the newest complete checkpoint (rank 0 picks it, the
@@ -460,6 +497,7 @@ fn resume<M: Module>(
         world_size: world,
         job: s.job.clone(),
         plan: None,
+        shards: None,
     };
     if !s.resume {
         return Ok(Start {
@@ -467,6 +505,7 @@ fn resume<M: Module>(
             state,
             optimizer: None,
             plan: None,
+            shards: None,
         });
     }
     let cp = checkpointer.ok_or(JobError::ResumeWithoutDirectory)?;
@@ -478,9 +517,9 @@ fn resume<M: Module>(
     let loaded = checkpoint::load(&path, &model)?;
     loaded.state.check_compatible(&s.job, s.global_batch, s.seed, &path)?;
     state.step = loaded.state.step;
-    let plan = (loaded.state.world_size == world)
-        .then(|| loaded.state.plan.clone())
-        .flatten();
+    let same_world = loaded.state.world_size == world;
+    let plan = same_world.then(|| loaded.state.plan.clone()).flatten();
+    let shards = same_world.then(|| loaded.state.shards.clone()).flatten();
     if ddp.rank() == 0 {
         println!(
             "resuming from {} (step {}, saved by {} ranks, now {world})",
@@ -495,6 +534,7 @@ fn resume<M: Module>(
         state,
         optimizer,
         plan,
+        shards,
     })
 }
 
@@ -524,9 +564,16 @@ where
         rebalance: s.rebalance,
         slowdown: if threads { s.slowdown(rank) } else { 1.0 },
         shared_heap: threads,
-        host_optimizer: true,
-        // The host Adam keeps its state in host memory: none of it counts against the device.
-        optimizer_bytes_per_param: 0,
+        // Unsharded, the host Adam runs on every rank and keeps the state in host memory: none
+        // of it counts against the device. Sharded, each shard's moments live on its device.
+        host_optimizer: s.optimizer_sharding == Sharding::Off,
+        optimizer_bytes_per_param: if s.optimizer_sharding == Sharding::Off {
+            0
+        } else {
+            ADAM_BYTES_PER_PARAM
+        },
+        optimizer_sharding: s.optimizer_sharding,
+        shard_counts: start.shards.clone(),
         initial: if s.equal_start {
             crate::balance::InitialPlan::Equal
         } else {
@@ -565,6 +612,9 @@ where
             start.state.step
         );
         print!("{}", plan_table(balancer.plan(), balancer.reports()));
+        if let Some(placed) = balancer.shard_plan() {
+            print!("{}", shard_table(placed, ADAM_BYTES_PER_PARAM));
+        }
     }
     Ok(balancer)
 }
@@ -700,6 +750,10 @@ impl<T: Task> Training<'_, T> {
                 "predicted_peak_bytes": mine.predicted_peak_bytes,
                 "offload": mine.offload,
                 "oom_retries": out.oom_retries,
+                "optimizer_shard": balancer.shard().map(|s| s.len()),
+                "optimizer_on_host": balancer.shard().map(|s| s.place() == ShardPlace::Host),
+                "optimizer_state_bytes": balancer.shard().map(|s| s.state_bytes()),
+                "optimizer_state_measured_bytes": balancer.shard_measured_bytes(),
                 "plan_changed": out.plan_changed,
                 "swap_warning": out.swap_warning,
             }),
@@ -712,9 +766,15 @@ impl<T: Task> Training<'_, T> {
         if let Some(cp) = checkpointer {
             if done % s.checkpoint_every == 0 || done == self.steps {
                 // Rank 0 writes; the others wait so that nobody runs ahead of a failed save.
+                let gathered = gather_shards(ddp.comm(), balancer)?;
                 let written = if self.out.rank == 0 {
                     self.state.plan = serde_json::to_value(balancer.plan()).ok();
-                    Some(cp.save(&model, balancer.host().map(|h| h.adam()), &self.state)?)
+                    self.state.shards = balancer.shard().map(|s| s.counts().to_vec());
+                    let adam = match &gathered {
+                        Some(moments) => Some(moments.into()),
+                        None => balancer.host().map(|h| h.adam().into()),
+                    };
+                    Some(cp.save(&model, adam, &self.state)?)
                 } else {
                     None
                 };

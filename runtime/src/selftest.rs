@@ -346,8 +346,9 @@ fn checkpoint_writer(args: &Args) -> Result<ExitCode> {
             world_size: 1,
             job: "checkpoint-writer".into(),
             plan: None,
+            shards: None,
         };
-        cp.save(&model, Some(&adam), &state)?;
+        cp.save(&model, Some((&adam).into()), &state)?;
         println!("saved {step}");
         std::io::stdout().flush()?;
     }

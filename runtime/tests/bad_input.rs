@@ -404,6 +404,7 @@ fn bad_input_checkpoint_of_another_model() {
         world_size: 3,
         job: "demo".into(),
         plan: None,
+        shards: None,
     };
     cp.save(&WideMlp::with_width(8, &device), None, &state).unwrap();
     refused(

@@ -47,10 +47,11 @@ fn python_safetensors_reads_a_ballast_checkpoint() {
         world_size: 3,
         job: "python".into(),
         plan: None,
+        shards: None,
     };
     let path = Checkpointer::new(d.path(), 1)
         .unwrap()
-        .save(&model, Some(&adam), &state)
+        .save(&model, Some((&adam).into()), &state)
         .unwrap();
 
     // What ballast reads back is what Python must see.

@@ -1,5 +1,6 @@
 //! Checkpoints and resume: an interrupted run continues bit for bit on the same ranks and
-//! within 1e-5 on a different number of ranks; a writer killed mid-save never leaves a
+//! within 1e-5 on a different number of ranks, with the optimizer state sharded over the ranks
+//! (the jobs' default) and whole on every rank; a writer killed mid-save never leaves a
 //! checkpoint that is picked but cannot be loaded.
 
 mod common;
@@ -88,11 +89,34 @@ fn step40(dir: &Path, name: &str) -> PathBuf {
     dir.join(name).join("step-0000000040.safetensors")
 }
 
+/// Where the runs keep Adam's state: sharded by memory (the default), and whole on every rank.
+const SHARDINGS: &[&str] = &["memory", "off"];
+
+/// The run says how its optimizer state is kept: one line per rank when it is sharded.
+fn assert_sharding(out: &Output, sharding: &str, ranks: usize) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines = stdout.lines().filter(|l| l.contains(": optimizer state for ")).count();
+    let expected = if sharding == "off" { 0 } else { ranks };
+    assert_eq!(lines, expected, "--optimizer-sharding {sharding}\n{}", text(out));
+}
+
 #[test]
 fn resume_on_threads_is_bit_identical_and_close_on_other_ranks() {
+    for sharding in SHARDINGS {
+        resume_on_threads(sharding);
+    }
+}
+
+fn resume_on_threads(sharding: &str) {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
+    let demo = |dir: &Path, args: &[&str]| {
+        let mut all = vec!["--optimizer-sharding", sharding];
+        all.extend_from_slice(args);
+        demo(dir, &all)
+    };
     let full = demo(dir, &["--checkpoint-dir", "full"]);
+    assert_sharding(&full, sharding, 3);
     assert!(full.status.success(), "{}", text(&full));
 
     // Killed (abort) as step 21 begins: the step-20 checkpoint is the newest.
@@ -142,8 +166,11 @@ fn resume_on_threads_is_bit_identical_and_close_on_other_ranks() {
             ],
         );
         assert!(other.status.success(), "{}", text(&other));
+        assert_sharding(&other, sharding, ranks.parse().unwrap());
         let rel = max_rel_diff(&step40(dir, "full"), &step40(dir, &name));
-        println!("resumed on {ranks} ranks: max per-tensor relative difference {rel:.3e}");
+        println!(
+            "--optimizer-sharding {sharding}: resumed on {ranks} ranks: max per-tensor relative difference {rel:.3e}"
+        );
         assert!(rel <= 1e-5, "resumed on {ranks} ranks differs by {rel:e}");
     }
 }
@@ -151,16 +178,28 @@ fn resume_on_threads_is_bit_identical_and_close_on_other_ranks() {
 #[cfg(feature = "mpi")]
 #[test]
 fn resume_under_mpirun_is_bit_identical_and_close_on_other_ranks() {
+    for sharding in SHARDINGS {
+        resume_under_mpirun(sharding);
+    }
+}
+
+#[cfg(feature = "mpi")]
+fn resume_under_mpirun(sharding: &str) {
     use common::{dump, mpirun_in};
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["demo"].iter().chain(FIXED).map(|s| s.to_string()).collect();
+        let mut v: Vec<String> = ["demo", "--optimizer-sharding", sharding]
+            .iter()
+            .chain(FIXED)
+            .map(|s| s.to_string())
+            .collect();
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
     let full = mpirun_in(dir, 3, &args(&["--checkpoint-dir", "full"]), &[]);
     assert!(full.status.success(), "{}", dump(&full));
+    assert_sharding(&full, sharding, 3);
     let crashed = mpirun_in(
         dir,
         3,
@@ -186,8 +225,11 @@ fn resume_under_mpirun_is_bit_identical_and_close_on_other_ranks() {
     .unwrap();
     let other = mpirun_in(dir, 2, &args(&["--checkpoint-dir", "on2", "--resume"]), &[]);
     assert!(other.status.success(), "{}", dump(&other));
+    assert_sharding(&other, sharding, 2);
     let rel = max_rel_diff(&step40(dir, "full"), &step40(dir, "on2"));
-    println!("mpirun: resumed on 2 ranks: max per-tensor relative difference {rel:.3e}");
+    println!(
+        "mpirun, --optimizer-sharding {sharding}: resumed on 2 ranks: max per-tensor relative difference {rel:.3e}"
+    );
     assert!(rel <= 1e-5, "resumed on 2 ranks differs by {rel:e}");
 }
 

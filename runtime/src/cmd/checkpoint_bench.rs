@@ -59,9 +59,10 @@ pub fn run(args: &CheckpointArgs) -> Result<ExitCode> {
         world_size: 1,
         job: "bench".into(),
         plan: None,
+        shards: None,
     };
     let started = Instant::now();
-    let path = cp.save(&model, Some(&adam), &state)?;
+    let path = cp.save(&model, Some((&adam).into()), &state)?;
     let save_s = started.elapsed().as_secs_f64();
     let bytes = std::fs::metadata(&path)?.len();
     let (mut loads, mut reads) = (Vec::new(), Vec::new());

@@ -4,7 +4,6 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{bail, Context, Result};
 use ballast::{
-    balance::human_bytes,
     balancer::{solve_sharded, DeviceReport, OffloadPolicy, OptimizerState, Plan, ShardedPlan, Sharding, Tunables},
     cluster::parse_bytes,
 };
@@ -206,15 +205,7 @@ fn optimizer_lines(plan: &ShardedPlan, state: &OptimizerState, allreduce_s: f64)
     if state.bytes_per_param == 0 {
         return "optimizer without state (sgd): nothing to shard\n".into();
     }
-    for (i, (&count, &host)) in plan.counts.iter().zip(&plan.on_host).enumerate() {
-        let _ = writeln!(
-            out,
-            "rank {i}: optimizer state for {count} parameters ({:.1} %), {} in {} memory",
-            100.0 * count as f64 / state.params.max(1) as f64,
-            human_bytes(plan.state_bytes(i, state)),
-            if host { "host" } else { "device" }
-        );
-    }
+    out.push_str(&ballast::balance::shard_table(plan, state.bytes_per_param));
     let _ = writeln!(
         out,
         "predicted per step: compute and collectives {:.3}s (collectives {allreduce_s:.3}s, --allreduce-s), \
