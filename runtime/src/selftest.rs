@@ -67,6 +67,10 @@ struct Args {
     /// `balance`: never offload optimizer state to the host.
     #[arg(long)]
     no_offload: bool,
+    /// `balance`: where Adam's state lives: off (whole on every device), even or memory (one
+    /// shard per rank).
+    #[arg(long, default_value = "off")]
+    optimizer_sharding: String,
     /// `balance`: micro-batch per device: `fastest` measured within its memory, or `largest`
     /// (fills the memory budget).
     #[arg(long, default_value = "fastest")]
@@ -212,6 +216,8 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
         "largest" => ballast::balancer::MicroBatchPolicy::Largest,
         other => anyhow::bail!("--micro-batch {other:?}: use fastest or largest"),
     };
+    let optimizer_sharding: ballast::balancer::Sharding =
+        args.optimizer_sharding.parse().map_err(anyhow::Error::msg)?;
     let budgets: Vec<u64> = args
         .budgets
         .iter()
@@ -255,6 +261,7 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
                 rebalance: !args.no_rebalance,
                 inject_oom_at_step: inject.filter(|(r, _)| *r == rank).map(|(_, s)| s),
                 simulated_speeds: args.simulated_speeds.clone(),
+                optimizer_sharding,
                 tunables: ballast::balancer::Tunables {
                     offload: if args.no_offload {
                         ballast::balancer::OffloadPolicy::Never

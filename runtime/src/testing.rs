@@ -811,6 +811,13 @@ pub struct StepRecord {
     pub oom_retries: usize,
     /// Whether each rank keeps its optimizer state on the host.
     pub offload: Vec<bool>,
+    /// Parameters whose optimizer state each rank holds, when it is sharded (empty otherwise).
+    pub shards: Vec<u64>,
+    /// Bytes of optimizer state the plan gives this rank's shard (0 when not sharded).
+    pub planned_state_bytes: u64,
+    /// Bytes this rank's shard took on its device when it was allocated, as the meter measured
+    /// them (`None` when not sharded, or on a shared heap).
+    pub measured_state_bytes: Option<u64>,
     /// Seconds of the whole step on this rank.
     pub seconds: f64,
 }
@@ -914,6 +921,11 @@ fn balanced_steps<M: Regressor>(
             rank_compute: out.stats.rank_compute,
             oom_retries: out.oom_retries,
             offload: balancer.plan().ranks.iter().map(|r| r.offload).collect(),
+            shards: balancer.shard_plan().map(|p| p.counts.clone()).unwrap_or_default(),
+            planned_state_bytes: balancer
+                .shard_plan()
+                .map_or(0, |p| p.counts[ddp.rank()] * run.balance.optimizer_bytes_per_param),
+            measured_state_bytes: balancer.shard_measured_bytes(),
             seconds: started.elapsed().as_secs_f64(),
         });
     }

@@ -236,24 +236,8 @@ fn balance_oom_injection_recovers() {
 /// a margin of A/2 on either side for the allocator's run-to-run differences.
 #[test]
 fn balance_offload_gives_small_rank_a_share() {
-    let probe_dir = out_dir("offload-probe");
-    let probe = run_balance(
-        &["--budgets", "64MiB", "--global-batch", "96", "--steps", "1"],
-        &probe_dir,
-    );
-    let report = &probe[2]["reports"][2];
-    let (fixed, optimizer, per_sample) = (
-        u(&report["fixed_bytes"]),
-        u(&report["offloadable_bytes"]),
-        u(&report["bytes_per_sample"]),
-    );
-    assert!(
-        optimizer / 2 > 8 * per_sample,
-        "the model is too small for this test: {report}"
-    );
-    let budget = (fixed - optimizer / 2).to_string();
-    println!("measured fixed {fixed} B (optimizer state {optimizer} B), {per_sample} B/sample: budget {budget} B");
-    let budgets = format!("64MiB,64MiB,{budget}");
+    let (fixed, optimizer) = measured_fixed_bytes("offload-probe");
+    let budgets = format!("64MiB,64MiB,{}", fixed - optimizer / 2);
     let args = ["--budgets", budgets.as_str(), "--global-batch", "96", "--steps", "4"];
     let with_dir = out_dir("offload-on");
     let with = run_balance(&args, &with_dir);
@@ -277,5 +261,83 @@ fn balance_offload_gives_small_rank_a_share() {
     }
     let _ = std::fs::remove_dir_all(&with_dir);
     let _ = std::fs::remove_dir_all(&without_dir);
+}
+
+/// Rank 2's fixed bytes (Adam's state included) and the bytes of Adam's state, as a first run
+/// measured them (see [`balance_offload_gives_small_rank_a_share`]).
+fn measured_fixed_bytes(name: &str) -> (u64, u64) {
+    let probe_dir = out_dir(name);
+    let probe = run_balance(
+        &["--budgets", "64MiB", "--global-batch", "96", "--steps", "1"],
+        &probe_dir,
+    );
+    let report = &probe[2]["reports"][2];
+    let (fixed, optimizer, per_sample) = (
+        u(&report["fixed_bytes"]),
+        u(&report["offloadable_bytes"]),
+        u(&report["bytes_per_sample"]),
+    );
+    assert!(
+        optimizer / 2 > 8 * per_sample,
+        "the model is too small for this test: {report}"
+    );
+    println!("measured fixed {fixed} B (optimizer state {optimizer} B), {per_sample} B/sample");
     let _ = std::fs::remove_dir_all(&probe_dir);
+    (fixed, optimizer)
+}
+
+/// Adam's state sharded by memory where replicating it does not fit. Ranks 0 and 1 have room for
+/// their fixed bytes and twice the state beyond the 10 % margin; rank 2's budget, its fixed
+/// bytes less a quarter of the state, is below its replicated need, so the replicated plan keeps
+/// rank 2's state on the host. Sharded by
+/// memory, no rank keeps anything on the host, rank 2 takes a share, every measured peak stays
+/// within its budget, the shards cover the model (the smallest on rank 2), and each rank's
+/// shard took on its device the bytes the plan gave it, within 1 %, as the meter measured the
+/// allocation. Replicas stay identical.
+#[test]
+fn balance_sharded_state_fits_where_replicated_offloads() {
+    let (fixed, optimizer) = measured_fixed_bytes("sharded-probe");
+    let roomy = ((fixed + optimizer) as f64 / 0.9) as u64;
+    let budgets = format!("{roomy},{roomy},{}", fixed - optimizer / 4);
+    let args = ["--budgets", budgets.as_str(), "--global-batch", "96", "--steps", "4"];
+    let last = |run: &[Value], r: usize| run[r]["records"].as_array().unwrap().last().unwrap().clone();
+    let replicated_dir = out_dir("sharded-replicated");
+    let replicated = run_balance(&args, &replicated_dir);
+    let offloaded: Vec<bool> = last(&replicated, 2)["offload"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_bool().unwrap())
+        .collect();
+    assert_eq!(offloaded, [false, false, true], "{}", last(&replicated, 2));
+    let mut sharded_args = args.to_vec();
+    sharded_args.extend(["--optimizer-sharding", "memory"]);
+    let sharded_dir = out_dir("sharded-memory");
+    let sharded = run_balance(&sharded_args, &sharded_dir);
+    let shards: Vec<u64> = last(&sharded, 0)["shards"].as_array().unwrap().iter().map(u).collect();
+    assert_eq!(shards.iter().sum::<u64>() * 8, optimizer, "shards {shards:?}");
+    assert!(shards[2] < shards[0] && shards[2] < shards[1], "shards {shards:?}");
+    for (r, rank) in sharded.iter().enumerate() {
+        let budget = u(&rank["budget"]);
+        for rec in rank["records"].as_array().unwrap() {
+            assert!(rec["offload"].as_array().unwrap().iter().all(|o| o == false), "{rec}");
+            assert!(u(&rec["shares"][2]) > 0, "{rec}");
+            assert!(u(&rec["peak_bytes"]) <= budget, "rank {r}: {rec}");
+        }
+        let rec = last(&sharded, r);
+        let (planned, measured) = (u(&rec["planned_state_bytes"]), u(&rec["measured_state_bytes"]));
+        assert_eq!(planned, shards[r] * 8, "{rec}");
+        let off = (measured as f64 - planned as f64).abs() / planned as f64;
+        println!(
+            "rank {r}: shard {} parameters, planned {planned} B, measured {measured} B ({:+.3} %), peak {} of budget {budget}",
+            shards[r],
+            100.0 * (measured as f64 / planned as f64 - 1.0),
+            u(&rec["peak_bytes"])
+        );
+        assert!(off <= 0.01, "rank {r}: measured {measured} B, planned {planned} B");
+    }
+    let sums: Vec<&Value> = sharded.iter().map(|r| &r["params_checksum"]).collect();
+    assert!(sums.iter().all(|c| *c == sums[0]), "replicas differ: {sums:?}");
+    let _ = std::fs::remove_dir_all(&replicated_dir);
+    let _ = std::fs::remove_dir_all(&sharded_dir);
 }
