@@ -112,3 +112,51 @@ fn sharded_layouts_that_do_not_fit_are_clear_errors() {
         }
     }
 }
+
+/// `ballast bench sharded` runs end to end under `mpirun -np 3` and ends with its JSON summary:
+/// uneven shards covering the model, one collective per replicated step and three per sharded
+/// step, and the bytes the collectives carried per step, counted where they were called: the
+/// reduce-scatter and all-gather carry what the all-reduce does (timings are the benchmark's
+/// to report, not this test's).
+#[cfg(feature = "mpi")]
+#[test]
+fn bench_sharded_prints_a_json_summary_last() {
+    let out = common::mpirun(
+        3,
+        &[
+            "bench",
+            "sharded",
+            "--json",
+            "--width",
+            "256",
+            "--blocks",
+            "2",
+            "--steps-per-block",
+            "2",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", common::dump(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().expect("some output");
+    let v: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"));
+    assert_eq!(v["summary"], true, "{last}");
+    let shards: Vec<u64> = v["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    assert_eq!(shards.iter().sum::<u64>(), v["params"].as_u64().unwrap(), "{last}");
+    assert!(shards[0] > shards[2], "budgets 48/32/24 MiB give uneven shards: {last}");
+    assert_eq!(v["replicated_collectives_per_step"], 1.0, "{last}");
+    assert_eq!(v["sharded_collectives_per_step"], 3.0, "{last}");
+    let ratio = v["wire_bytes_ratio"].as_f64().unwrap();
+    assert!((0.95..=1.05).contains(&ratio), "{last}");
+    assert!(v["sharded_vs_replicated"].as_f64().unwrap() > 0.0, "{last}");
+    assert_eq!(
+        stdout.lines().count(),
+        5,
+        "2 rounds of 2 blocks, then the summary:\n{stdout}"
+    );
+}

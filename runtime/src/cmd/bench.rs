@@ -20,6 +20,9 @@ pub enum Bench {
     Checkpoint(super::checkpoint_bench::CheckpointArgs),
     /// Messages and latency of the tree handshake against the all-to-all one (run under mpirun).
     Handshake(super::handshake_bench::HandshakeArgs),
+    /// Sharded against replicated Adam on the same plan: step time and bytes on the wire (run
+    /// under mpirun, pinned).
+    Sharded(super::sharded_bench::ShardedArgs),
 }
 
 /// Runs a benchmark.
@@ -31,5 +34,6 @@ pub fn run(bench: Bench) -> Result<ExitCode> {
         Bench::Adam(args) => super::adam_bench::run(&args),
         Bench::Checkpoint(args) => super::checkpoint_bench::run(&args),
         Bench::Handshake(args) => super::handshake_bench::run(&args),
+        Bench::Sharded(args) => super::sharded_bench::run(&args),
     }
 }

@@ -11,3 +11,4 @@ pub mod hetero;
 pub mod overhead;
 pub mod plan;
 pub mod report;
+pub mod sharded_bench;
