@@ -62,7 +62,8 @@ pub struct ShardedAdam {
 
 #[derive(Debug, Clone)]
 enum ShardState {
-    Device(DeviceAdam),
+    /// Boxed: burn's tensors make the moments far larger than a host shard's handle.
+    Device(Box<DeviceAdam>),
     Host(HostOffload),
 }
 
@@ -95,7 +96,7 @@ impl ShardedAdam {
         let offset: usize = counts[..rank].iter().sum();
         let len = counts[rank];
         let state = match place {
-            ShardPlace::Device => ShardState::Device(DeviceAdam::new(len, config, &model_device(model))),
+            ShardPlace::Device => ShardState::Device(Box::new(DeviceAdam::new(len, config, &model_device(model)))),
             ShardPlace::Host => {
                 let master = flatten_params(model)[offset..offset + len].to_vec();
                 ShardState::Host(HostOffload::from_values(master, config, Path::new("/"))?)
