@@ -518,6 +518,29 @@ mod tests {
     }
 
     #[test]
+    fn optimizer_state_is_sharded_by_memory_unless_told_otherwise() {
+        let s = resolve(&TrainArgs::default(), &TrainArgs::default(), &DEFAULTS, None).unwrap();
+        assert_eq!(s.optimizer_sharding, ballast_balancer::Sharding::Memory);
+        let off = TrainArgs {
+            optimizer_sharding: Some("off".into()),
+            ..TrainArgs::default()
+        };
+        let s = resolve(&off, &TrainArgs::default(), &DEFAULTS, None).unwrap();
+        assert_eq!(s.optimizer_sharding, ballast_balancer::Sharding::Off);
+        let bad = TrainArgs {
+            optimizer_sharding: Some("zero3".into()),
+            ..TrainArgs::default()
+        };
+        let err = resolve(&bad, &TrainArgs::default(), &DEFAULTS, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--optimizer-sharding") && err.contains("use off, even or memory"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn constant_keeps_the_rate_and_unknown_schedules_are_errors() {
         let cli = TrainArgs {
             lr_schedule: Some("constant".into()),

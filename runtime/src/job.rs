@@ -744,7 +744,7 @@ impl<T: Task> Training<'_, T> {
                 "compute_s": out.stats.compute.as_secs_f64(),
                 "allreduce_s": out.stats.all_reduce.as_secs_f64(),
                 "step_s": step_s,
-                "all_reduces": out.stats.collectives,
+                "collectives": out.stats.collectives,
                 "peak_bytes": peak_bytes,
                 "budget_bytes": s.device_memory.get(self.out.rank),
                 "predicted_peak_bytes": mine.predicted_peak_bytes,

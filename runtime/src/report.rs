@@ -28,8 +28,10 @@ pub struct Record {
     pub compute_s: f64,
     /// Step seconds.
     pub step_s: f64,
-    /// All-reduces in the step.
-    pub all_reduces: usize,
+    /// Collectives in the step (one all-reduce; three with the optimizer state sharded).
+    /// Metrics written before the sharded step name it `all_reduces`.
+    #[serde(alias = "all_reduces")]
+    pub collectives: usize,
     /// Measured peak (absent with ranks as threads).
     #[serde(default)]
     pub peak_bytes: Option<u64>,
@@ -172,7 +174,7 @@ pub fn select(all: &Metrics, run: Option<&str>) -> Result<Run> {
 }
 
 /// A table with one row per rank (steps, samples/s, mean micro-batch, samples, peak memory,
-/// all-reduces per step), then one row per held-out evaluation.
+/// collectives per step), then one row per held-out evaluation.
 pub fn table(run: &Run) -> String {
     use std::fmt::Write;
     let mut out = train_table(&run.by_rank);
@@ -197,15 +199,15 @@ fn train_table(by_rank: &ByRank) -> String {
     use std::fmt::Write;
     let mut out = format!(
         "{:>4} {:>6} {:>12} {:>12} {:>10} {:>12} {:>14}\n",
-        "rank", "steps", "samples/s", "micro-batch", "samples", "peak MiB", "all-reduces"
+        "rank", "steps", "samples/s", "micro-batch", "samples", "peak MiB", "collectives"
     );
     for (rank, rs) in by_rank {
         let samples: usize = rs.iter().map(|r| r.samples).sum();
         let compute: f64 = rs.iter().map(|r| r.compute_s).sum();
         let mean_micro = rs.iter().map(|r| r.micro_batch as f64).sum::<f64>() / rs.len() as f64;
         let peak = rs.iter().filter_map(memory).max().unwrap_or(0);
-        let ar_min = rs.iter().map(|r| r.all_reduces).min().unwrap_or(0);
-        let ar_max = rs.iter().map(|r| r.all_reduces).max().unwrap_or(0);
+        let ar_min = rs.iter().map(|r| r.collectives).min().unwrap_or(0);
+        let ar_max = rs.iter().map(|r| r.collectives).max().unwrap_or(0);
         let _ = writeln!(
             out,
             "{rank:>4} {:>6} {:>12.1} {:>12.1} {:>10} {:>12.1} {:>14}",
@@ -352,7 +354,7 @@ mod tests {
     fn train_line(run: &str, rank: usize, step: u64) -> String {
         serde_json::json!({
             "run": run, "kind": "train", "rank": rank, "step": step, "samples": 8, "micro_batch": 4,
-            "compute_s": 0.01, "step_s": 0.02, "all_reduces": 1, "predicted_peak_bytes": 1u64 << 20,
+            "compute_s": 0.01, "step_s": 0.02, "collectives": 1, "predicted_peak_bytes": 1u64 << 20,
         })
         .to_string()
     }
