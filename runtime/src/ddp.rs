@@ -886,22 +886,26 @@ impl Reduced {
             match &self.host[b] {
                 Some(values) => out.extend_from_slice(&values[local]),
                 None => {
-                    let part = self.buckets[b].clone().slice(local);
-                    let data = part.try_into_data().map_err(|e| DdpError::Tensor {
-                        path: "the reduced gradient buckets".into(),
-                        message: format!("{e:?}"),
-                    })?;
-                    let values = data.as_slice::<f32>().map_err(|e| DdpError::Tensor {
-                        path: "the reduced gradient buckets".into(),
-                        message: format!("{e:?}"),
-                    })?;
+                    let values = to_host(self.buckets[b].clone().slice(local), "the reduced gradient buckets")?;
                     traffic.to_host += byte_len(values.len());
-                    out.extend_from_slice(values);
+                    out.extend_from_slice(&values);
                 }
             }
         }
         Ok(out)
     }
+}
+
+/// `t`'s values, read to the host; `what` names the tensor in the error.
+pub(crate) fn to_host(t: Tensor<1>, what: &str) -> Result<Vec<f32>, DdpError> {
+    let err = |message: String| DdpError::Tensor {
+        path: what.to_string(),
+        message,
+    };
+    t.try_into_data()
+        .map_err(|e| err(format!("{e:?}")))?
+        .try_into_vec::<f32>()
+        .map_err(|e| err(format!("{e:?}")))
 }
 
 /// The inner (non-autodiff) device the model's gradients live on.

@@ -26,7 +26,7 @@ use burn::{
 use crate::{
     balancer::split_proportional,
     checkpoint::AdamMoments,
-    ddp::{model_device, Traffic},
+    ddp::{model_device, to_host, Traffic},
     offload::{HostAdamConfig, HostOffload},
     params::{flatten_params, params_range},
     DdpError,
@@ -167,15 +167,7 @@ impl ShardedAdam {
                     return Ok(Vec::new());
                 };
                 traffic.to_device += 4 * grads.len() as u64;
-                let updated = adam.step(values, grads, lr);
-                let data = updated.try_into_data().map_err(|e| DdpError::Tensor {
-                    path: "the updated optimizer shard".into(),
-                    message: format!("{e:?}"),
-                })?;
-                let values = data.try_into_vec::<f32>().map_err(|e| DdpError::Tensor {
-                    path: "the updated optimizer shard".into(),
-                    message: format!("{e:?}"),
-                })?;
+                let values = to_host(adam.step(values, grads, lr), "the updated optimizer shard")?;
                 traffic.to_host += 4 * values.len() as u64;
                 Ok(values)
             }
@@ -247,16 +239,10 @@ impl ShardedAdam {
 
 /// Reads a moment tensor to the host (empty for an empty shard).
 fn read(t: &Option<Tensor<1>>, name: &str) -> Result<Vec<f32>, DdpError> {
-    let Some(t) = t else { return Ok(Vec::new()) };
-    let err = |message: String| DdpError::Tensor {
-        path: format!("the optimizer shard's moment {name}"),
-        message,
-    };
-    t.clone()
-        .try_into_data()
-        .map_err(|e| err(format!("{e:?}")))?
-        .try_into_vec::<f32>()
-        .map_err(|e| err(format!("{e:?}")))
+    match t {
+        Some(t) => to_host(t.clone(), &format!("the optimizer shard's moment {name}")),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// Adam's moments for one shard as tensors on the model's device, updated with tensor

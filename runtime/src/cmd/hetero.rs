@@ -21,13 +21,12 @@
 
 use std::{process::ExitCode, time::Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use ballast::{
     balance::{BalanceOptions, Balancer, InitialPlan},
-    collectives::{CommOptions, CommunicatorExt},
+    collectives::CommunicatorExt,
     memory::DeviceMeter,
     testing::{ImageConvNet, Regressor, SyntheticSet, IMAGE_SIDE, TARGETS},
-    world::launched_communicator,
     DataParallel, DdpOptions, GlobalSampler,
 };
 use burn::{
@@ -68,24 +67,9 @@ pub struct HeteroArgs {
 
 /// Runs the benchmark.
 pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
-    let launch = ballast::cluster::Launch::from_env()?;
-    let Some(comm) = launched_communicator(&launch, CommOptions::from_env()?)? else {
-        bail!(
-            "run this under mpirun with unequal ranks, e.g. mpirun -np 3 cluster/pin-by-rank.sh 0 1 1 -- \
-             target/release/ballast bench hetero --json"
-        );
-    };
+    let comm = super::bench::pinned_world("hetero")?;
     let rank = comm.rank();
-    let budgets: Vec<u64> = args
-        .budgets
-        .iter()
-        .map(|b| ballast::cluster::parse_bytes(b).map_err(anyhow::Error::msg))
-        .collect::<Result<_>>()?;
-    let budget = match budgets.len() {
-        1 => budgets[0],
-        n if n > rank => budgets[rank],
-        n => bail!("--budgets has {n} values but this is rank {rank}"),
-    };
+    let budget = super::bench::rank_budget(&args.budgets, rank)?;
     let device = Device::flex().autodiff();
     device.seed(5);
     // A whole number of global batches, so every step is a full one (as in a long epoch; a

@@ -28,12 +28,11 @@ use anyhow::{bail, Result};
 use ballast::{
     balance::{BalanceOptions, Balancer},
     balancer::{RankPlan, Sharding},
-    collectives::{CommOptions, Communicator, CommunicatorExt, Result as CommResult},
+    collectives::{Communicator, CommunicatorExt, Result as CommResult},
     memory::DeviceMeter,
     sampler::split_batch,
     sharded::ShardedAdam,
     testing::{Regressor, SyntheticSet, WideMlp, TARGETS, WIDE_FEATURES},
-    world::launched_communicator,
     DataParallel, DdpOptions, GlobalSampler, StepStats,
 };
 use burn::{
@@ -69,25 +68,14 @@ pub struct ShardedArgs {
 
 /// Runs the benchmark.
 pub fn run(args: &ShardedArgs) -> Result<ExitCode> {
-    let launch = ballast::cluster::Launch::from_env()?;
-    let Some(comm) = launched_communicator(&launch, CommOptions::from_env()?)? else {
-        bail!(
-            "run this under mpirun with unequal ranks, e.g. mpirun -np 3 cluster/pin-by-rank.sh 0 1 1 -- \
-             target/release/ballast bench sharded --json"
-        );
-    };
+    let comm = super::bench::pinned_world("sharded")?;
     let wire = Arc::new(AtomicU64::new(0));
     let comm = Box::new(WireCounter {
         inner: comm,
         bytes: wire.clone(),
     });
     let rank = comm.rank();
-    let budget = ballast::cluster::parse_bytes(match args.budgets.len() {
-        1 => &args.budgets[0],
-        n if n > rank => &args.budgets[rank],
-        n => bail!("--budgets has {n} values but this is rank {rank}"),
-    })
-    .map_err(anyhow::Error::msg)?;
+    let budget = super::bench::rank_budget(&args.budgets, rank)?;
     let emit = |v: serde_json::Value| {
         if rank == 0 && args.json {
             println!("{v}");
@@ -384,7 +372,7 @@ impl Communicator for WireCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ballast::collectives::local;
+    use ballast::collectives::{local, CommOptions};
 
     /// The bus factors of a ring of 3: an all-reduce of 12 bytes counts 16, a reduce-scatter and
     /// an all-gather of the same buffer 8 each, so the pair costs what the all-reduce does.
