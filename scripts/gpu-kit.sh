@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kit="${GPU_KIT_DIR:-gpu-kit}"
-checks=(doctor nccl probes equivalence hetero resnet managed oom)
+checks=(doctor nccl probes equivalence hetero sharded resnet managed oom)
 
 build() {
   ./scripts/setup-cuda-build.sh >/dev/null

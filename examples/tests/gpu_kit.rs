@@ -9,12 +9,13 @@ mod kit {
 
     use serde_json::Value;
 
-    const CHECKS: [&str; 8] = [
+    const CHECKS: [&str; 9] = [
         "doctor",
         "nccl",
         "probes",
         "equivalence",
         "hetero",
+        "sharded",
         "resnet",
         "managed",
         "oom",
@@ -97,7 +98,7 @@ mod kit {
         assert!(lines[1..lines.len() - 1].iter().all(|l| l["status"] == "no GPU"));
         let summary = &lines[lines.len() - 1];
         assert_eq!(summary["kit"], "summary");
-        assert_eq!(summary["no_gpu"], 8);
+        assert_eq!(summary["no_gpu"], CHECKS.len());
         assert_eq!(summary["failed"], 0);
     }
 

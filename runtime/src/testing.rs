@@ -386,11 +386,18 @@ impl Case {
         self
     }
 
-    /// Whether ranks run on different backends (their optimizer kernels may round differently,
-    /// so replicas are compared within a tolerance instead of bit for bit).
+    /// Whether ranks run on different backends (their optimizer kernels may round differently).
     pub fn mixed(&self) -> bool {
         let world = self.shares.len();
         (1..world).any(|r| DeviceChoice::for_rank(&self.devices, r) != DeviceChoice::for_rank(&self.devices, 0))
+    }
+
+    /// Whether the replicas must end bit-identical: on one backend, or with the optimizer state
+    /// sharded (each parameter is updated once and its bits reach every rank through the
+    /// all-gather, whatever device computed them). Otherwise they are compared within a
+    /// tolerance.
+    pub fn replicas_bitwise(&self) -> bool {
+        !self.mixed() || !self.shards.is_empty()
     }
 
     /// Global batch.
@@ -535,7 +542,7 @@ fn run_ddp_with<M: Regressor>(
         outcome.buckets.push(stats.buckets);
         outcome.traffic.push(stats.traffic);
     }
-    if case.mixed() {
+    if !case.replicas_bitwise() {
         let all: Vec<Vec<f32>> = ddp.comm().all_gather(&flatten_params(&model))?;
         outcome.replica_rel = all.iter().map(|p| relative_difference(p, &all[0])).fold(0.0, f64::max);
     } else {
@@ -719,7 +726,7 @@ pub fn equivalence_report(mut comm: Box<dyn Communicator>, cases: &[Case]) -> Re
         let collectives_as_planned = outcome.collectives.iter().all(|&c| c == case.collectives_per_step())
             && (case.bucket_cap_bytes.is_none() || outcome.buckets.iter().all(|&b| b > 1));
         let replicas_ok = outcome.replica_rel <= MIXED_REPLICA_TOLERANCE;
-        let replicas = if case.mixed() {
+        let replicas = if !case.replicas_bitwise() {
             format!("replicas within {:.3e} of rank 0's", outcome.replica_rel)
         } else {
             "replicas identical".to_string()

@@ -14,7 +14,7 @@ mod wgpu {
         device::DeviceChoice,
         testing::{
             balanced_run, device_cases, equivalence_report, linear_fit, probe_peaks, relative_difference, run_ddp,
-            BalancedRun, Case, ModelKind, OptimKind,
+            sharded_cases, BalancedRun, Case, ModelKind, OptimKind,
         },
     };
 
@@ -77,6 +77,21 @@ mod wgpu {
         let _pool = pool_lock();
         let cases = device_cases(3, &[WGPU, DeviceChoice::Flex, DeviceChoice::Flex]);
         assert_all_ok(&report(3, &cases), cases.len());
+    }
+
+    /// Adam's state sharded over rank 0 on wgpu (its shard's moments in the device's memory,
+    /// updated by wgpu kernels) and ranks 1 and 2 on flex: every sharded case within 1e-5 of one
+    /// device, and the replicas bit-identical although two backends computed the updates.
+    #[test]
+    fn device_sharded_adam_on_wgpu_and_flex_equals_one_device() {
+        let _pool = pool_lock();
+        let cases: Vec<Case> = sharded_cases()
+            .into_iter()
+            .map(|c| c.on(&[WGPU, DeviceChoice::Flex, DeviceChoice::Flex]))
+            .collect();
+        let lines = report(3, &cases);
+        assert_all_ok(&lines, cases.len());
+        assert!(lines.iter().all(|l| l.contains("replicas identical")), "{lines:#?}");
     }
 
     /// How far a wgpu replica and flex replicas drift apart over 200 steps of Adam.

@@ -24,7 +24,7 @@ use ballast::{
     offload::managed::ManagedBuffer,
     testing::{
         balanced_run, compare, device_cases, equivalence_report, linear_fit, overhead::measure_overhead, probe_peaks,
-        relative_difference, run_ddp, run_reference, BalancedRun, Case, ModelKind, OptimKind,
+        relative_difference, run_ddp, run_reference, sharded_cases, BalancedRun, Case, ModelKind, OptimKind,
     },
 };
 use ballast_examples::models::{ResNet, ResNetShape};
@@ -65,6 +65,9 @@ enum Check {
     Equivalence,
     /// Ranks as threads: rank 0 on cuda:0, ranks 1-2 on flex, data plane on the host.
     Hetero,
+    /// Adam's state sharded over ranks as threads, rank 0's shard in cuda:0's memory, ranks 1-2
+    /// on flex: one device within 1e-5, replicas bit-identical.
+    Sharded,
     /// The ResNet example on cuda:0: DataParallel against a plain burn loop.
     Resnet,
     /// Optimizer state in CUDA managed memory, below the card's free memory.
@@ -144,6 +147,7 @@ fn run(cli: &Cli) -> Outcome {
         Check::Probes => check_probes(&cli.device_memory),
         Check::Equivalence => check_equivalence(),
         Check::Hetero => check_hetero(),
+        Check::Sharded => check_sharded(),
         Check::Resnet => check_resnet(cli.steps),
         Check::Managed => check_managed(&inventory),
         Check::Oom => check_real_oom(&inventory),
@@ -344,14 +348,7 @@ fn check_equivalence() -> Outcome {
 /// Ranks as threads, rank 0 on the GPU and ranks 1-2 on flex.
 fn check_hetero() -> Outcome {
     let devices = [GPU, DeviceChoice::Flex, DeviceChoice::Flex];
-    let cases = device_cases(3, &devices);
-    let reports = local::run(3, CommOptions::default(), |comm| {
-        equivalence_report(Box::new(comm), &cases).map_err(|e| e.to_string())
-    });
-    let mut lines = Vec::new();
-    for r in reports {
-        lines.extend(r.map_err(Stop::Failed)?);
-    }
+    let lines = threads_report(&device_cases(3, &devices))?;
     let pass = lines.iter().all(|l| l.ends_with(" OK"));
     let case = Case::new(ModelKind::Mlp, OptimKind::Adam, &[5, 2, 1], &[3, 2, 1]).on(&devices);
     let losses = local::run(3, CommOptions::default(), |comm| {
@@ -365,6 +362,32 @@ fn check_hetero() -> Outcome {
         "pass": pass && last < first,
         "devices": ["cuda:0", "flex", "flex"], "shares": [5, 2, 1], "caps": [3, 2, 1],
         "loss_first": first, "loss_last": last, "lines": lines,
+    })))
+}
+
+/// Every rank's equivalence lines for `cases`, run on three ranks as threads.
+fn threads_report(cases: &[Case]) -> Result<Vec<String>, Stop> {
+    let reports = local::run(3, CommOptions::default(), |comm| {
+        equivalence_report(Box::new(comm), cases).map_err(|e| e.to_string())
+    });
+    let mut lines = Vec::new();
+    for r in reports {
+        lines.extend(r.map_err(Stop::Failed)?);
+    }
+    Ok(lines)
+}
+
+/// The sharded-optimizer cases with rank 0 on cuda:0 (its shard's Adam moments in GPU memory,
+/// updated by CUDA kernels; one case keeps rank 1's shard on the host) and ranks 1-2 on flex.
+fn check_sharded() -> Outcome {
+    let devices = [GPU, DeviceChoice::Flex, DeviceChoice::Flex];
+    let cases: Vec<Case> = sharded_cases().into_iter().map(|c| c.on(&devices)).collect();
+    let lines = threads_report(&cases)?;
+    let pass = lines
+        .iter()
+        .all(|l| l.ends_with(" OK") && l.contains("replicas identical"));
+    Ok(object(json!({
+        "pass": pass, "devices": ["cuda:0", "flex", "flex"], "cases": cases.len(), "lines": lines,
     })))
 }
 
