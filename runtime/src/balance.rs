@@ -140,7 +140,8 @@ pub struct BalanceOptions {
     /// parameters) and steps do not check peaks against the budget.
     pub shared_heap: bool,
     /// Run the optimizer on the host (the fast host Adam) on every rank, whether or not a
-    /// device needs its state offloaded: its state can then be checkpointed exactly.
+    /// device needs its state offloaded: its state can then be checkpointed exactly. Ignored
+    /// when the state is sharded (`optimizer_sharding`), which places each shard itself.
     pub host_optimizer: bool,
     /// Where the optimizer state lives. `Off` (default): whole on every rank (burn's optimizer,
     /// or the host Adam with `host_optimizer` or when a rank offloads). `Even` and `Memory`: one
