@@ -13,8 +13,8 @@ mod wgpu {
         collectives::{local, CommOptions},
         device::DeviceChoice,
         testing::{
-            balanced_run, device_cases, equivalence_report, linear_fit, probe_peaks, relative_difference, run_ddp,
-            sharded_cases, BalancedRun, Case, ModelKind, OptimKind,
+            balanced_run, device_cases, linear_fit, probe_peaks, relative_difference, run_ddp, sharded_cases,
+            BalancedRun, Case, ModelKind, OptimKind,
         },
     };
 
@@ -34,20 +34,6 @@ mod wgpu {
         POOL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Every rank's report lines for `cases` on `world` ranks as threads.
-    fn report(world: usize, cases: &[Case]) -> Vec<String> {
-        let lines: Vec<String> = local::run(world, CommOptions::default(), |comm| {
-            equivalence_report(Box::new(comm), cases).map_err(|e| e.to_string())
-        })
-        .into_iter()
-        .flat_map(|r| r.unwrap_or_else(|e| panic!("{e}")))
-        .collect();
-        for l in &lines {
-            println!("{l}");
-        }
-        lines
-    }
-
     fn assert_all_ok(lines: &[String], cases: usize) {
         let rank0 = lines.iter().filter(|l| l.starts_with("equivalence rank 0 ")).count();
         assert_eq!(rank0, cases, "{lines:#?}");
@@ -60,14 +46,14 @@ mod wgpu {
     fn device_wgpu_one_rank_equals_one_device_on_the_whole_batch() {
         let _pool = pool_lock();
         let cases = device_cases(1, &[WGPU]);
-        assert_all_ok(&report(1, &cases), cases.len());
+        assert_all_ok(&super::common::equivalence_on_threads(1, &cases), cases.len());
     }
 
     #[test]
     fn device_wgpu_three_ranks_equal_one_device_and_stay_identical() {
         let _pool = pool_lock();
         let cases = device_cases(3, &[WGPU]);
-        assert_all_ok(&report(3, &cases), cases.len());
+        assert_all_ok(&super::common::equivalence_on_threads(3, &cases), cases.len());
     }
 
     /// Rank 0 on wgpu, ranks 1 and 2 on flex: within the equivalence bounds of one wgpu device,
@@ -76,7 +62,7 @@ mod wgpu {
     fn device_mixed_wgpu_and_flex_ranks_agree() {
         let _pool = pool_lock();
         let cases = device_cases(3, &[WGPU, DeviceChoice::Flex, DeviceChoice::Flex]);
-        assert_all_ok(&report(3, &cases), cases.len());
+        assert_all_ok(&super::common::equivalence_on_threads(3, &cases), cases.len());
     }
 
     /// Adam's state sharded over rank 0 on wgpu (its shard's moments in the device's memory,
@@ -89,7 +75,7 @@ mod wgpu {
             .into_iter()
             .map(|c| c.on(&[WGPU, DeviceChoice::Flex, DeviceChoice::Flex]))
             .collect();
-        let lines = report(3, &cases);
+        let lines = super::common::equivalence_on_threads(3, &cases);
         assert_all_ok(&lines, cases.len());
         assert!(lines.iter().all(|l| l.contains("replicas identical")), "{lines:#?}");
     }
