@@ -393,8 +393,12 @@ impl Balancer {
 
     /// Allocates this rank's shard where `placed` (and the first plan, which may move a shard
     /// that does not fit beside a sample) puts it, measuring the bytes it takes.
-    fn start_shard<M: Module>(&mut self, rank: usize, model: &M, placed: ShardedPlan) -> Result<(), BalanceError> {
-        let place = if placed.on_host[rank] || self.plan.ranks[rank].offload {
+    fn start_shard<M: Module>(&mut self, rank: usize, model: &M, mut placed: ShardedPlan) -> Result<(), BalanceError> {
+        // The first plan has the last word on which shards leave their devices.
+        for (host, r) in placed.on_host.iter_mut().zip(&self.plan.ranks) {
+            *host |= r.offload;
+        }
+        let place = if placed.on_host[rank] {
             ShardPlace::Host
         } else {
             ShardPlace::Device

@@ -362,3 +362,64 @@ fn balance_sharded_state_fits_where_replicated_offloads() {
     let _ = std::fs::remove_dir_all(&replicated_dir);
     let _ = std::fs::remove_dir_all(&sharded_dir);
 }
+
+/// A device that cannot hold even its shard keeps that shard in host memory, alone: with equal
+/// shards (a third of Adam's state each) and rank 2's budget its fixed bytes less half the state,
+/// rank 2's shard goes to its host (the host Adam runs on rank 2 only), ranks 0 and 1 keep theirs
+/// on their devices, rank 2 still takes a share, every measured peak stays within its budget and
+/// the replicas stay identical.
+#[test]
+fn balance_shard_that_does_not_fit_moves_to_its_host_alone() {
+    let (fixed, optimizer) = measured_fixed_bytes("host-shard-probe", "1024");
+    let budgets = format!("64MiB,64MiB,{}", fixed - optimizer / 2);
+    let args = [
+        "--budgets",
+        budgets.as_str(),
+        "--global-batch",
+        "96",
+        "--steps",
+        "3",
+        "--width",
+        "1024",
+        "--optimizer-sharding",
+        "even",
+    ];
+    let dir = out_dir("host-shard");
+    let run = run_balance(&args, &dir);
+    for (r, rank) in run.iter().enumerate() {
+        for rec in rank["records"].as_array().unwrap() {
+            let on_host: Vec<bool> = rec["offload"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o.as_bool().unwrap())
+                .collect();
+            assert_eq!(on_host, [false, false, true], "{rec}");
+            assert!(u(&rec["shares"][2]) > 0, "{rec}");
+            assert!(u(&rec["peak_bytes"]) <= u(&rank["budget"]), "rank {r}: {rec}");
+        }
+        let rec = &run[r]["records"][0];
+        let (planned, measured) = (u(&rec["planned_state_bytes"]), u(&rec["measured_state_bytes"]));
+        println!(
+            "rank {r}: shards {}, state planned {planned} B on the device, allocated {measured} B, peak {} of budget {}",
+            rec["shards"], rec["peak_bytes"], run[r]["budget"]
+        );
+        // A device shard allocates its two moments; a host shard its master values too (12
+        // bytes per parameter instead of 8): rank 2's allocation shows where its shard went.
+        let ratio = measured as f64 / planned as f64;
+        if r == 2 {
+            assert!(
+                (1.49..=1.51).contains(&ratio),
+                "rank 2 allocated {measured} B for {planned} B"
+            );
+        } else {
+            assert!(
+                (0.99..=1.01).contains(&ratio),
+                "rank {r} allocated {measured} B for {planned} B"
+            );
+        }
+    }
+    let sums: Vec<&Value> = run.iter().map(|r| &r["params_checksum"]).collect();
+    assert!(sums.iter().all(|c| *c == sums[0]), "replicas differ: {sums:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
