@@ -164,6 +164,9 @@ impl ShardedAdam {
             ShardState::Host(host) => Ok(host.step(&grads, lr).to_vec()),
             ShardState::Device(adam) => {
                 let Some(values) = params_range(model, self.offset..self.offset + grads.len()) else {
+                    // An empty shard still counts the step: its count is the one a checkpoint
+                    // saves when this is rank 0.
+                    adam.t += 1;
                     return Ok(Vec::new());
                 };
                 traffic.to_device += 4 * grads.len() as u64;

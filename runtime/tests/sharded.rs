@@ -160,3 +160,34 @@ fn bench_sharded_prints_a_json_summary_last() {
         "2 rounds of 2 blocks, then the summary:\n{stdout}"
     );
 }
+
+/// Every rank counts the steps, an empty shard's included (rank 0's count is the one a
+/// checkpoint saves), on the device and on the host.
+#[test]
+fn an_empty_shard_counts_its_steps() {
+    for place in [ShardPlace::Device, ShardPlace::Host] {
+        let counts = local::run(2, CommOptions::default(), |comm| {
+            let device = Device::flex().autodiff();
+            let (mut ddp, mut model) =
+                DataParallel::wrap(Box::new(comm), Mlp::init(&device), DdpOptions::default()).unwrap();
+            let n = ddp.param_count();
+            let rank = ddp.rank();
+            let mut shard = ShardedAdam::new(&model, rank, vec![0, n], HostAdamConfig::default(), place).unwrap();
+            for _ in 0..3 {
+                let (x, y) = ballast::testing::SyntheticSet::new(8, 1).batch(&[0, 1, 2, 3], &device);
+                let loss = burn::nn::loss::MseLoss::new().forward(model.forward(x), y, burn::nn::loss::Reduction::Mean);
+                ddp.backward(&model, loss, 4).unwrap();
+                model = ddp.finish_step_sharded(model, &mut shard, 1e-3).unwrap().0;
+            }
+            (shard.len(), shard.steps())
+        });
+        assert_eq!(
+            counts,
+            vec![
+                (0, 3),
+                (ballast::params::flatten_params(&Mlp::init(&Device::flex())).len(), 3)
+            ],
+            "{place:?}"
+        );
+    }
+}
