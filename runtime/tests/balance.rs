@@ -41,6 +41,22 @@ fn u(v: &Value) -> u64 {
     v.as_u64().unwrap()
 }
 
+/// Whether each rank kept its optimizer state on the host, as a step record says.
+fn offloads(rec: &Value) -> Vec<bool> {
+    rec["offload"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_bool().unwrap())
+        .collect()
+}
+
+/// Every rank of `run` ended with the same parameters.
+fn assert_replicas_identical(run: &[Value]) {
+    let sums: Vec<&Value> = run.iter().map(|r| &r["params_checksum"]).collect();
+    assert!(sums.iter().all(|c| *c == sums[0]), "replicas differ: {sums:?}");
+}
+
 /// Budgets 3:2:1 with micro-batches that fill memory (`--micro-batch largest`): every rank's
 /// measured peak stays within its budget and, at its chosen micro-batch, uses at least 80 % of
 /// it.
@@ -219,8 +235,7 @@ fn balance_oom_injection_recovers() {
     println!("relative parameter difference after recovery: {:.3e}", diff / norm);
     assert!(diff / norm <= 1e-6, "{}", diff / norm);
     for run in [&clean, &fault] {
-        let sums: Vec<&Value> = run.iter().map(|r| &r["params_checksum"]).collect();
-        assert!(sums.iter().all(|c| *c == sums[0]), "replicas differ: {sums:?}");
+        assert_replicas_identical(run);
     }
     let _ = std::fs::remove_dir_all(&clean_dir);
     let _ = std::fs::remove_dir_all(&fault_dir);
@@ -256,8 +271,7 @@ fn balance_offload_gives_small_rank_a_share() {
     assert_eq!(off["offload"][2], false, "{off}");
     assert_eq!(u(&off["shares"][2]), 0, "{off}");
     for run in [&with, &without] {
-        let sums: Vec<&Value> = run.iter().map(|r| &r["params_checksum"]).collect();
-        assert!(sums.iter().all(|c| *c == sums[0]), "replicas differ: {sums:?}");
+        assert_replicas_identical(run);
     }
     let _ = std::fs::remove_dir_all(&with_dir);
     let _ = std::fs::remove_dir_all(&without_dir);
@@ -324,13 +338,12 @@ fn balance_sharded_state_fits_where_replicated_offloads() {
     let last = |run: &[Value], r: usize| run[r]["records"].as_array().unwrap().last().unwrap().clone();
     let replicated_dir = out_dir("sharded-replicated");
     let replicated = run_balance(&args, &replicated_dir);
-    let offloaded: Vec<bool> = last(&replicated, 2)["offload"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o.as_bool().unwrap())
-        .collect();
-    assert_eq!(offloaded, [false, false, true], "{}", last(&replicated, 2));
+    assert_eq!(
+        offloads(&last(&replicated, 2)),
+        [false, false, true],
+        "{}",
+        last(&replicated, 2)
+    );
     let mut sharded_args = args.to_vec();
     sharded_args.extend(["--optimizer-sharding", "memory"]);
     let sharded_dir = out_dir("sharded-memory");
@@ -341,7 +354,7 @@ fn balance_sharded_state_fits_where_replicated_offloads() {
     for (r, rank) in sharded.iter().enumerate() {
         let budget = u(&rank["budget"]);
         for rec in rank["records"].as_array().unwrap() {
-            assert!(rec["offload"].as_array().unwrap().iter().all(|o| o == false), "{rec}");
+            assert_eq!(offloads(rec), [false, false, false], "{rec}");
             assert!(u(&rec["shares"][2]) > 0, "{rec}");
             assert!(u(&rec["peak_bytes"]) <= budget, "rank {r}: {rec}");
         }
@@ -357,8 +370,7 @@ fn balance_sharded_state_fits_where_replicated_offloads() {
         );
         assert!(off <= 0.01, "rank {r}: measured {measured} B, planned {planned} B");
     }
-    let sums: Vec<&Value> = sharded.iter().map(|r| &r["params_checksum"]).collect();
-    assert!(sums.iter().all(|c| *c == sums[0]), "replicas differ: {sums:?}");
+    assert_replicas_identical(&sharded);
     let _ = std::fs::remove_dir_all(&replicated_dir);
     let _ = std::fs::remove_dir_all(&sharded_dir);
 }
@@ -388,13 +400,7 @@ fn balance_shard_that_does_not_fit_moves_to_its_host_alone() {
     let run = run_balance(&args, &dir);
     for (r, rank) in run.iter().enumerate() {
         for rec in rank["records"].as_array().unwrap() {
-            let on_host: Vec<bool> = rec["offload"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|o| o.as_bool().unwrap())
-                .collect();
-            assert_eq!(on_host, [false, false, true], "{rec}");
+            assert_eq!(offloads(rec), [false, false, true], "{rec}");
             assert!(u(&rec["shares"][2]) > 0, "{rec}");
             assert!(u(&rec["peak_bytes"]) <= u(&rank["budget"]), "rank {r}: {rec}");
         }
@@ -419,7 +425,6 @@ fn balance_shard_that_does_not_fit_moves_to_its_host_alone() {
             );
         }
     }
-    let sums: Vec<&Value> = run.iter().map(|r| &r["params_checksum"]).collect();
-    assert!(sums.iter().all(|c| *c == sums[0]), "replicas differ: {sums:?}");
+    assert_replicas_identical(&run);
     let _ = std::fs::remove_dir_all(&dir);
 }
