@@ -251,8 +251,7 @@ fn balance_oom_injection_recovers() {
 /// a margin of A/2 on either side for the allocator's run-to-run differences.
 #[test]
 fn balance_offload_gives_small_rank_a_share() {
-    let (fixed, optimizer) = measured_fixed_bytes("offload-probe", "256");
-    let budgets = format!("64MiB,64MiB,{}", fixed - optimizer / 2);
+    let budgets = rank_2_short_of_half_the_state("offload-probe", "256");
     let args = ["--budgets", budgets.as_str(), "--global-batch", "96", "--steps", "4"];
     let with_dir = out_dir("offload-on");
     let with = run_balance(&args, &with_dir);
@@ -308,6 +307,13 @@ fn measured_fixed_bytes(name: &str, width: &str) -> (u64, u64) {
     println!("measured fixed {fixed} B (optimizer state {optimizer} B), {per_sample} B/sample");
     let _ = std::fs::remove_dir_all(&probe_dir);
     (fixed, optimizer)
+}
+
+/// Budgets of 64 MiB for ranks 0 and 1 and, for rank 2, its measured fixed bytes less half of
+/// Adam's state, for a model of hidden width `width`.
+fn rank_2_short_of_half_the_state(name: &str, width: &str) -> String {
+    let (fixed, optimizer) = measured_fixed_bytes(name, width);
+    format!("64MiB,64MiB,{}", fixed - optimizer / 2)
 }
 
 /// Adam's state sharded by memory where replicating it does not fit. Ranks 0 and 1 have room for
@@ -382,8 +388,7 @@ fn balance_sharded_state_fits_where_replicated_offloads() {
 /// the replicas stay identical.
 #[test]
 fn balance_shard_that_does_not_fit_moves_to_its_host_alone() {
-    let (fixed, optimizer) = measured_fixed_bytes("host-shard-probe", "1024");
-    let budgets = format!("64MiB,64MiB,{}", fixed - optimizer / 2);
+    let budgets = rank_2_short_of_half_the_state("host-shard-probe", "1024");
     let args = [
         "--budgets",
         budgets.as_str(),
