@@ -488,12 +488,12 @@ impl DataParallel {
     ) -> Result<(M, StepStats), DdpError> {
         let device = model_device(&model);
         let (reduced, stats) = self.reduce(&device, false)?;
-        let flat = Tensor::cat(reduced.buckets, 0);
+        // One division over the whole buffer (in place where the backend owns it alone), then
+        // each parameter's gradient is a slice of it.
+        let flat = Tensor::cat(reduced.buckets, 0).div_scalar(reduced.count);
         let mut grads = GradientsParams::new();
         for (i, slot) in self.params.iter().enumerate() {
-            let range = self.layout.tensor(i);
-            let mean = flat.clone().slice(range).div_scalar(reduced.count);
-            register(&mut grads, slot, mean);
+            register(&mut grads, slot, flat.clone().slice(self.layout.tensor(i)));
         }
         let model = optim.step(lr, model, grads);
         Ok((model, stats))
@@ -585,7 +585,15 @@ impl DataParallel {
             .layout
             .buckets()
             .zip(bucket_parts(&self.layout, pieces))
-            .map(|(range, parts)| TensorBucket::new(parts, device.clone(), keep_host || range.end > tail_range.start))
+            .map(|(range, parts)| {
+                // The host optimizer needs every bucket on the host; otherwise only the tail is read.
+                let keep_from = if keep_host {
+                    Some(0)
+                } else {
+                    (range.end > tail_range.start).then(|| tail_range.start.saturating_sub(range.start))
+                };
+                TensorBucket::new(parts, device.clone(), keep_from)
+            })
             .collect();
         // The whole step's buckets in one collective: one agreement between the ranks per step.
         let mut views: Vec<&mut dyn DeviceBuffer> = buckets.iter_mut().map(|b| b as &mut dyn DeviceBuffer).collect();
@@ -625,8 +633,8 @@ impl DataParallel {
         let tail = grads.split_off(self.params.len());
         let started = Instant::now();
         let before = self.comm.collectives_started();
-        let mut tail = TensorBucket::new(tail, device.clone(), false);
-        let mut grads = TensorBucket::new(grads, device.clone(), false);
+        let mut tail = TensorBucket::new(tail, device.clone(), None);
+        let mut grads = TensorBucket::new(grads, device.clone(), None);
         let read_error = |message: String| DdpError::Tensor {
             path: "the step's gradient sums".into(),
             message,
@@ -804,27 +812,29 @@ fn bucket_parts(layout: &BucketLayout, pieces: Vec<Tensor<1>>) -> Vec<Vec<Tensor
 
 /// One bucket of the fused buffer, for [`Communicator::all_reduce_sum_buckets`]: its parts on the
 /// device before the reduction, one tensor after it. Counts the bytes it moves and, when asked
-/// to, keeps the host copy of what was written back.
+/// to, keeps the host copy of what was written back from a given offset on (the tail, or all of it).
 ///
 /// A bucket is staged for the host as one transfer on an accelerator (its parts concatenated on
 /// the device first); on `flex`, whose device memory is host memory, each part is copied out
 /// directly, which saves a concatenation pass and a copy.
 struct TensorBucket {
     parts: Vec<Tensor<1>>,
+    len: usize,
     reduced: Option<Tensor<1>>,
     device: Device,
-    keep_host: bool,
-    written: Option<Vec<f32>>,
+    keep_from: Option<usize>,
+    written: Option<HostCopy>,
     traffic: Traffic,
 }
 
 impl TensorBucket {
-    fn new(parts: Vec<Tensor<1>>, device: Device, keep_host: bool) -> Self {
+    fn new(parts: Vec<Tensor<1>>, device: Device, keep_from: Option<usize>) -> Self {
         Self {
+            len: parts.iter().map(|p| p.shape().num_elements()).sum(),
             parts,
             reduced: None,
             device,
-            keep_host,
+            keep_from,
             written: None,
             traffic: Traffic::default(),
         }
@@ -833,20 +843,33 @@ impl TensorBucket {
 
 impl DeviceBuffer for TensorBucket {
     fn len(&self) -> usize {
-        self.parts.iter().map(|p| p.shape().num_elements()).sum()
+        self.len
     }
 
+    /// Reads the parts once: they are handed to the host (without a copy where the backend can
+    /// give up a buffer it alone holds, as `flex` does), and a second read is an error.
     fn read(&mut self) -> Result<Vec<f32>, String> {
-        let staged = if self.device == Device::flex() || self.parts.len() == 1 {
-            self.parts.clone()
-        } else {
-            vec![Tensor::cat(self.parts.clone(), 0)]
-        };
-        let mut values = Vec::with_capacity(self.len());
-        for part in staged {
-            let data = part.try_into_data().map_err(|e| format!("{e:?}"))?;
-            values.extend_from_slice(data.as_slice::<f32>().map_err(|e| format!("{e:?}"))?);
+        if self.parts.is_empty() && self.len > 0 {
+            return Err("a gradient bucket was read twice in one step".into());
         }
+        let parts = std::mem::take(&mut self.parts);
+        let staged = if self.device == Device::flex() || parts.len() == 1 {
+            parts
+        } else {
+            vec![Tensor::cat(parts, 0)]
+        };
+        let values = if let [_] = staged.as_slice() {
+            let part = staged.into_iter().next().expect("one part");
+            let data = part.try_into_data().map_err(|e| format!("{e:?}"))?;
+            data.try_into_vec::<f32>().map_err(|e| format!("{e:?}"))?
+        } else {
+            let mut values = Vec::with_capacity(self.len);
+            for part in staged {
+                let data = part.try_into_data().map_err(|e| format!("{e:?}"))?;
+                values.extend_from_slice(data.as_slice::<f32>().map_err(|e| format!("{e:?}"))?);
+            }
+            values
+        };
         self.traffic.to_host += byte_len(values.len());
         Ok(values)
     }
@@ -854,21 +877,29 @@ impl DeviceBuffer for TensorBucket {
     fn write(&mut self, values: Vec<f32>) -> Result<(), String> {
         let n = values.len();
         self.traffic.to_device += byte_len(n);
-        if self.keep_host {
-            self.reduced = Some(Tensor::from_data(TensorData::new(values.clone(), [n]), &self.device));
-            self.written = Some(values);
-        } else {
-            self.reduced = Some(Tensor::from_data(TensorData::new(values, [n]), &self.device));
+        if let Some(start) = self.keep_from {
+            self.written = Some(HostCopy {
+                start,
+                values: values[start.min(n)..].to_vec(),
+            });
         }
+        self.reduced = Some(Tensor::from_data(TensorData::new(values, [n]), &self.device));
         Ok(())
     }
+}
+
+/// The reduced values of a bucket from `start` (an offset in the bucket) to its end, kept on the
+/// host when the communicator wrote them back from there.
+struct HostCopy {
+    start: usize,
+    values: Vec<f32>,
 }
 
 /// A step's reduced buckets: on the device, and on the host where the communicator left a copy.
 struct Reduced {
     layout: BucketLayout,
     buckets: Vec<Tensor<1>>,
-    host: Vec<Option<Vec<f32>>>,
+    host: Vec<Option<HostCopy>>,
     count: f32,
 }
 
@@ -884,8 +915,10 @@ impl Reduced {
             }
             let local = lo - bucket.start..hi - bucket.start;
             match &self.host[b] {
-                Some(values) => out.extend_from_slice(&values[local]),
-                None => {
+                Some(copy) if copy.start <= local.start => {
+                    out.extend_from_slice(&copy.values[local.start - copy.start..local.end - copy.start]);
+                }
+                _ => {
                     let values = to_host(self.buckets[b].clone().slice(local), "the reduced gradient buckets")?;
                     traffic.to_host += byte_len(values.len());
                     out.extend_from_slice(&values);
