@@ -225,6 +225,11 @@ pub struct Balancer {
     meter: DeviceMeter,
     cap_limits: Vec<Option<usize>>,
     injected: bool,
+    /// Whether this rank has re-measured its micro-batch cap with the optimizer state in place
+    /// (see [`Balancer::refit_cap`]).
+    refitted: bool,
+    /// This rank's cap from that measurement, in force until the other ranks have it too.
+    refitted_cap: Option<usize>,
     plan_changes: Vec<u64>,
     swap: crate::offload::SwapMonitor,
     host: Option<crate::offload::HostOffload>,
@@ -279,6 +284,7 @@ impl Balancer {
             return Err(BalanceError::NotCounting { rank: ddp.rank() });
         }
         let params = model.num_params() as u64;
+        let scratch = scratch_copy(model);
         let mut points = if options.shared_heap {
             // One rank at a time; the others wait at the barrier with constant memory.
             let mut mine = Vec::new();
@@ -292,7 +298,7 @@ impl Balancer {
                     } else {
                         ProbeMeter::Heap(base)
                     };
-                    mine = probe_points(model, loss_fn, pool, params, &options, &source, None)?;
+                    mine = probe_points(&scratch, loss_fn, pool, params, &options, &source, None)?;
                 }
                 ddp.comm().barrier()?;
             }
@@ -301,7 +307,7 @@ impl Balancer {
             // Every rank times each size at the same time, so ranks that share a core measure
             // it under the load they will run under.
             probe_points(
-                model,
+                &scratch,
                 loss_fn,
                 pool,
                 params,
@@ -364,6 +370,8 @@ impl Balancer {
             reports,
             meter,
             injected: false,
+            refitted: false,
+            refitted_cap: None,
             plan_changes: Vec::new(),
             swap: crate::offload::SwapMonitor::new(&options.proc_root),
             host: None,
@@ -483,6 +491,8 @@ impl Balancer {
             meter: self.meter.clone(),
             cap_limits: vec![None; self.reports.len()],
             injected: false,
+            refitted: false,
+            refitted_cap: None,
             plan_changes: Vec::new(),
             swap: self.swap.clone(),
             host: self.host.clone(),
@@ -621,7 +631,10 @@ impl Balancer {
         ddp.mark_ready();
         let parts = split_batch(batch, &self.plan.shares());
         let mine = &parts[rank];
-        let mut cap = self.plan.ranks[rank].micro_batch.max(1);
+        let mut cap = self.plan.ranks[rank]
+            .micro_batch
+            .min(self.refitted_cap.unwrap_or(usize::MAX))
+            .max(1);
         let mut queue =
             ballast_balancer::micro_batch_schedule(&self.reports[rank], mine.len(), cap, &self.options.tunables);
         let mut ran = Vec::new();
@@ -755,6 +768,10 @@ impl Balancer {
             self.apply_cap_limits();
             self.plan_changes.push(step);
         }
+        if pool && check && !self.refitted {
+            self.refitted = true;
+            self.refit_cap(ddp, &model, loss_fn, batch);
+        }
         Ok((
             model,
             BalancedStep {
@@ -766,6 +783,66 @@ impl Balancer {
                 swap_warning: self.swap.poll(),
             },
         ))
+    }
+
+    /// Once, after the first step, on a device whose pool is held to a budget: the optimizer's
+    /// state now exists (burn's optimizers create it in their first step) and the pool holds it
+    /// in pages of its own size, which the probes, run before any state existed, could not see.
+    /// The cap in force is measured again as a step runs it (two micro-batches, the first one's
+    /// gradients alive while the second runs, then summed), halved until its peak fits the
+    /// budget, then raised by bisection towards the smallest size found over it. A lower cap
+    /// applies to this rank from the next step on and reaches the other ranks in that step's
+    /// all-reduce, as an out-of-memory cap does. Gradients of these measurements are dropped.
+    fn refit_cap<M, F>(&mut self, ddp: &mut DataParallel, model: &M, loss_fn: &mut F, batch: &[usize])
+    where
+        M: Module,
+        F: FnMut(&M, &[usize]) -> Tensor<1>,
+    {
+        let rank = ddp.rank();
+        let planned = self.plan.ranks[rank].micro_batch;
+        if planned == 0 || batch.is_empty() {
+            return;
+        }
+        let budget = self.options.budget_bytes;
+        let scratch = scratch_copy(model);
+        let mut fits = |m: usize| {
+            let idx: Vec<usize> = batch.iter().copied().cycle().take(m).collect();
+            self.meter.reset_peak();
+            let ran = contain_device_oom(|| {
+                let mut sums = burn::optim::GradientsAccumulator::new();
+                for _ in 0..2 {
+                    let grads = loss_fn(&scratch, &idx).backward();
+                    sums.accumulate(&scratch, burn::optim::GradientsParams::from_grads(grads, &scratch));
+                }
+            });
+            let peak = self.meter.peak();
+            self.meter.reset_peak();
+            ran.is_ok() && peak <= budget
+        };
+        if fits(planned) {
+            return;
+        }
+        let (mut good, mut bad) = (planned / 2, planned);
+        while good > 0 && !fits(good) {
+            (good, bad) = (good / 2, good);
+        }
+        if good == 0 {
+            // Not even one sample fits: the step's own check reports it.
+            return;
+        }
+        for _ in 0..REFIT_BISECTIONS {
+            let mid = good + (bad - good) / 2;
+            if mid == good {
+                break;
+            }
+            if fits(mid) {
+                good = mid;
+            } else {
+                bad = mid;
+            }
+        }
+        self.refitted_cap = Some(good);
+        ddp.set_note(good as f32);
     }
 
     fn apply_cap_limits(&mut self) {
@@ -930,6 +1007,17 @@ impl ProbeMeter<'_> {
         }
     }
 }
+
+/// A copy of `model` for measurements: the same parameters (no bytes copied) and running
+/// statistics of its own, so the forward passes a probe runs leave the statistics of the model
+/// that trains (a batch norm's running mean, say) as they were, on every rank alike.
+fn scratch_copy<M: Module>(model: &M) -> M {
+    model.valid().train()
+}
+
+/// Bisection steps of [`Balancer::refit_cap`] between the largest size that fits and the
+/// smallest that does not.
+const REFIT_BISECTIONS: usize = 3;
 
 /// Least runs in a timed window.
 const PROBE_RUNS: u32 = 2;
@@ -1214,8 +1302,6 @@ mod tests {
         }
     }
 
-    /// Around the chosen size (16: within the tolerance of 8, the fastest), at offsets of 1, 2,
-    /// 4, 8 on both sides, strictly between the measured neighbours 8 and 32.
     #[test]
     fn device_out_of_memory_is_told_from_other_panics() {
         // cubecl's IoError and LaunchError texts, and CUDA's own name.
@@ -1234,6 +1320,8 @@ mod tests {
         assert_eq!(contain_device_oom(|| 7), Ok(7));
     }
 
+    /// Around the chosen size (16: within the tolerance of 8, the fastest), at offsets of 1, 2,
+    /// 4, 8 on both sides, strictly between the measured neighbours 8 and 32.
     #[test]
     fn refines_on_both_sides_of_the_chosen_size() {
         let curve = [
@@ -1261,5 +1349,65 @@ mod tests {
         assert_eq!(ballast_balancer::memory_cap(&r, &t), 11);
         assert_eq!(ballast_balancer::operating_point(&r, 11, &t).0, 8);
         assert_eq!(refine_sizes(&r, &t), vec![6, 7, 9, 10, 11]);
+    }
+
+    /// The probes run forward passes in training mode, yet a batch norm's running statistics in
+    /// the model that trains are what they were before: the probes ran on a scratch copy.
+    #[test]
+    fn probes_leave_running_statistics_alone() {
+        use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
+        use burn::tensor::Device;
+
+        use crate::{
+            collectives::{local, CommOptions},
+            DdpOptions,
+        };
+
+        #[derive(Module, Debug)]
+        struct Normed {
+            norm: BatchNorm,
+            head: Linear,
+        }
+        let device = Device::flex().autodiff();
+        let normed = Normed {
+            norm: BatchNormConfig::new(4).init(&device),
+            head: LinearConfig::new(4, 1).init(&device),
+        };
+        let comm = local::world(1, CommOptions::default()).pop().unwrap();
+        let (mut ddp, model) = DataParallel::wrap(Box::new(comm), normed, DdpOptions::default()).unwrap();
+        let mut loss_fn = |m: &Normed, idx: &[usize]| {
+            let x = Tensor::<2>::ones([idx.len(), 4], &device).mul_scalar(3.0);
+            m.head.forward(m.norm.forward(x)).mean()
+        };
+        let pool: Vec<usize> = (0..8).collect();
+        let meter = DeviceMeter::start();
+        Balancer::probe(
+            &mut ddp,
+            &model,
+            &mut loss_fn,
+            &pool,
+            8,
+            meter,
+            BalanceOptions::default(),
+        )
+        .unwrap();
+        let mean = model
+            .norm
+            .running_mean
+            .value_sync()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_eq!(mean, vec![0.0; 4], "a probe moved the running mean");
+        // The same forward pass on the model itself does move it: the check can fail.
+        drop(loss_fn(&model, &pool));
+        let moved = model
+            .norm
+            .running_mean
+            .value_sync()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert!(moved.iter().all(|&v| v > 0.0), "{moved:?}");
     }
 }

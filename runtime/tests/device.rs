@@ -203,9 +203,10 @@ mod wgpu {
     /// the budget, and the cap in force at the end uses at least 70 % of it. The budget is the
     /// first run's fixed bytes plus 700 samples, so memory, not speed, sets the micro-batch.
     ///
-    /// The first plan's cap can overshoot: once Adam's moments exist, the pool reserves more than
-    /// the planned 8 bytes per parameter (its pages are coarser than the moments), and the first
-    /// micro-batch over the budget backs off to half the size. The test prints how often.
+    /// Once Adam's moments exist the pool reserves more than the planned 8 bytes per parameter
+    /// (its pages are coarser than the moments), so the first plan's cap would overshoot; the
+    /// balancer measures the cap again after the first step, with the state in place, and no
+    /// micro-batch of any step goes over the budget (no back-off).
     #[test]
     fn device_wgpu_cap_keeps_the_peak_within_the_budget() {
         let _pool = pool_lock();
@@ -219,7 +220,7 @@ mod wgpu {
         );
         for s in &records {
             println!(
-                "step {}: cap {}, micro-batches {:?}, peak {} B = {:.1} % of the budget, back-offs {}",
+                "step {}: planned cap {}, micro-batches {:?}, peak {} B = {:.1} % of the budget, back-offs {}",
                 s.step,
                 s.caps[0],
                 s.micro_batches,
@@ -236,7 +237,10 @@ mod wgpu {
         }
         let last = records.last().unwrap();
         assert!(records[0].caps[0] < 1400, "the budget did not limit the micro-batch");
-        assert_eq!(last.oom_retries, 0, "the cap had not settled by the last step");
+        assert!(
+            records.iter().all(|s| s.oom_retries == 0),
+            "a micro-batch went over the budget and backed off"
+        );
         assert!(
             last.peak_bytes as f64 >= 0.7 * budget as f64,
             "peak {} uses under 70 % of {budget}",
