@@ -1391,23 +1391,18 @@ mod tests {
             BalanceOptions::default(),
         )
         .unwrap();
-        let mean = model
-            .norm
-            .running_mean
-            .value_sync()
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
-        assert_eq!(mean, vec![0.0; 4], "a probe moved the running mean");
+        let running_mean = |m: &Normed| {
+            m.norm
+                .running_mean
+                .value_sync()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap()
+        };
+        assert_eq!(running_mean(&model), vec![0.0; 4], "a probe moved the running mean");
         // The same forward pass on the model itself does move it: the check can fail.
         drop(loss_fn(&model, &pool));
-        let moved = model
-            .norm
-            .running_mean
-            .value_sync()
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
+        let moved = running_mean(&model);
         assert!(moved.iter().all(|&v| v > 0.0), "{moved:?}");
     }
 }
