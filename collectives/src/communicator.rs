@@ -189,9 +189,10 @@ pub trait Communicator: Send {
     /// Element-wise sum over ranks of `buckets` taken together, as one collective: a step's
     /// gradient buckets, which then need one agreement between the ranks, not one per bucket. The
     /// buckets are summed as their concatenation, in order, so only the total length must match
-    /// across ranks (how each rank cuts it into buckets is its own affair). One bucket is reduced
-    /// by [`Communicator::all_reduce_sum_device`] directly; several are read once each, reduced as
-    /// one host buffer by [`Communicator::all_reduce_sum_f32`], and written back once each.
+    /// across ranks (how each rank cuts it into buckets is its own affair). By default one bucket
+    /// is reduced by [`Communicator::all_reduce_sum_device`] directly and several by
+    /// [`reduce_buckets_through_host`]; a backend that reduces device memory in place (NCCL)
+    /// overrides this with [`DeviceBuffer::cuda_region`].
     ///
     /// # Errors
     /// As [`Communicator::all_reduce_sum_device`].
@@ -199,22 +200,77 @@ pub trait Communicator: Send {
         if let [one] = buckets {
             return self.all_reduce_sum_device(&mut **one);
         }
-        let rank = self.rank();
-        let device_error = |op: &'static str| move |message: String| Error::Device { op, rank, message };
-        let mut host = Vec::with_capacity(buckets.iter().map(|b| b.len()).sum());
-        for bucket in buckets.iter_mut() {
-            host.extend(bucket.read().map_err(device_error("reading a device buffer"))?);
-        }
-        self.all_reduce_sum_f32(&mut host)?;
-        let mut rest = host.as_slice();
-        for bucket in buckets.iter_mut() {
-            let (mine, after) = rest.split_at(bucket.len().min(rest.len()));
-            rest = after;
-            bucket
-                .write(mine.to_vec())
-                .map_err(device_error("writing a device buffer"))?;
-        }
-        Ok(())
+        reduce_buckets_through_host(self, buckets)
+    }
+}
+
+/// Reduces `buckets` as one host buffer: each is read once, the concatenation is summed by
+/// [`Communicator::all_reduce_sum_f32`] (one collective), and each is written back once. What
+/// [`Communicator::all_reduce_sum_buckets`] does on a host backend.
+///
+/// # Errors
+/// As [`Communicator::all_reduce_sum_device`].
+pub fn reduce_buckets_through_host<C: Communicator + ?Sized>(
+    comm: &mut C,
+    buckets: &mut [&mut dyn DeviceBuffer],
+) -> Result<()> {
+    let rank = comm.rank();
+    let mut host = read_buckets(rank, buckets)?;
+    comm.all_reduce_sum_f32(&mut host)?;
+    write_buckets(rank, buckets, &host)
+}
+
+/// The concatenation of `buckets`, each read once.
+pub(crate) fn read_buckets(rank: usize, buckets: &mut [&mut dyn DeviceBuffer]) -> Result<Vec<f32>> {
+    let mut host = Vec::with_capacity(buckets.iter().map(|b| b.len()).sum());
+    for bucket in buckets.iter_mut() {
+        host.extend(bucket.read().map_err(|message| Error::Device {
+            op: "reading a device buffer",
+            rank,
+            message,
+        })?);
+    }
+    Ok(host)
+}
+
+/// Writes `values`, the concatenation of `buckets`, back into them, each once.
+pub(crate) fn write_buckets(rank: usize, buckets: &mut [&mut dyn DeviceBuffer], values: &[f32]) -> Result<()> {
+    let mut rest = values;
+    for bucket in buckets.iter_mut() {
+        let (mine, after) = rest.split_at(bucket.len().min(rest.len()));
+        rest = after;
+        bucket.write(mine.to_vec()).map_err(|message| Error::Device {
+            op: "writing a device buffer",
+            rank,
+            message,
+        })?;
+    }
+    Ok(())
+}
+
+/// A device buffer's place in CUDA memory, as [`DeviceBuffer::cuda_region`] hands it out: `len`
+/// `f32` at address `ptr` in the primary context of GPU `ordinal`, whose contents are complete
+/// (every write the tensor library queued has finished). The address stays valid, and no one
+/// else touches the memory, until the region is dropped: `keep` holds whatever guarantees that
+/// (the tensor library's allocation guard and the tensor itself).
+pub struct CudaRegion {
+    /// Device address of the first element.
+    pub ptr: u64,
+    /// Number of `f32` elements.
+    pub len: usize,
+    /// The CUDA device ordinal the memory belongs to.
+    pub ordinal: usize,
+    /// Keeps the memory allocated, in place and unshared while the region lives.
+    pub keep: Box<dyn std::any::Any>,
+}
+
+impl std::fmt::Debug for CudaRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaRegion")
+            .field("ptr", &format_args!("{:#x}", self.ptr))
+            .field("len", &self.len)
+            .field("ordinal", &self.ordinal)
+            .finish_non_exhaustive()
     }
 }
 
@@ -241,6 +297,18 @@ pub trait DeviceBuffer {
     /// # Errors
     /// The tensor library's message.
     fn write(&mut self, values: Vec<f32>) -> std::result::Result<(), String>;
+
+    /// The buffer in CUDA memory, for a communicator that reduces it in place there (NCCL):
+    /// `None` (the default) when it is not in CUDA memory, and the communicator falls back to
+    /// [`DeviceBuffer::read`] and [`DeviceBuffer::write`]. After a `Some`, the reduced sum is
+    /// written into the region and the buffer is neither read nor written through the other
+    /// methods in the same collective.
+    ///
+    /// # Errors
+    /// The tensor library's message.
+    fn cuda_region(&mut self) -> std::result::Result<Option<CudaRegion>, String> {
+        Ok(None)
+    }
 }
 
 /// A host vector is a device buffer whose reads and writes are copies.

@@ -1,4 +1,4 @@
-//! GPU ranks over NCCL, through `cudarc::nccl` (not yet verified on a GPU).
+//! GPU ranks over NCCL, through `cudarc::nccl` (compiles; not yet verified on a GPU).
 //!
 //! # Bootstrap
 //! NCCL needs every rank to hold the same 128-byte unique id. Rank 0 creates it
@@ -7,11 +7,20 @@
 //! communicator stays in charge of small metadata, handshakes and agreement; NCCL carries only
 //! gradient bytes.
 //!
+//! # Device buffers
+//! [`Communicator::all_reduce_sum_buckets`] reduces a step's buckets where they are: a bucket that
+//! offers its CUDA memory ([`DeviceBuffer::cuda_region`], as ballast's gradient buckets do on a
+//! CUDA device) is summed in place; any other is read once, staged through a device copy and
+//! written back once. One handshake on the control plane gathers every rank's bucket cuts and
+//! checks the totals; each piece of the common refinement of all ranks' cuts then gets one
+//! `ncclAllReduce`, all in one NCCL group, so ranks may cut their buffers differently (the
+//! [contract](crate::communicator)'s rule) and NCCL still sees the same calls everywhere.
+//!
 //! # Streams
-//! Collectives are enqueued on this communicator's own CUDA stream. [`NcclCommunicator::all_reduce_sum_cuda`]
-//! synchronises that stream before returning, so the caller may touch the buffer at once. The
-//! caller must have finished writing the buffer on *its* streams before the call (burn: sync the
-//! device).
+//! Collectives are enqueued on this communicator's own CUDA stream and waited for before a call
+//! returns, so the caller may touch the buffers at once. The caller must have finished writing
+//! the buffers on *its* streams before the call: a [`crate::CudaRegion`] promises complete
+//! contents (ballast waits for burn's queued work before handing one out).
 //!
 //! # Thread safety
 //! An NCCL communicator must not be used from two threads at once; `&mut self` enforces it.
@@ -39,7 +48,7 @@ use cudarc::{
     nccl::{result as nccl_result, sys as nccl_sys, Id},
 };
 
-use crate::{Communicator, Error, Result};
+use crate::{Communicator, CudaRegion, DeviceBuffer, Error, Result};
 
 /// Whether the CUDA driver library can be loaded on this machine.
 pub fn cuda_present() -> bool {
@@ -164,6 +173,7 @@ pub struct NcclCommunicator {
     control: Box<dyn Communicator>,
     comm: RawComm,
     stream: Arc<CudaStream>,
+    ordinal: usize,
     aborted: Option<String>,
 }
 
@@ -216,6 +226,7 @@ impl NcclCommunicator {
             control,
             comm: RawComm(comm),
             stream,
+            ordinal,
             aborted: None,
         })
     }
@@ -276,40 +287,88 @@ impl NcclCommunicator {
     /// # Errors
     /// Handshake errors (timeouts naming missing ranks, length mismatches) and [`Error::Gpu`].
     pub fn all_reduce_sum_cuda(&mut self, buf: &mut CudaSlice<f32>) -> Result<()> {
+        self.check_alive()?;
+        let len = buf.len();
+        let (ptr, written) = buf.device_ptr_mut(&self.stream);
+        // The collective runs on this stream, after the work `device_ptr_mut` ordered before it.
+        drop(written);
+        self.reduce_regions("nccl all_reduce_sum_cuda", &[(ptr, len)])
+    }
+
+    /// The arrival handshake of an in-place reduction of this rank's regions of `lens` elements,
+    /// on the control plane: every rank's cut points are gathered, the totals must match, and
+    /// the common refinement of all ranks' cuts is returned as `(region, offset, len)` segments
+    /// of this rank's regions (the same segments, in the same order, on every rank).
+    fn handshake(&mut self, op: &'static str, lens: &[usize]) -> Result<Vec<(usize, usize, usize)>> {
         let rank = self.control.rank();
-        let mut len = vec![buf.len() as u64];
-        // The handshake: lengths and arrival, checked on the control plane before the GPU waits.
-        let lens = self.control.all_gather_bytes(&len[0].to_le_bytes())?;
-        if lens.iter().any(|l| l.as_slice() != len[0].to_le_bytes()) {
-            len = lens
-                .iter()
-                .map(|l| u64::from_le_bytes(l.as_slice().try_into().unwrap_or([0; 8])))
-                .collect();
+        let total: usize = lens.iter().sum();
+        let cuts: Vec<u64> = lens
+            .iter()
+            .scan(0usize, |end, &len| {
+                *end += len;
+                Some(*end as u64)
+            })
+            .collect();
+        let mut bytes = (total as u64).to_le_bytes().to_vec();
+        cuts.iter().for_each(|c| bytes.extend(c.to_le_bytes()));
+        let all = self.control.all_gather_bytes(&bytes)?;
+        let words = |b: &[u8]| -> Vec<u64> {
+            b.chunks_exact(8)
+                .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+                .collect()
+        };
+        let all: Vec<Vec<u64>> = all.iter().map(|b| words(b)).collect();
+        if all.iter().any(|w| w.first() != Some(&(total as u64))) {
             return Err(Error::ShapeMismatch {
-                op: "nccl all_reduce_sum_cuda",
-                seq: 0,
+                op,
+                seq: self.control.collectives_started(),
                 rank,
-                lengths: len,
+                lengths: all.iter().map(|w| w.first().copied().unwrap_or(0)).collect(),
             });
         }
+        let cuts: Vec<&[u64]> = all.iter().map(|w| &w[1..]).collect();
+        Ok(common_segments(lens, &cuts))
+    }
+
+    /// Sums `regions` (device address and length, on this communicator's GPU, contents
+    /// complete) over all ranks in place: one handshake, one ncclAllReduce per segment of the
+    /// common refinement in one NCCL group on this communicator's stream, then the wait.
+    fn reduce_regions(&mut self, op: &'static str, regions: &[(u64, usize)]) -> Result<()> {
+        let rank = self.control.rank();
+        let lens: Vec<usize> = regions.iter().map(|&(_, len)| len).collect();
+        let segments = self.handshake(op, &lens)?;
         self.check_alive()?;
-        let count = buf.len();
-        let (ptr, written) = buf.device_ptr_mut(&self.stream);
-        // SAFETY: `ptr` addresses `count` f32 on this communicator's device; the stream orders
-        // the collective after earlier work on the buffer (`device_ptr_mut`'s contract).
-        unsafe {
-            nccl_result::all_reduce(
-                ptr as *const std::ffi::c_void,
-                ptr as *mut std::ffi::c_void,
-                count,
-                nccl_sys::ncclDataType_t::ncclFloat32,
-                nccl_sys::ncclRedOp_t::ncclSum,
-                self.comm.0,
-                self.stream.cu_stream() as _,
-            )
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| gpu("cuCtxSetCurrent", rank, e))?;
+        nccl_result::group_start().map_err(|e| gpu("ncclGroupStart", rank, e))?;
+        let mut launched = Ok(());
+        for &(region, offset, count) in &segments {
+            let ptr = regions[region].0 + (offset * std::mem::size_of::<f32>()) as u64;
+            // SAFETY: `ptr` addresses `count` f32 inside a region the caller holds on this
+            // communicator's device, complete before this stream runs (the callers' contract),
+            // and untouched by anyone else until `wait` below returns.
+            launched = unsafe {
+                nccl_result::all_reduce(
+                    ptr as *const std::ffi::c_void,
+                    ptr as *mut std::ffi::c_void,
+                    count,
+                    nccl_sys::ncclDataType_t::ncclFloat32,
+                    nccl_sys::ncclRedOp_t::ncclSum,
+                    self.comm.0,
+                    self.stream.cu_stream() as _,
+                )
+            }
+            .map(|_| ())
+            .map_err(|e| gpu("ncclAllReduce", rank, e));
+            if launched.is_err() {
+                break;
+            }
         }
-        .map_err(|e| gpu("ncclAllReduce", rank, e))?;
-        drop(written);
+        // The group is closed whatever happened inside it, so NCCL is left in a sane state.
+        let closed = nccl_result::group_end().map_err(|e| gpu("ncclGroupEnd", rank, e));
+        launched.and(closed)?;
         self.wait("ncclAllReduce")
     }
 
@@ -327,6 +386,61 @@ impl NcclCommunicator {
             .synchronize()
             .map_err(|e| gpu("cuStreamSynchronize", rank, e))
     }
+
+    /// The buckets of one reduction as device regions: each bucket's own CUDA memory where it
+    /// offers it ([`DeviceBuffer::cuda_region`]), else a device copy of what it reads (staged
+    /// here, written back after the sum).
+    fn bucket_regions(&mut self, buckets: &mut [&mut dyn DeviceBuffer]) -> Result<BucketRegions> {
+        let rank = self.control.rank();
+        let device_error = |op: &'static str| move |message: String| Error::Device { op, rank, message };
+        let mut out = BucketRegions::default();
+        for (index, bucket) in buckets.iter_mut().enumerate() {
+            match bucket
+                .cuda_region()
+                .map_err(device_error("handing a device buffer to NCCL"))?
+            {
+                Some(region) if region.ordinal == self.ordinal && region.len == bucket.len() => {
+                    out.regions.push((region.ptr, region.len));
+                    out.held.push(region);
+                }
+                Some(region) => {
+                    return Err(Error::Device {
+                        op: "handing a device buffer to NCCL",
+                        rank,
+                        message: format!(
+                            "bucket {index} is {} values on cuda:{} but NCCL runs on cuda:{} with {} values expected; \
+                             keep the model on the GPU this rank's communicator was made for",
+                            region.len,
+                            region.ordinal,
+                            self.ordinal,
+                            bucket.len()
+                        ),
+                    });
+                }
+                None => {
+                    let host = bucket.read().map_err(device_error("reading a device buffer"))?;
+                    let mut dev = self
+                        .stream
+                        .clone_htod(&host)
+                        .map_err(|e| gpu("cuMemcpyHtoD", rank, e))?;
+                    let (ptr, written) = dev.device_ptr_mut(&self.stream);
+                    drop(written);
+                    out.regions.push((ptr, host.len()));
+                    out.staged.push((index, dev));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What [`NcclCommunicator::bucket_regions`] hands out: every bucket's region, in order, with
+/// what keeps each alive.
+#[derive(Default)]
+struct BucketRegions {
+    regions: Vec<(u64, usize)>,
+    held: Vec<CudaRegion>,
+    staged: Vec<(usize, CudaSlice<f32>)>,
 }
 
 impl Communicator for NcclCommunicator {
@@ -371,6 +485,35 @@ impl Communicator for NcclCommunicator {
         self.all_reduce_host(buf)
     }
 
+    /// The buffer's own CUDA memory is reduced in place when it offers it
+    /// ([`DeviceBuffer::cuda_region`]); otherwise it is staged through a device copy.
+    fn all_reduce_sum_device(&mut self, buf: &mut dyn DeviceBuffer) -> Result<()> {
+        self.all_reduce_sum_buckets(&mut [buf])
+    }
+
+    /// One handshake on the control plane (every rank's cut points), then one ncclAllReduce
+    /// per piece of the common refinement of the ranks' cuts, grouped, in the buckets' own CUDA
+    /// memory where they offer it and through device copies where they do not.
+    fn all_reduce_sum_buckets(&mut self, buckets: &mut [&mut dyn DeviceBuffer]) -> Result<()> {
+        self.check_alive()?;
+        let rank = self.control.rank();
+        let staged = self.bucket_regions(buckets)?;
+        self.reduce_regions("nccl all_reduce_sum_buckets", &staged.regions)?;
+        drop(staged.held);
+        for (index, dev) in staged.staged {
+            let values = self.stream.clone_dtoh(&dev).map_err(|e| gpu("cuMemcpyDtoH", rank, e))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| gpu("cuStreamSynchronize", rank, e))?;
+            buckets[index].write(values).map_err(|message| Error::Device {
+                op: "writing a device buffer",
+                rank,
+                message,
+            })?;
+        }
+        Ok(())
+    }
+
     fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<()> {
         // Counters and checksums are small: the control plane carries them.
         self.control.all_reduce_sum_f64(buf)
@@ -394,6 +537,29 @@ impl Communicator for NcclCommunicator {
     }
 }
 
+/// The pieces of the common refinement of every rank's cuts (`cuts[r]`: the end offsets of
+/// rank `r`'s regions, in order, the last being the common total) as `(region, offset, len)` of
+/// this rank's regions of `lens` elements: every piece lies inside one region on every rank, the
+/// pieces follow each other in order, and every rank gets the same piece lengths.
+fn common_segments(lens: &[usize], cuts: &[&[u64]]) -> Vec<(usize, usize, usize)> {
+    let mut bounds: Vec<u64> = cuts.iter().flat_map(|c| c.iter().copied()).collect();
+    bounds.push(0);
+    bounds.sort_unstable();
+    bounds.dedup();
+    let mut segments = Vec::with_capacity(bounds.len());
+    let mut region = 0;
+    let mut region_start = 0usize;
+    for pair in bounds.windows(2) {
+        let (lo, hi) = (pair[0] as usize, pair[1] as usize);
+        while region_start + lens[region] <= lo {
+            region_start += lens[region];
+            region += 1;
+        }
+        segments.push((region, lo - region_start, hi - lo));
+    }
+    segments
+}
+
 fn gpu(call: &'static str, rank: usize, e: impl std::fmt::Debug) -> Error {
     // cudarc's NcclError has no Display; its Debug names the result code.
     Error::Gpu {
@@ -407,6 +573,67 @@ fn gpu(call: &'static str, rank: usize, e: impl std::fmt::Debug) -> Error {
 mod tests {
     use super::*;
     use crate::{local, CommOptions};
+    use proptest::prelude::*;
+
+    /// End offsets of regions of these lengths.
+    fn ends(lens: &[usize]) -> Vec<u64> {
+        lens.iter()
+            .scan(0u64, |end, &l| {
+                *end += l as u64;
+                Some(*end)
+            })
+            .collect()
+    }
+
+    /// Lengths that sum to `total`, cut at `points` (taken modulo `total + 1`), with empty
+    /// regions where points repeat.
+    fn cut(total: usize, points: &[usize]) -> Vec<usize> {
+        let mut at: Vec<usize> = points.iter().map(|p| p % (total + 1)).collect();
+        at.sort_unstable();
+        let mut lens = Vec::new();
+        let mut last = 0;
+        for p in at.into_iter().chain([total]) {
+            lens.push(p - last);
+            last = p;
+        }
+        lens
+    }
+
+    proptest! {
+        /// Whatever each rank's cuts, every rank gets the same piece lengths, the pieces tile its
+        /// own regions in order, and no piece crosses a region boundary of any rank.
+        #[test]
+        fn the_common_refinement_tiles_every_rank_s_regions(
+            total in 0usize..200,
+            points in proptest::collection::vec(proptest::collection::vec(0usize..1000, 0..6), 1..4),
+        ) {
+            let lens: Vec<Vec<usize>> = points.iter().map(|p| cut(total, p)).collect();
+            let cuts: Vec<Vec<u64>> = lens.iter().map(|l| ends(l)).collect();
+            let views: Vec<&[u64]> = cuts.iter().map(Vec::as_slice).collect();
+            let all: Vec<Vec<(usize, usize, usize)>> = lens.iter().map(|l| common_segments(l, &views)).collect();
+            let piece_lens = |s: &[(usize, usize, usize)]| s.iter().map(|p| p.2).collect::<Vec<_>>();
+            for (rank, segments) in all.iter().enumerate() {
+                prop_assert_eq!(piece_lens(segments), piece_lens(&all[0]));
+                prop_assert_eq!(segments.iter().map(|p| p.2).sum::<usize>(), total);
+                prop_assert!(segments.iter().all(|p| p.2 > 0));
+                let mut at = 0;
+                for &(region, offset, len) in segments {
+                    let start: usize = lens[rank][..region].iter().sum();
+                    prop_assert_eq!(start + offset, at, "rank {} pieces out of order", rank);
+                    prop_assert!(offset + len <= lens[rank][region], "rank {} piece crosses a region", rank);
+                    at += len;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn identical_cuts_give_one_piece_per_region() {
+        let lens = [3, 0, 5, 2];
+        let c = ends(&lens);
+        let views = [c.as_slice(), c.as_slice()];
+        assert_eq!(common_segments(&lens, &views), vec![(0, 0, 3), (2, 0, 5), (3, 0, 2)]);
+    }
 
     /// On a machine without libnccl the constructor returns a typed error, not a panic.
     #[test]
