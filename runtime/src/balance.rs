@@ -384,7 +384,8 @@ impl Balancer {
             balancer.start_shard(ddp.rank(), model, placed)?;
             return Ok(balancer);
         }
-        // If any rank keeps its optimizer state on the host, every rank runs the host Adam: the
+        // If any rank keeps its optimizer state on the host, every rank runs the host Adam's
+        // arithmetic (a GPU rank with it on the GPU, chunk by chunk over managed memory): the
         // replicas must apply bit-identical updates, and burn's Adam rounds differently.
         if balancer.options.host_optimizer || balancer.plan.ranks.iter().any(|r| r.offload) {
             let host = crate::offload::HostOffload::for_device(

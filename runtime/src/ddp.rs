@@ -499,9 +499,11 @@ impl DataParallel {
         Ok((model, stats))
     }
 
-    /// As [`DataParallel::finish_step`], but the optimizer runs on the host: `host` holds the
-    /// master parameters and Adam moments, takes the averaged gradient from the host copy of the
-    /// reduced buckets, and the updated parameters are loaded back into `model`.
+    /// As [`DataParallel::finish_step`], but the optimizer state lives off the device: `host`
+    /// holds the master parameters and Adam moments, takes the averaged gradient from the host
+    /// copy of the reduced buckets, updates them (on the host cores, or on a GPU rank by the GPU
+    /// chunk by chunk over managed memory) and the updated parameters are loaded back into
+    /// `model`.
     ///
     /// # Errors
     /// As [`DataParallel::finish_step`].
@@ -516,7 +518,7 @@ impl DataParallel {
         let n = self.param_count();
         let mut grads = reduced.host_range(0..n, &mut stats.traffic)?;
         grads.iter_mut().for_each(|g| *g /= reduced.count);
-        let params = host.step(&grads, lr as f32);
+        let params = host.step(&grads, lr as f32)?;
         stats.traffic.to_device += byte_len(params.len());
         Ok((load_params(model, params), stats))
     }
@@ -816,7 +818,8 @@ fn bucket_parts(layout: &BucketLayout, pieces: Vec<Tensor<1>>) -> Vec<Vec<Tensor
 ///
 /// A bucket is staged for the host as one transfer on an accelerator (its parts concatenated on
 /// the device first); on `flex`, whose device memory is host memory, each part is copied out
-/// directly, which saves a concatenation pass and a copy.
+/// directly, which saves a concatenation pass and a copy. On a CUDA device under NCCL the
+/// concatenation is reduced where it is ([`DeviceBuffer::cuda_region`]) and nothing is staged.
 struct TensorBucket {
     parts: Vec<Tensor<1>>,
     len: usize,
@@ -885,6 +888,31 @@ impl DeviceBuffer for TensorBucket {
         }
         self.reduced = Some(Tensor::from_data(TensorData::new(values, [n]), &self.device));
         Ok(())
+    }
+
+    /// On a CUDA device: the parts laid out in one fresh device tensor, which the communicator
+    /// then reduces in place and which becomes the reduced bucket (no host copy at all).
+    #[cfg(feature = "cuda")]
+    fn cuda_region(&mut self) -> Result<Option<ballast_collectives::CudaRegion>, String> {
+        if self.parts.is_empty() {
+            return Ok(None);
+        }
+        let mut parts = std::mem::take(&mut self.parts);
+        let flat = if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            Tensor::cat(parts, 0)
+        };
+        match crate::cuda::region_of(flat)? {
+            Ok((tensor, region)) => {
+                self.reduced = Some(tensor);
+                Ok(Some(region))
+            }
+            Err(flat) => {
+                self.parts = vec![flat];
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -971,4 +999,27 @@ fn first_difference(a: &[(String, Vec<usize>)], b: &[(String, Vec<usize>)]) -> O
         }
     }
     (a.len() != b.len()).then(|| format!("rank 0 has {} parameters, it has {}", a.len(), b.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bucket off CUDA memory offers no region and still reads its parts afterwards, on the
+    /// host backend and (with `wgpu`) on a cubecl device that is not CUDA.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn a_bucket_off_cuda_offers_no_region_and_keeps_its_values() {
+        let mut devices = vec![Device::flex()];
+        if cfg!(feature = "wgpu") {
+            devices.extend(crate::device::DeviceChoice::WgpuCpu.device(0).ok());
+        }
+        for device in devices {
+            let part = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), &device);
+            let mut bucket = TensorBucket::new(vec![part(vec![1.0, 2.0]), part(vec![3.0])], device.clone(), None);
+            assert!(bucket.cuda_region().unwrap().is_none(), "{device:?}");
+            assert_eq!(bucket.read().unwrap(), vec![1.0, 2.0, 3.0], "{device:?}");
+            assert!(bucket.read().is_err(), "a second read must fail on {device:?}");
+        }
+    }
 }

@@ -27,6 +27,8 @@ pub mod balance;
 pub mod checkpoint;
 #[cfg(feature = "cli")]
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod ddp;
 pub mod device;
 pub mod eval;

@@ -161,7 +161,7 @@ impl ShardedAdam {
     ) -> Result<Vec<f32>, DdpError> {
         assert_eq!(grads.len(), self.len(), "gradient count differs from the shard");
         match &mut self.state {
-            ShardState::Host(host) => Ok(host.step(&grads, lr).to_vec()),
+            ShardState::Host(host) => Ok(host.step(&grads, lr)?.to_vec()),
             ShardState::Device(adam) => {
                 let Some(values) = params_range(model, self.offset..self.offset + grads.len()) else {
                     // An empty shard still counts the step: its count is the one a checkpoint

@@ -488,11 +488,17 @@ fn run_ddp_with<M: Regressor>(
         weight_decay: case.weight_decay,
         ..Default::default()
     };
+    // A rank on a CUDA device keeps its offloaded state in managed memory, updated by the GPU.
+    let gpu = match DeviceChoice::for_rank(&case.devices, rank) {
+        DeviceChoice::Cuda(index) => Some(index.unwrap_or(0)),
+        _ => None,
+    };
     let mut host = if case.offload {
-        Some(crate::offload::HostOffload::new(
+        Some(crate::offload::HostOffload::for_device(
             &model,
             config,
             std::path::Path::new("/"),
+            gpu,
         )?)
     } else {
         None

@@ -138,27 +138,7 @@ impl HostAdam {
         assert_eq!(grads.len(), self.m.len(), "gradient count differs from parameters");
         self.m.prepare_for_host();
         self.v.prepare_for_host();
-        self.t += 1;
-        let c = self.config;
-        let bc2 = (1.0 - c.beta_2.powi(self.t)).sqrt();
-        let factor = bc2 / (1.0 - c.beta_1.powi(self.t));
-        let eps = c.epsilon * bc2;
-        let k = Consts {
-            lr,
-            b1: c.beta_1,
-            b2: c.beta_2,
-            one_m_b1: 1.0 - c.beta_1,
-            one_m_b2: 1.0 - c.beta_2,
-            factor,
-            eps,
-            wd: c.weight_decay,
-        };
-        let first = self.t == 1;
-        let decay = match (c.weight_decay != 0.0, c.decoupled) {
-            (false, _) => Decay::None,
-            (true, false) => Decay::L2,
-            (true, true) => Decay::Decoupled,
-        };
+        let (k, first, decay) = self.next_step(lr);
         params
             .par_chunks_mut(CHUNK)
             .zip(grads.par_chunks(CHUNK))
@@ -166,6 +146,71 @@ impl HostAdam {
             .zip(self.v.par_chunks_mut(CHUNK))
             .for_each(|(((p, g), m), v)| update(p, g, m, v, &k, first, decay));
     }
+
+    /// One update on the GPU of `params` with `grads`, all four buffers in managed memory,
+    /// streamed through the device chunk by chunk by `gpu` (see [`super::managed::ChunkedAdam`]).
+    /// The same arithmetic as [`HostAdam::step`], in the same order.
+    ///
+    /// # Errors
+    /// [`OffloadError::Cuda`] when a buffer is not managed memory or a CUDA call fails (the
+    /// step count is not advanced when a buffer is not managed).
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    #[cfg(feature = "cuda")]
+    pub fn step_on_gpu(
+        &mut self,
+        gpu: &super::managed::ChunkedAdam,
+        params: &mut StateBuffer,
+        grads: &StateBuffer,
+        lr: f32,
+    ) -> Result<super::managed::ChunkStats, super::OffloadError> {
+        assert_eq!(params.len(), self.m.len(), "parameter count changed");
+        assert_eq!(grads.len(), self.m.len(), "gradient count differs from parameters");
+        let (StateBuffer::Managed(p), StateBuffer::Managed(g)) = (params, grads) else {
+            return Err(super::OffloadError::Cuda(
+                "the GPU update needs the parameters and gradients in managed memory".into(),
+            ));
+        };
+        let (StateBuffer::Managed(m), StateBuffer::Managed(v)) = (&mut self.m, &mut self.v) else {
+            return Err(super::OffloadError::Cuda(
+                "the GPU update needs Adam's moments in managed memory".into(),
+            ));
+        };
+        let t = self.t + 1;
+        let (k, first, decay) = step_constants(&self.config, t, lr);
+        let stats = gpu.step(p, g, m, v, &k.kernel_args(first, decay))?;
+        self.t = t;
+        Ok(stats)
+    }
+
+    /// Advances the step count and returns the constants of that step.
+    fn next_step(&mut self, lr: f32) -> (Consts, bool, Decay) {
+        self.t += 1;
+        step_constants(&self.config, self.t, lr)
+    }
+}
+
+/// The constants of step `t` (from 1), whether it is the first, and the kind of decay.
+fn step_constants(c: &HostAdamConfig, t: i32, lr: f32) -> (Consts, bool, Decay) {
+    let bc2 = (1.0 - c.beta_2.powi(t)).sqrt();
+    let factor = bc2 / (1.0 - c.beta_1.powi(t));
+    let k = Consts {
+        lr,
+        b1: c.beta_1,
+        b2: c.beta_2,
+        one_m_b1: 1.0 - c.beta_1,
+        one_m_b2: 1.0 - c.beta_2,
+        factor,
+        eps: c.epsilon * bc2,
+        wd: c.weight_decay,
+    };
+    let decay = match (c.weight_decay != 0.0, c.decoupled) {
+        (false, _) => Decay::None,
+        (true, false) => Decay::L2,
+        (true, true) => Decay::Decoupled,
+    };
+    (k, t == 1, decay)
 }
 
 #[derive(Clone, Copy)]
@@ -185,6 +230,29 @@ enum Decay {
     None,
     L2,
     Decoupled,
+}
+
+#[cfg(feature = "cuda")]
+impl Consts {
+    /// The GPU kernel's scalar arguments for this step.
+    fn kernel_args(&self, first: bool, decay: Decay) -> super::managed::AdamArgs {
+        super::managed::AdamArgs {
+            lr: self.lr,
+            b1: self.b1,
+            b2: self.b2,
+            one_m_b1: self.one_m_b1,
+            one_m_b2: self.one_m_b2,
+            factor: self.factor,
+            eps: self.eps,
+            wd: self.wd,
+            first: i32::from(first),
+            decay: match decay {
+                Decay::None => 0,
+                Decay::L2 => 1,
+                Decay::Decoupled => 2,
+            },
+        }
+    }
 }
 
 /// Picks the widest vector unit the CPU has (AVX-512, AVX2, else the baseline), then the loop specialised for this step's shape.

@@ -1,14 +1,16 @@
 //! Host offload: master parameters and Adam moments in host memory, for devices too small to
 //! hold optimizer state next to a useful micro-batch.
 //!
-//! Per step the device only runs forward and backward; the averaged gradient (already on the
-//! host in the fused all-reduce buffer on CPU ranks) updates the host master copy with
-//! [`HostAdam`], and the new parameters are loaded back into the model. The device saves
-//! 8 bytes per parameter of Adam state (12 with the master copy's gradient buffer).
+//! Per step the device only runs forward and backward; the averaged gradient updates the master
+//! copy with Adam, and the new parameters are loaded back into the model. The device saves 8
+//! bytes per parameter of Adam state (12 with the master copy).
 //!
-//! On CPU ranks the buffers are plain host vectors. With the `cuda` feature, on a GPU rank, the
-//! Adam moments live in managed memory (`StateBuffer::Managed`), advised to the host and
-//! prefetched explicitly; that path is **not yet verified on a GPU**.
+//! On CPU ranks the buffers are plain host vectors and [`HostAdam`] updates them on the host
+//! cores. With the `cuda` feature, on a GPU rank, the master copy, the moments and a gradient
+//! buffer live in CUDA managed memory advised to the host (`StateBuffer::Managed`), and the GPU
+//! computes the step, streaming the state through the device two chunks at a time
+//! ([`chunk_schedule`], `managed::ChunkedAdam`): state larger than the device's free memory is
+//! updated at PCIe speed instead of by the host CPU. That path is **not yet verified on a GPU**.
 //!
 //! Host RAM is finite and swapping destroys throughput: [`check_host_memory`] refuses offload
 //! buffers beyond `MemAvailable` minus a margin, and [`SwapMonitor`] reports rising `pswpout`
@@ -53,10 +55,11 @@ pub enum OffloadError {
     /// The CUDA driver is absent.
     #[error("CUDA offload needs the NVIDIA driver (libcuda.so), which is not installed here")]
     NoCuda,
-    /// The device has less free memory than a managed buffer would take.
+    /// The device has too little free memory for the chunked update of offloaded state.
     #[error(
-        "refusing to allocate {needed} bytes of managed memory with only {free} free on the device: \
-         oversubscribed managed memory can stall the GPU"
+        "updating offloaded optimizer state on the GPU needs {needed} bytes of free device memory for \
+         two chunks, but only {free} are free; free device memory (a smaller micro-batch) or offload \
+         on a CPU rank"
     )]
     DeviceMemory {
         /// Bytes asked for.
@@ -91,6 +94,53 @@ pub fn check_host_memory(root: &Path, needed: u64, margin: f64) -> Result<u64, O
         });
     }
     Ok(usable)
+}
+
+/// One operation of the chunked GPU update of offloaded state (see [`chunk_schedule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkOp {
+    /// Prefetch chunk `i` of every buffer to the device (copy stream).
+    Load(usize),
+    /// Update chunk `i` on the device once it is loaded (compute stream).
+    Update(usize),
+    /// Prefetch chunk `i` back to the host once it is updated (copy stream).
+    Unload(usize),
+}
+
+/// Device bytes one element of the chunked update occupies: parameter, gradient and two moments.
+pub const CHUNK_BYTES_PER_ELEMENT: u64 = 16;
+
+/// The order the chunked update issues its operations for `chunks` chunks: chunk `i + 1` is
+/// loaded while chunk `i` is updated, and chunk `i` is unloaded before chunk `i + 2` is loaded,
+/// so at most two chunks are on the device at once. The copy stream runs the loads and unloads
+/// in this order; the compute stream runs the updates, each after its load.
+pub fn chunk_schedule(chunks: usize) -> Vec<ChunkOp> {
+    let mut ops = Vec::with_capacity(3 * chunks);
+    for i in 0..chunks {
+        ops.push(ChunkOp::Load(i));
+        ops.push(ChunkOp::Update(i));
+        if i > 0 {
+            ops.push(ChunkOp::Unload(i - 1));
+        }
+    }
+    if chunks > 0 {
+        ops.push(ChunkOp::Unload(chunks - 1));
+    }
+    ops
+}
+
+/// Elements per chunk of the chunked update of `len` values with `free` device bytes: two
+/// chunks take at most a quarter of the free memory, a chunk holds at most 16 Mi elements (256
+/// MiB on the device) and at least 64 Ki, and never more than `len`. `None` when two chunks of
+/// the smallest size do not fit in the quarter.
+pub fn chunk_len(free: u64, len: usize) -> Option<usize> {
+    const MIN: u64 = 64 * 1024;
+    const MAX: u64 = 16 * 1024 * 1024;
+    let fits = free / 4 / (2 * CHUNK_BYTES_PER_ELEMENT);
+    if fits < MIN {
+        return None;
+    }
+    Some(fits.min(MAX).min(len.max(1) as u64) as usize)
 }
 
 /// Optimizer state memory the host Adam works on: a host vector, or (with `cuda`, on a GPU rank)
@@ -176,10 +226,35 @@ impl PartialEq for StateBuffer {
 }
 
 /// The host side of an offloaded optimizer: master parameters and Adam state.
-#[derive(Clone)]
+///
+/// On a GPU rank (feature `cuda`) the master copy, a gradient buffer and the moments live in
+/// managed memory and each step is computed by the GPU chunk by chunk
+/// ([`managed::ChunkedAdam`]); elsewhere the host Adam computes it. A clone is a host copy and
+/// steps on the host.
 pub struct HostOffload {
-    master: Vec<f32>,
+    master: StateBuffer,
     adam: HostAdam,
+    #[cfg(feature = "cuda")]
+    gpu: Option<GpuUpdate>,
+}
+
+/// What the chunked GPU update of an offloaded optimizer needs besides the state: the kernel
+/// and its streams, and managed room for the step's gradient.
+#[cfg(feature = "cuda")]
+struct GpuUpdate {
+    chunked: managed::ChunkedAdam,
+    grads: StateBuffer,
+}
+
+impl Clone for HostOffload {
+    fn clone(&self) -> Self {
+        Self {
+            master: self.master.clone(),
+            adam: self.adam.clone(),
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for HostOffload {
@@ -232,23 +307,53 @@ impl HostOffload {
         root: &Path,
         gpu: Option<usize>,
     ) -> Result<Self, OffloadError> {
-        check_host_memory(root, master.len() as u64 * 12, DEFAULT_HOST_MARGIN)?;
         let n = master.len();
-        let (m, v) = match gpu {
+        let on_gpu = cfg!(feature = "cuda") && gpu.is_some();
+        // Master, moments and, on a GPU, the managed gradient buffer.
+        let per_param = if on_gpu { 16 } else { 12 };
+        check_host_memory(root, n as u64 * per_param, DEFAULT_HOST_MARGIN)?;
+        match gpu {
             #[cfg(feature = "cuda")]
-            Some(ordinal) => (StateBuffer::managed(ordinal, n)?, StateBuffer::managed(ordinal, n)?),
-            _ => (StateBuffer::host(n), StateBuffer::host(n)),
-        };
-        Ok(Self {
-            master,
-            adam: HostAdam::with_buffers(m, v, config),
-        })
+            Some(ordinal) => {
+                let mut managed_master = StateBuffer::managed(ordinal, n)?;
+                managed_master.copy_from_slice(&master);
+                let adam = HostAdam::with_buffers(
+                    StateBuffer::managed(ordinal, n)?,
+                    StateBuffer::managed(ordinal, n)?,
+                    config,
+                );
+                Ok(Self {
+                    master: managed_master,
+                    adam,
+                    gpu: Some(GpuUpdate {
+                        chunked: managed::ChunkedAdam::new(ordinal, n)?,
+                        grads: StateBuffer::managed(ordinal, n)?,
+                    }),
+                })
+            }
+            _ => Ok(Self {
+                master: StateBuffer::Host(master),
+                adam: HostAdam::new(n, config),
+                #[cfg(feature = "cuda")]
+                gpu: None,
+            }),
+        }
     }
 
-    /// Applies one Adam step to the master parameters and returns them.
-    pub fn step(&mut self, grads: &[f32], lr: f32) -> &[f32] {
+    /// Applies one Adam step to the master parameters and returns them: on the GPU chunk by
+    /// chunk where the state is in managed memory, else on the host.
+    ///
+    /// # Errors
+    /// [`OffloadError::Cuda`] when the GPU update fails.
+    pub fn step(&mut self, grads: &[f32], lr: f32) -> Result<&[f32], OffloadError> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &mut self.gpu {
+            gpu.grads.copy_from_slice(grads);
+            self.adam.step_on_gpu(&gpu.chunked, &mut self.master, &gpu.grads, lr)?;
+            return Ok(&self.master);
+        }
         self.adam.step(&mut self.master, grads, lr);
-        &self.master
+        Ok(&self.master)
     }
 
     /// The Adam state.
@@ -309,5 +414,70 @@ impl SwapMonitor {
             }),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Replays a schedule: every chunk is loaded, then updated, then unloaded, once each, and
+    /// no load finds two chunks already on the device.
+    fn replay(ops: &[ChunkOp], chunks: usize) -> usize {
+        let mut state = vec![0u8; chunks];
+        let mut resident = 0;
+        let mut most = 0;
+        for op in ops {
+            match *op {
+                ChunkOp::Load(i) => {
+                    assert_eq!(state[i], 0, "chunk {i} loaded twice: {ops:?}");
+                    state[i] = 1;
+                    resident += 1;
+                }
+                ChunkOp::Update(i) => {
+                    assert_eq!(state[i], 1, "chunk {i} updated before its load: {ops:?}");
+                    state[i] = 2;
+                }
+                ChunkOp::Unload(i) => {
+                    assert_eq!(state[i], 2, "chunk {i} unloaded before its update: {ops:?}");
+                    state[i] = 3;
+                    resident -= 1;
+                }
+            }
+            most = most.max(resident);
+        }
+        assert!(state.iter().all(|&s| s == 3), "a chunk was left out: {ops:?}");
+        most
+    }
+
+    #[test]
+    fn the_schedule_keeps_two_chunks_on_the_device_and_overlaps_them() {
+        assert!(chunk_schedule(0).is_empty());
+        assert_eq!(replay(&chunk_schedule(1), 1), 1);
+        for chunks in 2..40 {
+            let ops = chunk_schedule(chunks);
+            assert_eq!(replay(&ops, chunks), 2, "{chunks} chunks");
+            // The next chunk's load is issued before this chunk's unload waits for its update.
+            for i in 0..chunks - 1 {
+                let load_next = ops.iter().position(|&o| o == ChunkOp::Load(i + 1)).unwrap();
+                let unload = ops.iter().position(|&o| o == ChunkOp::Unload(i)).unwrap();
+                assert!(load_next < unload, "{chunks} chunks: {ops:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_take_a_quarter_of_free_memory_within_bounds() {
+        let gib = 1u64 << 30;
+        // 8 GiB free: a quarter is 2 GiB, two chunks of 16 B per element: 64 Mi, capped at 16 Mi.
+        assert_eq!(chunk_len(8 * gib, usize::MAX), Some(16 << 20));
+        // 256 MiB free: 64 MiB for two chunks, 2 Mi elements each.
+        assert_eq!(chunk_len(gib / 4, usize::MAX), Some(2 << 20));
+        // Never more than the state itself.
+        assert_eq!(chunk_len(8 * gib, 1000), Some(1000));
+        // Too little free memory for two of the smallest chunks.
+        assert_eq!(chunk_len(4 << 20, usize::MAX), None);
+        let two_smallest = 4 * 2 * CHUNK_BYTES_PER_ELEMENT * 64 * 1024;
+        assert_eq!(chunk_len(two_smallest, usize::MAX), Some(64 * 1024));
     }
 }
