@@ -520,7 +520,11 @@ impl DataParallel {
         grads.iter_mut().for_each(|g| *g /= reduced.count);
         let params = host.step(&grads, lr as f32)?;
         stats.traffic.to_device += byte_len(params.len());
-        Ok((load_params(model, params), stats))
+        let model = load_params(model, params);
+        let (down, up) = host.last_step_transfer();
+        stats.traffic.to_device += down;
+        stats.traffic.to_host += up;
+        Ok((model, stats))
     }
 
     /// As [`DataParallel::finish_step`] with the optimizer state sharded over the ranks
@@ -1001,13 +1005,12 @@ fn first_difference(a: &[(String, Vec<usize>)], b: &[(String, Vec<usize>)]) -> O
     (a.len() != b.len()).then(|| format!("rank 0 has {} parameters, it has {}", a.len(), b.len()))
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "cuda"))]
 mod tests {
     use super::*;
 
     /// A bucket off CUDA memory offers no region and still reads its parts afterwards, on the
     /// host backend and (with `wgpu`) on a cubecl device that is not CUDA.
-    #[cfg(feature = "cuda")]
     #[test]
     fn a_bucket_off_cuda_offers_no_region_and_keeps_its_values() {
         let mut devices = vec![Device::flex()];

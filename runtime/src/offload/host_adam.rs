@@ -152,7 +152,7 @@ impl HostAdam {
     /// The same arithmetic as [`HostAdam::step`], in the same order.
     ///
     /// # Errors
-    /// [`OffloadError::Cuda`] when a buffer is not managed memory or a CUDA call fails (the
+    /// [`super::OffloadError::Cuda`] when a buffer is not managed memory or a CUDA call fails (the
     /// step count is not advanced when a buffer is not managed).
     ///
     /// # Panics

@@ -234,8 +234,11 @@ impl PartialEq for StateBuffer {
 pub struct HostOffload {
     master: StateBuffer,
     adam: HostAdam,
+    /// Bytes the last step moved to the device and back (the GPU update's prefetches).
+    moved: (u64, u64),
+    /// Boxed: the kernel, its streams and the gradient buffer are large next to a host state.
     #[cfg(feature = "cuda")]
-    gpu: Option<GpuUpdate>,
+    gpu: Option<Box<GpuUpdate>>,
 }
 
 /// What the chunked GPU update of an offloaded optimizer needs besides the state: the kernel
@@ -251,6 +254,7 @@ impl Clone for HostOffload {
         Self {
             master: self.master.clone(),
             adam: self.adam.clone(),
+            moved: (0, 0),
             #[cfg(feature = "cuda")]
             gpu: None,
         }
@@ -325,15 +329,17 @@ impl HostOffload {
                 Ok(Self {
                     master: managed_master,
                     adam,
-                    gpu: Some(GpuUpdate {
+                    moved: (0, 0),
+                    gpu: Some(Box::new(GpuUpdate {
                         chunked: managed::ChunkedAdam::new(ordinal, n)?,
                         grads: StateBuffer::managed(ordinal, n)?,
-                    }),
+                    })),
                 })
             }
             _ => Ok(Self {
                 master: StateBuffer::Host(master),
                 adam: HostAdam::new(n, config),
+                moved: (0, 0),
                 #[cfg(feature = "cuda")]
                 gpu: None,
             }),
@@ -349,11 +355,18 @@ impl HostOffload {
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &mut self.gpu {
             gpu.grads.copy_from_slice(grads);
-            self.adam.step_on_gpu(&gpu.chunked, &mut self.master, &gpu.grads, lr)?;
+            let stats = self.adam.step_on_gpu(&gpu.chunked, &mut self.master, &gpu.grads, lr)?;
+            self.moved = (stats.to_device_bytes, stats.to_host_bytes);
             return Ok(&self.master);
         }
         self.adam.step(&mut self.master, grads, lr);
         Ok(&self.master)
+    }
+
+    /// Bytes the last step moved between host and device memory for the update itself, to the
+    /// device and back: the GPU update's prefetches of the managed state, `(0, 0)` on the host.
+    pub fn last_step_transfer(&self) -> (u64, u64) {
+        self.moved
     }
 
     /// The Adam state.
