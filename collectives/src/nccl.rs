@@ -376,6 +376,10 @@ impl NcclCommunicator {
     /// host-side [`Communicator`] methods take).
     fn all_reduce_host(&mut self, buf: &mut [f32]) -> Result<()> {
         self.check_alive()?;
+        if buf.is_empty() {
+            // Nothing to stage (CUDA allocates no empty buffer); the handshake still runs.
+            return self.reduce_regions("nccl all_reduce_sum_f32", &[(0, 0)]);
+        }
         let rank = self.control.rank();
         let mut dev = self.stream.clone_htod(buf).map_err(|e| gpu("cuMemcpyHtoD", rank, e))?;
         self.all_reduce_sum_cuda(&mut dev)?;
@@ -419,6 +423,12 @@ impl NcclCommunicator {
                 }
                 None => {
                     let host = bucket.read().map_err(device_error("reading a device buffer"))?;
+                    if host.is_empty() {
+                        // Nothing to reduce or to stage (CUDA allocates no empty buffer).
+                        bucket.write(host).map_err(device_error("writing a device buffer"))?;
+                        out.regions.push((0, 0));
+                        continue;
+                    }
                     let mut dev = self
                         .stream
                         .clone_htod(&host)

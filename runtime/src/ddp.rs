@@ -898,7 +898,7 @@ impl DeviceBuffer for TensorBucket {
     /// then reduces in place and which becomes the reduced bucket (no host copy at all).
     #[cfg(feature = "cuda")]
     fn cuda_region(&mut self) -> Result<Option<ballast_collectives::CudaRegion>, String> {
-        if self.parts.is_empty() {
+        if self.parts.is_empty() || self.len == 0 {
             return Ok(None);
         }
         let mut parts = std::mem::take(&mut self.parts);
