@@ -510,11 +510,19 @@ impl Communicator for NcclCommunicator {
         let staged = self.bucket_regions(buckets)?;
         self.reduce_regions("nccl all_reduce_sum_buckets", &staged.regions)?;
         drop(staged.held);
-        for (index, dev) in staged.staged {
-            let values = self.stream.clone_dtoh(&dev).map_err(|e| gpu("cuMemcpyDtoH", rank, e))?;
-            self.stream
-                .synchronize()
-                .map_err(|e| gpu("cuStreamSynchronize", rank, e))?;
+        // Every staged sum's copy back is queued, then one wait covers them all.
+        let mut back = Vec::with_capacity(staged.staged.len());
+        for (index, dev) in &staged.staged {
+            back.push((
+                *index,
+                self.stream.clone_dtoh(dev).map_err(|e| gpu("cuMemcpyDtoH", rank, e))?,
+            ));
+        }
+        self.stream
+            .synchronize()
+            .map_err(|e| gpu("cuStreamSynchronize", rank, e))?;
+        drop(staged.staged);
+        for (index, values) in back {
             buckets[index].write(values).map_err(|message| Error::Device {
                 op: "writing a device buffer",
                 rank,
