@@ -14,7 +14,7 @@
 //!    to arrive. Ranks that did not arrive are named in [`Error::Timeout`]. After any error the
 //!    communicator is poisoned: later calls return [`Error::Poisoned`] at once.
 //! 3. **Threads.** A communicator is `Send` but not `Sync`: one thread drives it (`&mut self`).
-//!    The MPI backend requires only `MPI_THREAD_FUNNELED`.
+//!    The MPI backend asks for `MPI_THREAD_SERIALIZED` and refuses to start with less.
 //! 4. **Results are identical on every rank.** A sum is reduced in one order and the same bits are
 //!    delivered everywhere, so replicas that apply the same update stay bit-identical.
 
@@ -163,6 +163,47 @@ pub trait Communicator: Send {
     /// As [`Communicator::reduce_scatter_sum_f32`].
     fn all_gather_f32(&mut self, shard: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()>;
 
+    /// [`Communicator::reduce_scatter_sum_f32`] over buffers that may live on an accelerator:
+    /// `buf` (the full buffer) is summed over ranks and `shard` (`counts[rank]` elements)
+    /// receives this rank's part of the sum. Backends that reduce host memory read `buf` once and
+    /// write `shard` once (this default); NCCL reduces CUDA memory where it is.
+    ///
+    /// # Errors
+    /// As [`Communicator::reduce_scatter_sum_f32`]; [`Error::Device`] when a buffer cannot be
+    /// read or written.
+    fn reduce_scatter_sum_device(
+        &mut self,
+        buf: &mut dyn DeviceBuffer,
+        counts: &[usize],
+        shard: &mut dyn DeviceBuffer,
+    ) -> Result<()> {
+        let rank = self.rank();
+        let host = buf.read().map_err(device_error("reading a device buffer", rank))?;
+        let mut mine = vec![0.0; shard.len()];
+        self.reduce_scatter_sum_f32(&host, counts, &mut mine)?;
+        shard.write(mine).map_err(device_error("writing a device buffer", rank))
+    }
+
+    /// [`Communicator::all_gather_f32`] over buffers that may live on an accelerator: `out`
+    /// receives every rank's `shard` in rank order. Backends that move host memory read `shard`
+    /// once and write `out` once (this default); NCCL gathers in CUDA memory.
+    ///
+    /// # Errors
+    /// As [`Communicator::all_gather_f32`]; [`Error::Device`] when a buffer cannot be read or
+    /// written.
+    fn all_gather_device(
+        &mut self,
+        shard: &mut dyn DeviceBuffer,
+        counts: &[usize],
+        out: &mut dyn DeviceBuffer,
+    ) -> Result<()> {
+        let rank = self.rank();
+        let mine = shard.read().map_err(device_error("reading a device buffer", rank))?;
+        let mut all = vec![0.0; out.len()];
+        self.all_gather_f32(&mine, counts, &mut all)?;
+        out.write(all).map_err(device_error("writing a device buffer", rank))
+    }
+
     /// Element-wise sum over ranks of a buffer that may live on an accelerator, in place; the
     /// same contract as [`Communicator::all_reduce_sum_f32`] (one collective, lengths must
     /// match). Backends that reduce host memory read the buffer once, sum it and write the sum
@@ -173,17 +214,9 @@ pub trait Communicator: Send {
     /// or written.
     fn all_reduce_sum_device(&mut self, buf: &mut dyn DeviceBuffer) -> Result<()> {
         let rank = self.rank();
-        let mut host = buf.read().map_err(|message| Error::Device {
-            op: "reading a device buffer",
-            rank,
-            message,
-        })?;
+        let mut host = buf.read().map_err(device_error("reading a device buffer", rank))?;
         self.all_reduce_sum_f32(&mut host)?;
-        buf.write(host).map_err(|message| Error::Device {
-            op: "writing a device buffer",
-            rank,
-            message,
-        })
+        buf.write(host).map_err(device_error("writing a device buffer", rank))
     }
 
     /// Element-wise sum over ranks of `buckets` taken together, as one collective: a step's
@@ -202,6 +235,11 @@ pub trait Communicator: Send {
         }
         reduce_buckets_through_host(self, buckets)
     }
+}
+
+/// Turns a device buffer's message into [`Error::Device`] for `op` on `rank`.
+pub(crate) fn device_error(op: &'static str, rank: usize) -> impl Fn(String) -> Error {
+    move |message| Error::Device { op, rank, message }
 }
 
 /// Reduces `buckets` as one host buffer: each is read once, the concatenation is summed by
@@ -224,11 +262,7 @@ pub fn reduce_buckets_through_host<C: Communicator + ?Sized>(
 pub(crate) fn read_buckets(rank: usize, buckets: &mut [&mut dyn DeviceBuffer]) -> Result<Vec<f32>> {
     let mut host = Vec::with_capacity(buckets.iter().map(|b| b.len()).sum());
     for bucket in buckets.iter_mut() {
-        host.extend(bucket.read().map_err(|message| Error::Device {
-            op: "reading a device buffer",
-            rank,
-            message,
-        })?);
+        host.extend(bucket.read().map_err(device_error("reading a device buffer", rank))?);
     }
     Ok(host)
 }
@@ -239,29 +273,66 @@ pub(crate) fn write_buckets(rank: usize, buckets: &mut [&mut dyn DeviceBuffer], 
     for bucket in buckets.iter_mut() {
         let (mine, after) = rest.split_at(bucket.len().min(rest.len()));
         rest = after;
-        bucket.write(mine.to_vec()).map_err(|message| Error::Device {
-            op: "writing a device buffer",
-            rank,
-            message,
-        })?;
+        bucket
+            .write(mine.to_vec())
+            .map_err(device_error("writing a device buffer", rank))?;
     }
     Ok(())
 }
 
 /// A device buffer's place in CUDA memory, as [`DeviceBuffer::cuda_region`] hands it out: `len`
-/// `f32` at address `ptr` in the primary context of GPU `ordinal`, whose contents are complete
+/// `f32` at an address in the primary context of GPU `ordinal`, whose contents are complete
 /// (every write the tensor library queued has finished). The address stays valid, and no one
-/// else touches the memory, until the region is dropped: `keep` holds whatever guarantees that
-/// (the tensor library's allocation guard and the tensor itself).
+/// else touches the memory, until the region is dropped: it holds whatever guarantees that (the
+/// tensor library's allocation guard and the tensor itself).
+///
+/// A communicator writes through the address (NCCL reduces in place), so a region can only be
+/// made by [`CudaRegion::new`], whose caller vouches for it.
 pub struct CudaRegion {
+    ptr: u64,
+    len: usize,
+    ordinal: usize,
+    /// Held for its drop: the memory stays valid until then.
+    _keep: Box<dyn std::any::Any>,
+}
+
+impl CudaRegion {
+    /// A region of `len` `f32` at device address `ptr` on GPU `ordinal`, kept valid by `keep`.
+    ///
+    /// # Safety
+    /// `ptr` must address `len` `f32` (`4 * len` bytes) of device memory in the primary context
+    /// of GPU `ordinal`, whose contents are complete (no queued write pending on any stream), and
+    /// that memory must stay allocated, in place, and untouched by anyone but the holder of the
+    /// region (who may read and write it on any stream of that context) until `keep` is dropped
+    /// with the region. A `len` of 0 needs no memory.
+    pub unsafe fn new(ptr: u64, len: usize, ordinal: usize, keep: Box<dyn std::any::Any>) -> Self {
+        Self {
+            ptr,
+            len,
+            ordinal,
+            _keep: keep,
+        }
+    }
+
     /// Device address of the first element.
-    pub ptr: u64,
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
     /// Number of `f32` elements.
-    pub len: usize,
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The CUDA device ordinal the memory belongs to.
-    pub ordinal: usize,
-    /// Keeps the memory allocated, in place and unshared while the region lives.
-    pub keep: Box<dyn std::any::Any>,
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
 }
 
 impl std::fmt::Debug for CudaRegion {
@@ -298,11 +369,11 @@ pub trait DeviceBuffer {
     /// The tensor library's message.
     fn write(&mut self, values: Vec<f32>) -> std::result::Result<(), String>;
 
-    /// The buffer in CUDA memory, for a communicator that reduces it in place there (NCCL):
+    /// The buffer in CUDA memory, for a communicator that works on it in place there (NCCL):
     /// `None` (the default) when it is not in CUDA memory, and the communicator falls back to
-    /// [`DeviceBuffer::read`] and [`DeviceBuffer::write`]. After a `Some`, the reduced sum is
-    /// written into the region and the buffer is neither read nor written through the other
-    /// methods in the same collective.
+    /// [`DeviceBuffer::read`] and [`DeviceBuffer::write`]. After a `Some`, the collective's
+    /// result (a sum, a shard of one, a gathered buffer) is written into the region and the
+    /// buffer is neither read nor written through the other methods in the same collective.
     ///
     /// # Errors
     /// The tensor library's message.

@@ -170,8 +170,8 @@ pub fn shard_layouts(n: usize, total: usize) -> Vec<Vec<usize>> {
     layouts
 }
 
-/// [`Communicator::reduce_scatter_sum_f32`] then [`Communicator::all_gather_f32`] on exact
-/// integers, for every layout of [`shard_layouts`] over 0, 1, 7 and 100 003 elements: each rank's
+/// [`Communicator::reduce_scatter_sum_f32`] then [`Communicator::all_gather_f32`], and their
+/// device-buffer forms, on exact integers, for every layout of [`shard_layouts`] over 0, 1, 7 and 100 003 elements: each rank's
 /// shard is its slice of the serial sum, and the gather returns every rank's shard in order.
 fn check_shards(comm: &mut dyn Communicator) -> Result<String, String> {
     let rank = comm.rank();
@@ -195,11 +195,27 @@ fn check_shards(comm: &mut dyn Communicator) -> Result<String, String> {
             check_eq(&format!("all_gather_f32 {counts:?}"), rank, &out, |i| {
                 (i % 65_521) as f32
             })?;
+            // The same pair over device buffers (host vectors here): the same results.
+            let mut full = buf.clone();
+            let mut shard = vec![-1.0f32; counts[rank]];
+            comm.reduce_scatter_sum_device(&mut full, &counts, &mut shard)
+                .map_err(|x| format!("reduce_scatter_sum_device {counts:?} failed on rank {rank}: {x}"))?;
+            check_eq(&format!("reduce_scatter_sum_device {counts:?}"), rank, &shard, |i| {
+                expected_sum(n, offset + i) as f32
+            })?;
+            let mut mine = mine;
+            let mut out = vec![-1.0f32; total];
+            comm.all_gather_device(&mut mine, &counts, &mut out)
+                .map_err(|x| format!("all_gather_device {counts:?} failed on rank {rank}: {x}"))?;
+            check_eq(&format!("all_gather_device {counts:?}"), rank, &out, |i| {
+                (i % 65_521) as f32
+            })?;
             layouts_run += 1;
         }
     }
     Ok(format!(
-        "reduce_scatter_sum_f32 and all_gather_f32: {layouts_run} uneven layouts (shards of 0 included)"
+        "reduce_scatter_sum_f32 and all_gather_f32, on host slices and device buffers: {layouts_run} uneven \
+         layouts (shards of 0 included)"
     ))
 }
 

@@ -1,4 +1,4 @@
-//! GPU ranks over NCCL, through `cudarc::nccl` (compiles; not yet verified on a GPU).
+//! GPU ranks over NCCL, through `cudarc::nccl` (compiles; not yet run on a GPU).
 //!
 //! # Bootstrap
 //! NCCL needs every rank to hold the same 128-byte unique id. Rank 0 creates it
@@ -15,6 +15,15 @@
 //! checks the totals; each piece of the common refinement of all ranks' cuts then gets one
 //! `ncclAllReduce`, all in one NCCL group, so ranks may cut their buffers differently (the
 //! [contract](crate::communicator)'s rule) and NCCL still sees the same calls everywhere.
+//!
+//! # Sharded collectives
+//! [`Communicator::reduce_scatter_sum_device`] and [`Communicator::all_gather_device`] work in
+//! the buffers' CUDA memory too, with uneven shards: one rooted `ncclReduce` (or
+//! `ncclBroadcast`) per non-empty shard, grouped, after one agreement on the counts on the
+//! control plane (NCCL's reduce-scatter and all-gather need equal counts; padding to the
+//! largest shard would cost a padded copy of the buffer every step). The host-slice forms
+//! ([`Communicator::reduce_scatter_sum_f32`], [`Communicator::all_gather_f32`]) stay on the
+//! control plane.
 //!
 //! # Streams
 //! Collectives are enqueued on this communicator's own CUDA stream and waited for before a call
@@ -48,7 +57,10 @@ use cudarc::{
     nccl::{result as nccl_result, sys as nccl_sys, Id},
 };
 
-use crate::{Communicator, CudaRegion, DeviceBuffer, Error, Result};
+use crate::{
+    communicator::{counts_key, device_error, shard_offset, OpKind},
+    Communicator, CudaRegion, DeviceBuffer, Error, Result,
+};
 
 /// Whether the CUDA driver library can be loaded on this machine.
 pub fn cuda_present() -> bool {
@@ -76,7 +88,10 @@ pub fn require_libraries() -> Result<()> {
     if !nccl_present() {
         return Err(Error::LibraryMissing {
             lib: "libnccl.so",
-            fix: "install NCCL (e.g. apt-get install libnccl2) or add its directory to LD_LIBRARY_PATH",
+            fix: "install NCCL 2 (package libnccl2 from NVIDIA's CUDA repository, or `pip install nvidia-nccl-cu12`); \
+                  ballast's binaries find libnccl.so.2 in the system's library folders, LD_LIBRARY_PATH and \
+                  Python's site-packages, and a program of your own calls \
+                  ballast::libs::relaunch_with_found_libraries() first, or puts a libnccl.so link on LD_LIBRARY_PATH",
         });
     }
     Ok(())
@@ -403,8 +418,8 @@ impl NcclCommunicator {
                 .cuda_region()
                 .map_err(device_error("handing a device buffer to NCCL"))?
             {
-                Some(region) if region.ordinal == self.ordinal && region.len == bucket.len() => {
-                    out.regions.push((region.ptr, region.len));
+                Some(region) if region.ordinal() == self.ordinal && region.len() == bucket.len() => {
+                    out.regions.push((region.ptr(), region.len()));
                     out.held.push(region);
                 }
                 Some(region) => {
@@ -414,8 +429,8 @@ impl NcclCommunicator {
                         message: format!(
                             "bucket {index} is {} values on cuda:{} but NCCL runs on cuda:{} with {} values expected; \
                              keep the model on the GPU this rank's communicator was made for",
-                            region.len,
-                            region.ordinal,
+                            region.len(),
+                            region.ordinal(),
                             self.ordinal,
                             bucket.len()
                         ),
@@ -441,6 +456,142 @@ impl NcclCommunicator {
             }
         }
         Ok(out)
+    }
+}
+
+impl NcclCommunicator {
+    /// Copies every staged buffer's result back (all copies queued, then one wait) and writes
+    /// it into its buffer; the regions held in place are released first.
+    fn write_back(&mut self, staged: BucketRegions, buffers: &mut [&mut dyn DeviceBuffer]) -> Result<()> {
+        let rank = self.control.rank();
+        drop(staged.held);
+        let mut back = Vec::with_capacity(staged.staged.len());
+        for (index, dev) in &staged.staged {
+            back.push((
+                *index,
+                self.stream.clone_dtoh(dev).map_err(|e| gpu("cuMemcpyDtoH", rank, e))?,
+            ));
+        }
+        self.stream
+            .synchronize()
+            .map_err(|e| gpu("cuStreamSynchronize", rank, e))?;
+        drop(staged.staged);
+        for (index, values) in back {
+            buffers[index]
+                .write(values)
+                .map_err(device_error("writing a device buffer", rank))?;
+        }
+        Ok(())
+    }
+
+    /// Every rank's `counts`, checked on this rank against the buffers and then compared across
+    /// ranks through one collective on the control plane (which also names missing ranks).
+    fn agree_counts(&mut self, op: OpKind, counts: &[usize], total: usize, part: usize) -> Result<()> {
+        let rank = self.control.rank();
+        let world = self.control.world_size();
+        shard_offset(op, rank, world, counts, total, part)?;
+        let seq = self.control.collectives_started();
+        let keys = self.control.all_gather_bytes(&counts_key(counts).to_le_bytes())?;
+        let mine = counts_key(counts).to_le_bytes();
+        if let Some(other_rank) = keys.iter().position(|k| k.as_slice() != mine.as_slice()) {
+            return Err(Error::CountsMismatch {
+                op: op.name(),
+                seq,
+                rank,
+                other_rank,
+            });
+        }
+        Ok(())
+    }
+
+    /// The sharded pair on CUDA memory: a reduce-scatter of `full` into `shard`, or an
+    /// all-gather of `shard` into `full`, for shards of `counts` elements in rank order.
+    ///
+    /// NCCL's own `ncclReduceScatter` and `ncclAllGather` need the same count on every rank;
+    /// ballast's shards are uneven by design (sized by each device's memory, a shard of 0
+    /// allowed). Padding every shard to the largest would need a padded copy of the full
+    /// buffer (up to `world ×` the largest shard, on the device with the least memory too) and
+    /// a copy in and out on every step; so this runs one rooted `ncclReduce` (or
+    /// `ncclBroadcast`) per non-empty shard instead, grouped so NCCL schedules them together.
+    /// Each moves exactly that shard's bytes, so the bytes on the wire are those of the
+    /// padded-free collective, and no extra memory is needed.
+    fn sharded(
+        &mut self,
+        op: OpKind,
+        full: &mut dyn DeviceBuffer,
+        counts: &[usize],
+        shard: &mut dyn DeviceBuffer,
+    ) -> Result<()> {
+        self.check_alive()?;
+        let rank = self.control.rank();
+        self.agree_counts(op, counts, full.len(), shard.len())?;
+        let mut pair: [&mut dyn DeviceBuffer; 2] = [full, shard];
+        let staged = self.bucket_regions(&mut pair)?;
+        let (full_ptr, shard_ptr) = (staged.regions[0].0, staged.regions[1].0);
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| gpu("cuCtxSetCurrent", rank, e))?;
+        let call = if op == OpKind::ReduceScatterF32 {
+            "ncclReduce"
+        } else {
+            "ncclBroadcast"
+        };
+        nccl_result::group_start().map_err(|e| gpu("ncclGroupStart", rank, e))?;
+        let mut launched = Ok(());
+        let mut start = 0usize;
+        for (root, &count) in counts.iter().enumerate() {
+            let at = full_ptr + (start * std::mem::size_of::<f32>()) as u64;
+            start += count;
+            if count == 0 {
+                // Every rank skips the same roots: the counts were agreed above.
+                continue;
+            }
+            let mine = root == rank;
+            let stream = self.stream.cu_stream() as _;
+            // SAFETY: `at` addresses this root's `count` f32 inside `full`'s region and
+            // `shard_ptr` this rank's `counts[rank]` f32 (checked by `agree_counts`); both regions
+            // are on this communicator's device with complete contents (a `CudaRegion`'s promise,
+            // or a staging copy queued on this stream) and stay allocated and untouched until
+            // `wait` below returns: `staged` holds them until `write_back`. `shard_ptr` is only
+            // read or written where this rank is the root; elsewhere NCCL ignores the buffer
+            // that is not significant and `at` is passed for it.
+            launched = unsafe {
+                if op == OpKind::ReduceScatterF32 {
+                    nccl_result::reduce(
+                        at as *const std::ffi::c_void,
+                        (if mine { shard_ptr } else { at }) as *mut std::ffi::c_void,
+                        count,
+                        nccl_sys::ncclDataType_t::ncclFloat32,
+                        nccl_sys::ncclRedOp_t::ncclSum,
+                        root as i32,
+                        self.comm.0,
+                        stream,
+                    )
+                } else {
+                    nccl_result::broadcast(
+                        (if mine { shard_ptr } else { at }) as *const std::ffi::c_void,
+                        at as *mut std::ffi::c_void,
+                        count,
+                        nccl_sys::ncclDataType_t::ncclFloat32,
+                        root as i32,
+                        self.comm.0,
+                        stream,
+                    )
+                }
+            }
+            .map(|_| ())
+            .map_err(|e| gpu(call, rank, e));
+            if launched.is_err() {
+                break;
+            }
+        }
+        // The group is closed whatever happened inside it, so NCCL is left in a sane state.
+        let closed = nccl_result::group_end().map_err(|e| gpu("ncclGroupEnd", rank, e));
+        let waited = launched.and(closed).and_then(|_| self.wait(call));
+        // The staged copies are written back (or dropped) whatever happened.
+        let written = self.write_back(staged, &mut pair);
+        waited.and(written)
     }
 }
 
@@ -506,30 +657,32 @@ impl Communicator for NcclCommunicator {
     /// memory where they offer it and through device copies where they do not.
     fn all_reduce_sum_buckets(&mut self, buckets: &mut [&mut dyn DeviceBuffer]) -> Result<()> {
         self.check_alive()?;
-        let rank = self.control.rank();
         let staged = self.bucket_regions(buckets)?;
         self.reduce_regions("nccl all_reduce_sum_buckets", &staged.regions)?;
-        drop(staged.held);
-        // Every staged sum's copy back is queued, then one wait covers them all.
-        let mut back = Vec::with_capacity(staged.staged.len());
-        for (index, dev) in &staged.staged {
-            back.push((
-                *index,
-                self.stream.clone_dtoh(dev).map_err(|e| gpu("cuMemcpyDtoH", rank, e))?,
-            ));
-        }
-        self.stream
-            .synchronize()
-            .map_err(|e| gpu("cuStreamSynchronize", rank, e))?;
-        drop(staged.staged);
-        for (index, values) in back {
-            buckets[index].write(values).map_err(|message| Error::Device {
-                op: "writing a device buffer",
-                rank,
-                message,
-            })?;
-        }
-        Ok(())
+        self.write_back(staged, buckets)
+    }
+
+    /// One agreement on the control plane (the counts' key), then one `ncclReduce` per rank
+    /// with a non-empty shard, rooted at that rank, in one NCCL group, from `buf`'s CUDA memory
+    /// into `shard`'s (see the module docs for why not `ncclReduceScatter`).
+    fn reduce_scatter_sum_device(
+        &mut self,
+        buf: &mut dyn DeviceBuffer,
+        counts: &[usize],
+        shard: &mut dyn DeviceBuffer,
+    ) -> Result<()> {
+        self.sharded(OpKind::ReduceScatterF32, buf, counts, shard)
+    }
+
+    /// One agreement on the control plane, then one `ncclBroadcast` per rank with a non-empty
+    /// shard, rooted at that rank, in one NCCL group, from its `shard` into every rank's `out`.
+    fn all_gather_device(
+        &mut self,
+        shard: &mut dyn DeviceBuffer,
+        counts: &[usize],
+        out: &mut dyn DeviceBuffer,
+    ) -> Result<()> {
+        self.sharded(OpKind::AllGatherF32, out, counts, shard)
     }
 
     fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<()> {
@@ -546,7 +699,8 @@ impl Communicator for NcclCommunicator {
     }
 
     fn reduce_scatter_sum_f32(&mut self, buf: &[f32], counts: &[usize], shard: &mut [f32]) -> Result<()> {
-        // Host buffers: the control plane reduces them (a device shard over NCCL is not built).
+        // Host slices: the control plane reduces them; device buffers take
+        // `reduce_scatter_sum_device`, which runs on NCCL.
         self.control.reduce_scatter_sum_f32(buf, counts, shard)
     }
 

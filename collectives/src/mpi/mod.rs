@@ -29,8 +29,10 @@
 //!
 //! # Thread level
 //!
-//! `MPI_THREAD_FUNNELED`: only the thread that created the communicator calls MPI. The watchdog
-//! never calls MPI.
+//! `MPI_THREAD_SERIALIZED`: the communicator is `Send`, so the thread that calls MPI may not be
+//! the one that initialised it, but one thread at a time calls it (`&mut self`). MPI is asked for
+//! that level and [`MpiCommunicator::init`] refuses to start when the library provides less. The
+//! watchdog never calls MPI.
 //!
 //! # Standard sections
 //! MPI 4.0 §3.7 (nonblocking point-to-point), §3.8.4 (cancel), §6.12 (nonblocking collectives:
@@ -79,12 +81,13 @@ pub struct MpiCommunicator {
 }
 
 // SAFETY: the raw communicator handles are plain values that MPI lets any thread use under
-// MPI_THREAD_FUNNELED as long as one thread at a time does; `&mut self` on every call ensures
-// that. The struct is not `Sync`.
+// MPI_THREAD_SERIALIZED as long as one thread at a time does: `init` refuses to return a
+// communicator unless MPI provides that level (or MULTIPLE), and `&mut self` on every call
+// ensures one caller at a time. The struct is not `Sync`.
 unsafe impl Send for MpiCommunicator {}
 
 impl MpiCommunicator {
-    /// Initialises MPI (`MPI_THREAD_FUNNELED`) and returns this process's rank of the world.
+    /// Initialises MPI (`MPI_THREAD_SERIALIZED`) and returns this process's rank of the world.
     /// Starts the watchdog thread, which writes this rank's heartbeat file, and, where SIGTERM
     /// has its default action, a handler that names the ranks that died (see the module docs).
     ///
@@ -92,12 +95,23 @@ impl MpiCommunicator {
     /// [`Error::InvalidArgument`] when MPI was already initialised in this process;
     /// [`Error::Mpi`] when duplicating the world communicator fails.
     pub fn init(options: CommOptions) -> Result<Self> {
-        let (universe, _level) =
-            mpi::initialize_with_threading(Threading::Funneled).ok_or_else(|| Error::InvalidArgument {
+        let (universe, level) =
+            mpi::initialize_with_threading(Threading::Serialized).ok_or_else(|| Error::InvalidArgument {
                 op: "mpi init",
                 rank: 0,
                 reason: "MPI is already initialised in this process; create one MpiCommunicator per process".into(),
             })?;
+        if !matches!(level, Threading::Serialized | Threading::Multiple) {
+            return Err(Error::InvalidArgument {
+                op: "mpi init",
+                rank: 0,
+                reason: format!(
+                    "this MPI library provides thread level {level:?}, and ballast needs MPI_THREAD_SERIALIZED \
+                     (a communicator may be driven from another thread than the one that started MPI); use an \
+                     MPI built with thread support (Open MPI and MPICH provide it by default)"
+                ),
+            });
+        }
         let world = universe.world();
         let world_raw = world.as_raw();
         let mut rank: c_int = 0;
