@@ -68,6 +68,22 @@ pub enum BalanceError {
         /// Its budget.
         budget: u64,
     },
+    /// The device failed a micro-batch for another reason than memory (a kernel that did not
+    /// compile or run): nothing of the step was applied.
+    #[error(
+        "rank {rank} ({device}), step {step}: the device failed a micro-batch, so nothing of the step was \
+         applied: {message}"
+    )]
+    DeviceFailed {
+        /// The rank.
+        rank: usize,
+        /// The device, as it names itself.
+        device: String,
+        /// The step.
+        step: u64,
+        /// The backend's report (cubecl's error and the device log).
+        message: String,
+    },
     /// The device ran out of memory on a micro-batch of one sample.
     #[error(
         "rank {rank}: the device ran out of memory on a micro-batch of one sample ({message}); give this \
@@ -286,7 +302,10 @@ impl Balancer {
         let params = model.num_params() as u64;
         let scratch = scratch_copy(model);
         let mut points = if options.shared_heap {
-            // One rank at a time; the others wait at the barrier with constant memory.
+            // One rank at a time; the others wait at the barrier with constant memory, as long
+            // as a slow device takes to measure (every rank raises the deadline alike).
+            let timeout = ddp.comm().timeout();
+            ddp.comm().set_timeout(timeout.max(SEQUENTIAL_PROBE_WAIT));
             let mut mine = Vec::new();
             for turn in 0..ddp.world_size() {
                 if turn == ddp.rank() {
@@ -302,6 +321,7 @@ impl Balancer {
                 }
                 ddp.comm().barrier()?;
             }
+            ddp.comm().set_timeout(timeout);
             mine
         } else {
             // Every rank times each size at the same time, so ranks that share a core measure
@@ -337,6 +357,8 @@ impl Balancer {
                 &stateless
             },
         );
+        // The plan table names the device itself: the adapter or GPU, or the CPU.
+        report.name = crate::device::device_name(&crate::transfer::model_device(model));
         // CPU ranks pinned to the same cores share them (ranks as threads stand for separate
         // simulated devices; GPU ranks each have their own device).
         if !options.shared_heap && !meter.reads_pool() && simulated.is_none() {
@@ -663,12 +685,39 @@ impl Balancer {
                 memory::reset_peak();
             }
             let started = Instant::now();
+            let seen = crate::health::reports_recorded();
             let attempt = contain_device_oom(|| {
                 let loss = loss_fn(&model, idx);
                 let loss_value = loss.clone().inner();
                 let grads: Gradients = ddp.weighted_loss(loss, m).backward();
                 (grads, loss_value)
             });
+            let attempt = match attempt {
+                // A cubecl device reports a failed allocation or kernel on the buffers it did
+                // not write, later, not as a panic: ask for it now, before the micro-batch's
+                // gradients join the step's sums, so an out-of-memory backs off like a panic.
+                // (It waits for the device, as reading the pool's peak does under a budget.)
+                Ok((grads, loss_value)) if pool => {
+                    let tensors = DataParallel::micro_batch_tensors(&model, &grads, &loss_value);
+                    match crate::health::check_tensors(&tensors, seen) {
+                        Ok(()) => Ok((grads, loss_value)),
+                        Err(fault) if fault.is_out_of_memory() => {
+                            // Handled here: the step need not fail on the device log's report.
+                            ddp.acknowledge_device_log();
+                            Err(first_line(&fault.message))
+                        }
+                        Err(fault) => {
+                            return Err(BalanceError::DeviceFailed {
+                                rank,
+                                device: crate::device::device_name(&crate::transfer::model_device(&model)),
+                                step,
+                                message: fault.message,
+                            })
+                        }
+                    }
+                }
+                other => other,
+            };
             let peak = if check { self.meter.peak() } else { 0 };
             let inject = self.injects_oom(step);
             let (grads, loss_value) = match attempt {
@@ -809,16 +858,29 @@ impl Balancer {
         let mut fits = |m: usize| {
             let idx: Vec<usize> = batch.iter().copied().cycle().take(m).collect();
             self.meter.reset_peak();
+            let seen = crate::health::reports_recorded();
             let ran = contain_device_oom(|| {
                 let mut sums = burn::optim::GradientsAccumulator::new();
                 for _ in 0..2 {
-                    let grads = loss_fn(&scratch, &idx).backward();
+                    let loss = loss_fn(&scratch, &idx);
+                    let grads = loss.clone().backward();
+                    // A failed allocation arrives on the buffers: this size does not fit.
+                    crate::health::check_tensors(&DataParallel::micro_batch_tensors(&scratch, &grads, &loss), seen)?;
                     sums.accumulate(&scratch, burn::optim::GradientsParams::from_grads(grads, &scratch));
                 }
+                Ok::<(), crate::health::DeviceFault>(())
             });
             let peak = self.meter.peak();
             self.meter.reset_peak();
-            ran.is_ok() && peak <= budget
+            let ran = match ran {
+                Ok(Err(fault)) if fault.is_out_of_memory() => {
+                    ddp.acknowledge_device_log();
+                    false
+                }
+                Ok(done) => done.is_ok(),
+                Err(_) => false,
+            };
+            ran && peak <= budget
         };
         if fits(planned) {
             return;
@@ -861,14 +923,21 @@ impl Balancer {
 /// The plan as a table, one row per device, and a summary line.
 pub fn plan_table(plan: &Plan, reports: &[DeviceReport]) -> String {
     use std::fmt::Write;
+    // As wide as the longest device name (an adapter's name can be long).
+    let w = reports
+        .iter()
+        .map(|d| d.name.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(14);
     let mut out = format!(
-        "{:>4}  {:<14} {:>10} {:>8} {:>6} {:>6} {:>12} {:>10} {:>10} {:>8}\n",
+        "{:>4}  {:<w$} {:>10} {:>8} {:>6} {:>6} {:>12} {:>10} {:>10} {:>8}\n",
         "rank", "device", "memory", "speed", "share", "micro", "accumulate", "peak", "compute", "offload"
     );
     for (i, (r, d)) in plan.ranks.iter().zip(reports).enumerate() {
         let _ = writeln!(
             out,
-            "{i:>4}  {:<14} {:>10} {:>8.1} {:>6} {:>6} {:>12} {:>10} {:>9.3}s {:>8}",
+            "{i:>4}  {:<w$} {:>10} {:>8.1} {:>6} {:>6} {:>12} {:>10} {:>9.3}s {:>8}",
             d.name,
             human_bytes(d.budget_bytes),
             // The speed the plan assumes at this rank's micro-batch.
@@ -947,6 +1016,10 @@ pub fn human_bytes(bytes: u64) -> String {
 const PROBE_WARMUP: usize = 3;
 /// Sweeps over the probe sizes, one timed window per size each (the median counts).
 const PROBE_WINDOWS: usize = 3;
+/// How long ranks measured one at a time wait for the rank being measured: a software device
+/// (Mesa's Vulkan) takes about a minute to measure a ResNet where a CPU rank takes seconds, which
+/// the collectives' 30-second default would take for a dead rank.
+const SEQUENTIAL_PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 /// Least duration of a timed window.
 const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_millis(40);
 /// Runs one micro-batch's forward and backward, containing a device out-of-memory.
@@ -964,25 +1037,21 @@ fn contain_device_oom<T>(run: impl FnOnce() -> T) -> Result<T, String> {
                 .cloned()
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_string()));
             match text {
-                Some(text) if names_out_of_memory(&text) => Err(text.lines().next().unwrap_or("").to_string()),
+                Some(text) if names_out_of_memory(&text) => Err(first_line(&text)),
                 _ => std::panic::resume_unwind(payload),
             }
         }
     }
 }
 
-/// Whether a backend's panic text reports an exhausted device memory (cubecl's
-/// `IoError::OutOfMemory` and `LaunchError::OutOfMemory`, CUDA's and Vulkan's own words).
+/// Whether a backend's panic text reports an exhausted device memory.
 fn names_out_of_memory(text: &str) -> bool {
-    let t = text.to_ascii_lowercase();
-    [
-        "out of device memory",
-        "out-of-memory",
-        "out of memory",
-        "cuda_error_out_of_memory",
-    ]
-    .iter()
-    .any(|k| t.contains(k))
+    crate::health::names_out_of_memory(text)
+}
+
+/// The first line of a backend's message (cubecl's carry a backtrace after it).
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or("").to_string()
 }
 
 /// Where the probes read a micro-batch's peak bytes.

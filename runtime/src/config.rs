@@ -54,6 +54,12 @@ pub struct TrainArgs {
     /// micro-batch is capped so its measured peak stays within it. Omit for no cap.
     #[arg(long, value_delimiter = ',', value_name = "BYTES,...")]
     pub device_memory: Option<Vec<String>>,
+    /// Each rank's device, one per rank or one for every rank: `flex` (the CPU), `wgpu` (the
+    /// best adapter), `wgpu:cpu` (a software Vulkan device), `cuda` (this process's local GPU) or
+    /// `cuda:N` [default: flex for ranks as threads; under a launcher the local GPU where the
+    /// cuda feature finds one, else flex].
+    #[arg(long, value_delimiter = ',', value_name = "DEVICE,...")]
+    pub device: Option<Vec<String>>,
     /// Relative speeds of simulated devices when ranks run as threads, e.g. `3,2,1`: a rank of
     /// speed s sleeps so that it takes max/s times as long. Ignored under a launcher, where
     /// speeds are the real devices' (pin ranks to cores with cluster/run-local.sh).
@@ -134,6 +140,13 @@ pub struct TrainArgs {
     #[arg(long, hide = true)]
     #[serde(skip)]
     pub crash_at_step: Option<u64>,
+    /// Run each rank's start-up check in this float type (f32, f64, f16, bf16) instead of f32
+    /// (tests: a type whose kernels a device cannot compile makes its check fail for real;
+    /// feature `testkit`).
+    #[cfg(feature = "testkit")]
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub canary_dtype: Option<String>,
 }
 
 /// A job's defaults.
@@ -192,6 +205,8 @@ pub struct Settings {
     pub device_memory: Vec<u64>,
     /// Simulated speeds per rank (threads only; empty: none).
     pub speeds: Vec<f64>,
+    /// Each rank's device (`--device`; empty: the default choice, see [`TrainArgs::device`]).
+    pub devices: Vec<crate::device::DeviceChoice>,
     /// Data path.
     pub data: Option<PathBuf>,
     /// Work directory.
@@ -233,6 +248,8 @@ pub struct Settings {
     /// Abort when this step is about to start (tests; feature `testkit`).
     #[cfg(feature = "testkit")]
     pub crash_at_step: Option<u64>,
+    /// The float type of each rank's start-up check (`f32` but in tests).
+    pub canary_dtype: burn::tensor::DType,
 }
 
 /// The learning rate over a run.
@@ -307,6 +324,40 @@ pub fn read_file<M: DeserializeOwned + Default>(path: &Path) -> Result<(TrainArg
     Ok((file.train.unwrap_or_default(), file.model.unwrap_or_default()))
 }
 
+/// The float type of the start-up check: `f32`, or `--canary-dtype` with the testkit.
+fn canary_dtype(cli: &TrainArgs) -> Result<burn::tensor::DType> {
+    use burn::tensor::DType;
+    #[cfg(feature = "testkit")]
+    if let Some(name) = &cli.canary_dtype {
+        return Ok(match name.as_str() {
+            "f32" => DType::F32,
+            "f64" => DType::F64,
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            other => bail!("--canary-dtype {other:?}: use f32, f64, f16 or bf16"),
+        });
+    }
+    let _ = cli;
+    Ok(DType::F32)
+}
+
+/// Parses `--device` entries and checks that this binary has each one's backend.
+fn resolve_devices(specs: Vec<String>) -> Result<Vec<crate::device::DeviceChoice>> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(rank, spec)| {
+            let choice: crate::device::DeviceChoice = spec
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--device entry {rank}: {e}"))?;
+            if let Err(e @ crate::device::DeviceError::NotBuilt { .. }) = choice.device(0) {
+                bail!("--device entry {rank}: {e}");
+            }
+            Ok(choice)
+        })
+        .collect()
+}
+
 /// Merges flags over the file's settings, applies `defaults` and validates. `launched` is the
 /// world size when a launcher started this process: the simulated devices of the defaults
 /// (budgets, speeds) then do not apply, and per-rank lists must match the world.
@@ -361,6 +412,7 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
     if let Some((rank, s)) = speeds.iter().enumerate().find(|(_, s)| !(s.is_finite() && **s > 0.0)) {
         bail!("--speeds entry {rank} is {s}; speeds are positive relative numbers such as 3,2,1");
     }
+    let devices = resolve_devices(pick!(device).unwrap_or_default())?;
     let ranks = match (launched, pick!(ranks)) {
         (Some(world), Some(r)) if r != world => {
             bail!("--ranks is {r} but the launcher started {world} processes; drop --ranks or start {r} processes")
@@ -370,8 +422,15 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
         (None, Some(r)) => r,
         (None, None) if !device_memory.is_empty() => device_memory.len(),
         (None, None) if !speeds.is_empty() => speeds.len(),
+        (None, None) if devices.len() > 1 => devices.len(),
         (None, None) => 3,
     };
+    if devices.len() > 1 && devices.len() != ranks {
+        bail!(
+            "the job has {ranks} ranks but --device lists {} devices; give one device per rank, or one for all",
+            devices.len()
+        );
+    }
     if !device_memory.is_empty() && device_memory.len() != ranks {
         bail!(
             "the job has {ranks} ranks but --device-memory lists {} budgets; give one budget per rank",
@@ -439,6 +498,7 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
         length,
         device_memory,
         speeds,
+        devices,
         data: pick!(data),
         work_dir,
         metrics,
@@ -473,6 +533,7 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
         eval_only,
         #[cfg(feature = "testkit")]
         crash_at_step: cli.crash_at_step,
+        canary_dtype: canary_dtype(cli)?,
     })
 }
 

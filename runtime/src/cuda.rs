@@ -43,7 +43,10 @@ pub(crate) fn region_of(t: Tensor<1>) -> Result<Result<(Tensor<1>, CudaRegion), 
         prim.copy()
     };
     let len = prim.meta.shape().num_elements();
-    block_on(prim.client.sync()).map_err(|e| format!("synchronising cuda:{ordinal}: {e:?}"))?;
+    // The barrier, and then any error a launch left on this buffer (cubecl attaches a failed
+    // allocation or kernel to the buffers it did not write): the contents are complete and
+    // were really computed, or the caller learns why not.
+    block_on(prim.client.sync_buffers([&prim.handle])).map_err(|e| format!("synchronising cuda:{ordinal}: {e}"))?;
     let resource = prim
         .client
         .get_resource::<<CudaRuntime as Runtime>::Server>(prim.handle.clone())
@@ -53,13 +56,13 @@ pub(crate) fn region_of(t: Tensor<1>) -> Result<Result<(Tensor<1>, CudaRegion), 
     // The guard keeps the allocation in place; the primitive keeps the handle, so the pool
     // hands this memory to no other tensor while the region lives.
     let keep: Box<dyn std::any::Any> = Box::new((resource, prim));
-    Ok(Ok((
-        held,
-        CudaRegion {
-            ptr,
-            len,
-            ordinal,
-            keep,
-        },
-    )))
+    // SAFETY: `ptr` is the start of the allocation behind `prim.handle`, which holds `len`
+    // contiguous f32 (made contiguous and exclusively owned above) on cuda:`ordinal`, in the
+    // device's primary context that cubecl and NCCL share. `sync_buffers` returned after every
+    // kernel queued on the device finished, so the contents are complete. `keep` holds the
+    // resource guard (the allocation stays in place) and the primitive (the pool gives the
+    // memory to no other tensor); `held`, the only other owner, goes to the caller, which leaves
+    // it alone until the region is dropped (the contract of `DeviceBuffer::cuda_region`).
+    let region = unsafe { CudaRegion::new(ptr, len, ordinal, keep) };
+    Ok(Ok((held, region)))
 }

@@ -53,7 +53,9 @@ use ballast_collectives::{
     Communicator, CommunicatorExt, DeviceBuffer,
 };
 
-use crate::params::{checksum, collect_params, flatten_params, load_params, ParamSlot};
+use crate::params::{checksum, collect_params, flatten_params, load_params, load_params_from_tensor, ParamSlot};
+pub use crate::transfer::Traffic;
+use crate::transfer::{byte_len, model_device, to_host};
 
 /// Errors of data-parallel training.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,17 @@ pub enum DdpError {
     Shards {
         /// What does not fit.
         reason: String,
+    },
+    /// The device reported a failure during the step (a kernel that did not compile or run, a
+    /// failed allocation): the step's results were never computed, so it is not applied.
+    #[error("rank {rank}, step {step}: the device failed, so the step was not applied: {message}")]
+    DeviceFailed {
+        /// The rank.
+        rank: usize,
+        /// The step.
+        step: u64,
+        /// The backend's report (cubecl's error and the device log).
+        message: String,
     },
     /// A gradient could not be read back from burn.
     #[error("reading the gradient of parameter {path}: {message}")]
@@ -233,16 +246,8 @@ pub struct DataParallel {
     ready_clock: f64,
     /// This rank's all-reduce seconds of the previous step.
     last_all_reduce: f32,
-}
-
-/// Bytes a step moved between the model's device and the host, counted where the copies are
-/// made.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Traffic {
-    /// Device→host bytes.
-    pub to_host: u64,
-    /// Host→device bytes.
-    pub to_device: u64,
+    /// Device-log reports seen so far ([`crate::health::reports_since`]).
+    log_seen: u64,
 }
 
 /// Per-rank values carried in the tail of the fused buffer (after the loss sum and the sample
@@ -314,6 +319,7 @@ impl DataParallel {
             ready_since: Instant::now(),
             ready_clock: host_clock(),
             last_all_reduce: 0.0,
+            log_seen: crate::health::reports_recorded(),
         };
         let mut flat = flatten_params(&model);
         ddp.comm.broadcast_f32(0, &mut flat)?;
@@ -561,16 +567,18 @@ impl DataParallel {
             });
         }
         let device = model_device(&model);
-        let mut grads = vec![0.0; counts[rank]];
-        let (count, mut stats) = self.reduce_sharded(&device, &counts, &mut grads)?;
-        grads.iter_mut().for_each(|g| *g /= count);
+        let (grads, count, mut stats) = self.reduce_sharded(&device, &counts)?;
+        let grads = grads.map(|g| g.div_scalar(count));
         let mine = shard.step(&model, grads, lr as f32, &mut stats.traffic)?;
         let before = self.comm.collectives_started();
-        let mut params = vec![0.0; n];
-        self.comm.all_gather_f32(&mine, &counts, &mut params)?;
+        let mut mine = TensorBucket::new(mine.into_iter().collect(), device.clone(), None);
+        let mut params = TensorBucket::receiving(n, device);
+        self.comm.all_gather_device(&mut mine, &counts, &mut params)?;
         stats.collectives += (self.comm.collectives_started() - before) as usize;
-        stats.traffic.to_device += byte_len(n);
-        Ok((load_params(model, &params), stats))
+        stats.traffic.add(mine.traffic);
+        stats.traffic.add(params.traffic);
+        let flat = params.reduced.expect("written by the all-gather");
+        Ok((load_params_from_tensor(model, flat), stats))
     }
 
     /// Parameters of the model (the fused buffer without its tail).
@@ -583,6 +591,7 @@ impl DataParallel {
     /// with the global sample count (the divisor). The host copies a host communicator leaves
     /// are kept for the tail, and for every bucket when `keep_host` (the host optimizer's input).
     fn reduce(&mut self, device: &Device, keep_host: bool) -> Result<(Reduced, StepStats), DdpError> {
+        self.check_device(device)?;
         let (pieces, busy, mut traffic) = self.take_step(device);
         let started = Instant::now();
         let before = self.comm.collectives_started();
@@ -606,8 +615,7 @@ impl DataParallel {
         self.comm.all_reduce_sum_buckets(&mut views)?;
         let bucket_count = views.len();
         for bucket in &buckets {
-            traffic.to_host += bucket.traffic.to_host;
-            traffic.to_device += bucket.traffic.to_device;
+            traffic.add(bucket.traffic);
         }
         let all_reduce = started.elapsed();
         let collectives = (self.comm.collectives_started() - before) as usize;
@@ -627,31 +635,94 @@ impl DataParallel {
         Ok((reduced, stats))
     }
 
-    /// The collectives of a sharded step: the tail all-reduced, the gradient sums read to the
-    /// host once and reduce-scattered by `counts` into `shard`. Returns the global sample count.
+    /// The collectives of a sharded step, on device buffers: the tail all-reduced, then the
+    /// gradient sums reduce-scattered by `counts`. Returns this rank's shard of the sums on the
+    /// device (`None` for an empty shard) and the global sample count.
     fn reduce_sharded(
         &mut self,
         device: &Device,
         counts: &[usize],
-        shard: &mut [f32],
-    ) -> Result<(f32, StepStats), DdpError> {
+    ) -> Result<(Option<Tensor<1>>, f32, StepStats), DdpError> {
+        self.check_device(device)?;
         let (mut grads, busy, mut traffic) = self.take_step(device);
         let tail = grads.split_off(self.params.len());
         let started = Instant::now();
         let before = self.comm.collectives_started();
-        let mut tail = TensorBucket::new(tail, device.clone(), None);
-        let mut grads = TensorBucket::new(grads, device.clone(), None);
-        let read_error = |message: String| DdpError::Tensor {
-            path: "the step's gradient sums".into(),
-            message,
-        };
-        let mut t = tail.read().map_err(read_error)?;
-        let sums = grads.read().map_err(read_error)?;
-        traffic.to_host += tail.traffic.to_host + grads.traffic.to_host;
-        self.comm.all_reduce_sum_f32(&mut t)?;
-        self.comm.reduce_scatter_sum_f32(&sums, counts, shard)?;
+        let mut tail = TensorBucket::new(tail, device.clone(), Some(0));
+        self.comm.all_reduce_sum_device(&mut tail)?;
+        let mut sums = TensorBucket::new(grads, device.clone(), None);
+        let mut shard = TensorBucket::receiving(counts[self.comm.rank()], device.clone());
+        self.comm.reduce_scatter_sum_device(&mut sums, counts, &mut shard)?;
+        for bucket in [&sums, &shard] {
+            traffic.add(bucket.traffic);
+        }
+        let t = tail.into_host(&mut traffic)?;
         let collectives = (self.comm.collectives_started() - before) as usize;
-        self.conclude(&t, busy, started.elapsed(), collectives, 1, traffic)
+        let (count, stats) = self.conclude(&t, busy, started.elapsed(), collectives, 1, traffic)?;
+        Ok((shard.reduced, count, stats))
+    }
+
+    /// Where a [`crate::health::DeviceLog`] records (the job runner installs one), waits for this
+    /// rank's queued device work, then fails the step when the device reported a fault or its
+    /// log recorded a failure since the last check: the step's sums were then never computed,
+    /// so they are dropped before any collective runs.
+    fn check_device(&mut self, device: &Device) -> Result<(), DdpError> {
+        if !crate::health::device_log_installed() {
+            // Nothing records the device log: the buffers' own errors surface when the
+            // collective reads them.
+            return Ok(());
+        }
+        // cubecl compiles and launches on its own thread: a failure is in the log only once that
+        // thread has reached it, which the barrier guarantees.
+        let fault = device.sync().err().map(|e| e.to_string());
+        let (reports, seen) = crate::health::reports_since(self.log_seen);
+        self.log_seen = seen;
+        if fault.is_none() && reports.is_empty() {
+            return Ok(());
+        }
+        let mut reports = reports;
+        reports.extend(fault);
+        // The step's sums may hold what was never computed: the next step starts afresh.
+        self.grads.iter_mut().for_each(|g| *g = None);
+        self.loss_sum = None;
+        self.local_samples = 0;
+        self.micro_batches = 0;
+        Err(DdpError::DeviceFailed {
+            rank: self.comm.rank(),
+            step: self.step,
+            message: reports.join("\n  "),
+        })
+    }
+
+    /// Takes every device-log report recorded so far as handled (a caller that recovered from
+    /// it, as the balancer does from an out-of-memory): the step does not fail on them.
+    pub(crate) fn acknowledge_device_log(&mut self) {
+        self.log_seen = crate::health::reports_recorded();
+    }
+
+    /// The loss and every gradient of one micro-batch's `grads` (without taking them), for
+    /// [`crate::health::check_tensors`] before they are added.
+    pub(crate) fn micro_batch_tensors<M: Module>(model: &M, grads: &Gradients, loss: &Tensor<1>) -> Vec<Tensor<1>> {
+        struct Collect<'a> {
+            grads: &'a Gradients,
+            out: Vec<Tensor<1>>,
+        }
+        impl ModuleVisitor for Collect<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if param.is_require_grad() {
+                    if let Some(g) = param.val().grad(self.grads) {
+                        let n = g.shape().num_elements();
+                        self.out.push(g.reshape([n]));
+                    }
+                }
+            }
+        }
+        let mut c = Collect {
+            grads,
+            out: vec![loss.clone().inner().reshape([1])],
+        };
+        model.visit(&mut c);
+        c.out
     }
 
     /// Ends this rank's part of a step: this step's pieces of the fused buffer (each parameter's
@@ -783,11 +854,6 @@ fn scaled(t: Tensor<1>, scale: f32) -> Tensor<1> {
     }
 }
 
-/// Bytes of `n` `f32` values.
-fn byte_len(n: usize) -> u64 {
-    (n * std::mem::size_of::<f32>()) as u64
-}
-
 /// The pieces of the fused buffer (tensors laid out back to back) cut at the bucket boundaries of
 /// `layout`: each bucket's parts in order, a piece that straddles a boundary sliced in two.
 fn bucket_parts(layout: &BucketLayout, pieces: Vec<Tensor<1>>) -> Vec<Vec<Tensor<1>>> {
@@ -827,6 +893,8 @@ fn bucket_parts(layout: &BucketLayout, pieces: Vec<Tensor<1>>) -> Vec<Vec<Tensor
 struct TensorBucket {
     parts: Vec<Tensor<1>>,
     len: usize,
+    /// Only receives a result ([`TensorBucket::receiving`]).
+    receiving: bool,
     reduced: Option<Tensor<1>>,
     device: Device,
     keep_from: Option<usize>,
@@ -839,12 +907,39 @@ impl TensorBucket {
         Self {
             len: parts.iter().map(|p| p.shape().num_elements()).sum(),
             parts,
+            receiving: false,
             reduced: None,
             device,
             keep_from,
             written: None,
             traffic: Traffic::default(),
         }
+    }
+
+    /// A buffer of `len` values that only receives a collective's result (a reduce-scatter's
+    /// shard, an all-gather's output): nothing is read from it, and on a CUDA device it is
+    /// allocated where the communicator writes.
+    fn receiving(len: usize, device: Device) -> Self {
+        Self {
+            receiving: true,
+            len,
+            ..Self::new(Vec::new(), device, None)
+        }
+    }
+
+    /// The reduced values on the host: the copy kept when the communicator wrote them back,
+    /// else read from the device (counted in `traffic`).
+    fn into_host(self, traffic: &mut Traffic) -> Result<Vec<f32>, DdpError> {
+        traffic.add(self.traffic);
+        if let Some(HostCopy { start: 0, values }) = self.written {
+            return Ok(values);
+        }
+        let Some(reduced) = self.reduced else {
+            return Ok(Vec::new());
+        };
+        let values = to_host(reduced, "the step's reduced values")?;
+        traffic.to_host += byte_len(values.len());
+        Ok(values)
     }
 }
 
@@ -856,6 +951,10 @@ impl DeviceBuffer for TensorBucket {
     /// Reads the parts once: they are handed to the host (without a copy where the backend can
     /// give up a buffer it alone holds, as `flex` does), and a second read is an error.
     fn read(&mut self) -> Result<Vec<f32>, String> {
+        if self.receiving && self.parts.is_empty() {
+            // Nothing to send: a communicator that stages buffers reads this one as zeros.
+            return Ok(vec![0.0; self.len]);
+        }
         if self.parts.is_empty() && self.len > 0 {
             return Err("a gradient bucket was read twice in one step".into());
         }
@@ -890,7 +989,8 @@ impl DeviceBuffer for TensorBucket {
                 values: values[start.min(n)..].to_vec(),
             });
         }
-        self.reduced = Some(Tensor::from_data(TensorData::new(values, [n]), &self.device));
+        // An empty result needs no tensor (an empty shard).
+        self.reduced = (n > 0).then(|| Tensor::from_data(TensorData::new(values, [n]), &self.device));
         Ok(())
     }
 
@@ -898,6 +998,9 @@ impl DeviceBuffer for TensorBucket {
     /// then reduces in place and which becomes the reduced bucket (no host copy at all).
     #[cfg(feature = "cuda")]
     fn cuda_region(&mut self) -> Result<Option<ballast_collectives::CudaRegion>, String> {
+        if self.receiving && self.parts.is_empty() && self.len > 0 {
+            self.parts = vec![Tensor::zeros([self.len], &self.device)];
+        }
         if self.parts.is_empty() || self.len == 0 {
             return Ok(None);
         }
@@ -959,38 +1062,6 @@ impl Reduced {
         }
         Ok(out)
     }
-}
-
-/// `t`'s values, read to the host; `what` names the tensor in the error.
-pub(crate) fn to_host(t: Tensor<1>, what: &str) -> Result<Vec<f32>, DdpError> {
-    let err = |message: String| DdpError::Tensor {
-        path: what.to_string(),
-        message,
-    };
-    t.try_into_data()
-        .map_err(|e| err(format!("{e:?}")))?
-        .try_into_vec::<f32>()
-        .map_err(|e| err(format!("{e:?}")))
-}
-
-/// The inner (non-autodiff) device the model's gradients live on.
-pub(crate) fn model_device<M: Module>(model: &M) -> Device {
-    struct Find(Option<Device>);
-    impl ModuleVisitor for Find {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if self.0.is_none() {
-                let t = param.val();
-                self.0 = Some(if t.is_require_grad() {
-                    t.inner().device()
-                } else {
-                    t.device()
-                });
-            }
-        }
-    }
-    let mut f = Find(None);
-    model.visit(&mut f);
-    f.0.unwrap_or_default()
 }
 
 fn first_difference(a: &[(String, Vec<usize>)], b: &[(String, Vec<usize>)]) -> Option<String> {

@@ -128,6 +128,25 @@ impl DeviceChoice {
     }
 }
 
+/// What a device is called in plans and reports: `cpu (flex)`, or the backend and the name the
+/// adapter or GPU gives itself (`wgpu: llvmpipe (LLVM 19.1.7, 256 bits)`, `cuda:0: NVIDIA H100`).
+pub fn device_name(device: &Device) -> String {
+    let device = device.clone().inner();
+    if device == Device::flex() {
+        return "cpu (flex)".to_string();
+    }
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    {
+        let probe = burn::tensor::Tensor::<1>::zeros([1], &device);
+        if let Ok(prim) = probe.try_into_primitive::<burn::backend::Cube>() {
+            let runtime = format!("{:?}", prim.device).to_ascii_lowercase();
+            let kind = if runtime.contains("cuda") { "cuda" } else { "wgpu" };
+            return format!("{kind}: {}", prim.client.properties().identity.name);
+        }
+    }
+    format!("{device:?}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

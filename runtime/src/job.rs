@@ -22,6 +22,7 @@ use ballast_collectives::{local, CommOptions, Communicator, CommunicatorExt};
 use crate::{
     balance::{plan_table, shard_table, BalanceError, BalanceOptions, Balancer},
     checkpoint::{self, CheckpointError, Checkpointer, TrainState},
+    device::DeviceChoice,
     eval::{EvalBatch, EvalError, EvalKind, EvalTotals},
     memory::DeviceMeter,
     metrics::MetricsWriter,
@@ -200,6 +201,21 @@ pub enum JobError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A rank's device failed the start-up check: its kernels do not run, or compute wrong
+    /// values. Nothing was trained.
+    #[error("rank {rank}: {failure}; nothing was trained")]
+    Canary {
+        /// The rank.
+        rank: usize,
+        /// What the check found.
+        failure: crate::health::CanaryError,
+    },
+    /// Another rank's device failed the start-up check, so this rank stops too.
+    #[error("rank {rank}'s device failed the start-up check; nothing was trained")]
+    PeerCanary {
+        /// The rank whose device failed.
+        rank: usize,
+    },
     /// Every rank ended without a summary or an error (a bug).
     #[error("no rank returned a summary")]
     NoRank,
@@ -229,8 +245,10 @@ impl JobError {
     /// Whether this rank failed only because another one did first (a timeout waiting for it,
     /// a peer that went away): [`run`] reports the other rank's error.
     pub fn is_consequence(&self) -> bool {
-        self.collective()
-            .is_some_and(ballast_collectives::Error::is_consequence)
+        matches!(self, Self::PeerCanary { .. })
+            || self
+                .collective()
+                .is_some_and(ballast_collectives::Error::is_consequence)
     }
 }
 
@@ -250,12 +268,23 @@ pub fn launch() -> Result<Launch> {
 /// Anything a rank reports: plan, data, collective, checkpoint errors. With ranks as threads,
 /// the first rank's error that is a cause, not a consequence of another rank's failure.
 pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Summary> {
+    // cubecl reports failures of its device thread through the `log` facade: record them, so
+    // the step after one fails instead of training on what was never computed.
+    crate::health::install_device_log();
     let options = CommOptions::from_env()?;
-    if let Some(me) = crate::world::join(launch, options.clone())? {
+    let choice = |rank: usize| (!settings.devices.is_empty()).then(|| DeviceChoice::for_rank(&settings.devices, rank));
+    if let Some(me) = crate::world::join_on(launch, options.clone(), choice(launch.rank))? {
         return rank_main(me.comm, task, settings, false, me.device, me.gpu);
     }
     let results = local::run(settings.ranks, options, |comm| {
-        rank_main(Box::new(comm), task, settings, true, Device::flex().autodiff(), None)
+        let rank = comm.rank();
+        let choice = choice(rank).unwrap_or_default();
+        let device = choice.device(0).map_err(WorldError::from)?.autodiff();
+        let gpu = match choice {
+            DeviceChoice::Cuda(ordinal) => Some(ordinal.unwrap_or(0)),
+            _ => None,
+        };
+        rank_main(Box::new(comm), task, settings, true, device, gpu)
     });
     let mut summary = None;
     let mut errors = Vec::new();
@@ -294,6 +323,20 @@ fn barrier_after_write(comm: &mut dyn Communicator, bytes: u64) -> Result<()> {
 }
 
 /// One rank's whole job, in its phases.
+/// Every rank runs the start-up check on its device ([`crate::health::canary_in`]) and the
+/// verdicts are shared in one collective, so all ranks stop together, before anything is built,
+/// when one device cannot run kernels.
+fn check_devices(comm: &mut dyn Communicator, device: &Device, s: &Settings) -> Result<()> {
+    let rank = comm.rank();
+    let mine = crate::health::canary_in(&device.clone().inner(), s.canary_dtype);
+    let failed: Vec<bool> = comm.all_gather(&mine.is_err())?;
+    mine.map_err(|failure| JobError::Canary { rank, failure })?;
+    match failed.iter().position(|&f| f) {
+        Some(other) => Err(JobError::PeerCanary { rank: other }),
+        None => Ok(()),
+    }
+}
+
 fn rank_main<T: Task>(
     mut comm: Box<dyn Communicator>,
     task: &T,
@@ -303,6 +346,8 @@ fn rank_main<T: Task>(
     gpu: Option<usize>,
 ) -> Result<Summary> {
     let rank = comm.rank();
+    // A device whose kernels do not run is refused before anything is built or trained.
+    check_devices(comm.as_mut(), &device, s)?;
     let meter = match gpu {
         Some(ordinal) => DeviceMeter::for_device(&device).on_cuda(ordinal),
         None => DeviceMeter::for_device(&device),

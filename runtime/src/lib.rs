@@ -32,8 +32,11 @@ mod cuda;
 pub mod ddp;
 pub mod device;
 pub mod eval;
+pub mod health;
 #[cfg(feature = "cli")]
 pub mod job;
+#[cfg(target_os = "linux")]
+pub mod libs;
 pub mod memory;
 pub mod metrics;
 pub mod offload;
@@ -44,6 +47,7 @@ pub mod sampler;
 pub mod sharded;
 #[cfg(feature = "testkit")]
 pub mod testing;
+mod transfer;
 pub mod world;
 
 pub use ddp::{Averaging, DataParallel, DdpError, DdpOptions, LossReduction, StepStats};

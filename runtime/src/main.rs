@@ -45,6 +45,10 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // A CUDA library installed under a versioned name only (libnccl.so.2, libnvrtc.so.13) is
+    // linked where cudarc looks for it: this may relaunch the process, so it comes first.
+    #[cfg(feature = "cuda")]
+    ballast::libs::relaunch_with_found_libraries();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor(args) => cmd::doctor::run(&args),

@@ -107,6 +107,32 @@ pub fn load_params<M: Module>(model: M, flat: &[f32]) -> M {
     model.map(&mut Load { flat, offset: 0 })
 }
 
+/// Replaces every float parameter with the next values of `flat`, a flat tensor on the model's
+/// (inner) device in [`flatten_params`] order: each parameter becomes a slice of it, and nothing
+/// crosses to the host.
+///
+/// # Panics
+/// If `flat` is shorter than the model's parameters.
+pub fn load_params_from_tensor<M: Module>(model: M, flat: Tensor<1>) -> M {
+    struct Load {
+        flat: Tensor<1>,
+        offset: usize,
+    }
+    impl ModuleMapper for Load {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let dims: [usize; D] = param.lazy_shape().dims::<D>();
+            let n: usize = dims.iter().product();
+            let values = self.flat.clone().slice(self.offset..self.offset + n).reshape(dims);
+            self.offset += n;
+            param.map(|t| {
+                let values = if t.is_autodiff() { values.autodiff() } else { values };
+                values.set_require_grad(t.is_require_grad())
+            })
+        }
+    }
+    model.map(&mut Load { flat, offset: 0 })
+}
+
 /// xxh3 over the bits of every parameter, in visiting order: equal exactly when the replicas
 /// are bit-identical (up to hash collisions).
 pub fn checksum<M: Module>(model: &M) -> u64 {

@@ -33,7 +33,7 @@ struct Args {
     threads: usize,
     /// `equivalence`: each rank's device (flex, wgpu, wgpu:cpu, cuda; one entry: every rank);
     /// runs the device cases (shares 5/2/1 and 8/0/0 on three ranks, 8 on one) instead of the
-    /// default matrix on flex.
+    /// default matrix on flex. `balance`: each rank's device (default flex).
     #[arg(long)]
     device: Option<String>,
     /// `balance`: memory budget per rank (e.g. 24MiB,16MiB,8MiB); one value applies to all.
@@ -78,6 +78,11 @@ struct Args {
     /// `balance`: write each rank's full record to DIR/rank-R.json (stdout gets a summary).
     #[arg(long)]
     out_dir: Option<std::path::PathBuf>,
+    /// Limit this process's address space to BYTES (`setrlimit(RLIMIT_AS)`) before anything
+    /// else, so that a device whose memory is host memory (Mesa's software Vulkan device) meets
+    /// a real failed allocation.
+    #[arg(long, value_name = "BYTES")]
+    address_space: Option<u64>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -107,6 +112,9 @@ enum Check {
 
 /// Runs the check.
 fn run(args: &Args) -> Result<ExitCode> {
+    if let Some(bytes) = args.address_space {
+        limit_address_space(bytes)?;
+    }
     let launch = Launch::from_env()?;
     let options = match args.check {
         Check::Collectives => CommOptions::from_env()?,
@@ -253,8 +261,15 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
             width: args.width,
             conv: args.conv,
             lr: 1e-3,
-            device: ballast::device::DeviceChoice::Flex,
+            device: match args.device.as_deref() {
+                Some(list) => ballast::device::DeviceChoice::for_rank(
+                    &ballast::device::DeviceChoice::parse_list(list).map_err(|e| e.to_string())?,
+                    rank,
+                ),
+                None => ballast::device::DeviceChoice::Flex,
+            },
             device_oom_at_step: None,
+            oom_in_device_log: false,
             balance: BalanceOptions {
                 budget_bytes: budget,
                 initial,
@@ -281,7 +296,9 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
         let json = serde_json::json!({
             "rank": rank, "budget": budget, "reports": reports, "records": records,
             "params_checksum": format!("{checksum:016x}"), "params_head": &params[..4.min(params.len())],
-            "params": if rank == 0 { serde_json::json!(params) } else { serde_json::Value::Null },
+            // Every parameter of small models only: JSON values of millions of them take more
+            // memory than a run under an address-space limit has.
+            "params": if rank == 0 && params.len() <= 1 << 20 { serde_json::json!(params) } else { serde_json::Value::Null },
         });
         match &args.out_dir {
             Some(dir) => {
@@ -313,6 +330,20 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
         }
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Caps this process's address space (soft and hard limit) at `bytes`.
+fn limit_address_space(bytes: u64) -> Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: bytes,
+    };
+    // SAFETY: `limit` is a valid rlimit for the duration of the call; lowering this process's
+    // own limit has no other effect on memory safety.
+    if unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) } != 0 {
+        anyhow::bail!("setrlimit(RLIMIT_AS, {bytes}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn checkpoint_writer(args: &Args) -> Result<ExitCode> {

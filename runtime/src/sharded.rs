@@ -26,9 +26,9 @@ use burn::{
 use crate::{
     balancer::split_proportional,
     checkpoint::AdamMoments,
-    ddp::{model_device, to_host, Traffic},
     offload::{HostAdamConfig, HostOffload},
     params::{flatten_params, params_range},
+    transfer::{model_device, to_host, Traffic},
     DdpError,
 };
 
@@ -143,36 +143,58 @@ impl ShardedAdam {
         }
     }
 
-    /// One Adam step of this rank's shard of `model` with its averaged gradient (host values,
-    /// as the reduce-scatter leaves them); returns the shard's updated values for the
-    /// all-gather. The bytes copied between device and host are added to `traffic`.
+    /// One Adam step of this rank's shard of `model` with its averaged gradient (`None` for an
+    /// empty shard), on the device the reduce-scatter left it on; returns the shard's updated
+    /// values there, for the all-gather. A device shard never leaves the device; a host shard's
+    /// gradient is read to the host and its new values written back, and those bytes are added
+    /// to `traffic`.
     ///
     /// # Errors
-    /// [`DdpError::Tensor`] when the device cannot give the updated values back.
-    ///
-    /// # Panics
-    /// If `grads` is not as long as this rank's shard.
+    /// [`DdpError::Tensor`] when the device cannot give a host shard's gradient back;
+    /// [`DdpError::Shards`] when `grads` is not as long as this rank's shard.
     pub fn step<M: Module>(
         &mut self,
         model: &M,
-        grads: Vec<f32>,
+        grads: Option<Tensor<1>>,
         lr: f32,
         traffic: &mut Traffic,
-    ) -> Result<Vec<f32>, DdpError> {
-        assert_eq!(grads.len(), self.len(), "gradient count differs from the shard");
+    ) -> Result<Option<Tensor<1>>, DdpError> {
+        let given = grads.as_ref().map_or(0, |g| g.shape().num_elements());
+        if given != self.len() {
+            return Err(DdpError::Shards {
+                reason: format!(
+                    "rank {} was given {given} averaged gradients for a shard of {} parameters",
+                    self.rank,
+                    self.len()
+                ),
+            });
+        }
+        let Some(grads) = grads else {
+            // An empty shard still counts the step: its count is the one a checkpoint saves
+            // when this is rank 0.
+            match &mut self.state {
+                ShardState::Device(adam) => adam.t += 1,
+                ShardState::Host(host) => {
+                    host.step(&[], lr)?;
+                }
+            }
+            return Ok(None);
+        };
+        let range = self.offset..self.offset + self.len();
         match &mut self.state {
-            ShardState::Host(host) => Ok(host.step(&grads, lr)?.to_vec()),
+            ShardState::Host(host) => {
+                let device = grads.device();
+                let grads = to_host(grads, "the averaged gradients of the optimizer shard")?;
+                traffic.to_host += 4 * grads.len() as u64;
+                let values = host.step(&grads, lr)?.to_vec();
+                traffic.to_device += 4 * values.len() as u64;
+                let n = values.len();
+                Ok(Some(Tensor::from_data(TensorData::new(values, [n]), &device)))
+            }
             ShardState::Device(adam) => {
-                let Some(values) = params_range(model, self.offset..self.offset + grads.len()) else {
-                    // An empty shard still counts the step: its count is the one a checkpoint
-                    // saves when this is rank 0.
-                    adam.t += 1;
-                    return Ok(Vec::new());
-                };
-                traffic.to_device += 4 * grads.len() as u64;
-                let values = to_host(adam.step(values, grads, lr), "the updated optimizer shard")?;
-                traffic.to_host += 4 * values.len() as u64;
-                Ok(values)
+                let values =
+                    params_range(model, range).expect("a non-empty shard covers parameters (checked at construction)");
+                Ok(Some(adam.step(values, grads, lr)))
             }
         }
     }
@@ -286,16 +308,16 @@ impl DeviceAdam {
         self.t = t;
     }
 
-    /// One step of `p` (the shard's values, on the device) with the gradient `g`; returns the
-    /// new values.
-    fn step(&mut self, p: Tensor<1>, g: Vec<f32>, lr: f32) -> Tensor<1> {
+    /// One step of `p` (the shard's values, on the device) with the gradient `g` (on the same
+    /// device); returns the new values.
+    fn step(&mut self, p: Tensor<1>, g: Tensor<1>, lr: f32) -> Tensor<1> {
         let c = self.config;
         self.t += 1;
         let bc2 = (1.0 - c.beta_2.powi(self.t)).sqrt();
         let factor = bc2 / (1.0 - c.beta_1.powi(self.t));
         let eps = c.epsilon * bc2;
         let mut p = p;
-        let mut g = Tensor::<1>::from_data(TensorData::new(g, [self.len]), &self.device);
+        let mut g = g;
         if c.weight_decay != 0.0 {
             if c.decoupled {
                 p = p.clone() - p.mul_scalar(lr * c.weight_decay);

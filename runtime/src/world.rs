@@ -3,6 +3,8 @@
 use ballast_cluster::Launch;
 use ballast_collectives::{CommOptions, Communicator};
 
+use crate::device::DeviceChoice;
+
 /// Why the world could not be joined.
 #[derive(Debug, thiserror::Error)]
 pub enum WorldError {
@@ -12,6 +14,9 @@ pub enum WorldError {
     /// A collective backend failed to start.
     #[error(transparent)]
     Collectives(#[from] ballast_collectives::Error),
+    /// The rank's device is not available in this binary.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
     /// A launcher started us but this binary has no MPI support.
     #[error(
         "this process was started by {launcher} (rank {rank} of {world_size}) but ballast was built \
@@ -75,24 +80,69 @@ pub struct LaunchedRank {
 /// # Errors
 /// As [`launched_communicator`]; no GPU for this local rank; NCCL failing to start.
 pub fn join(launch: &Launch, options: CommOptions) -> Result<Option<LaunchedRank>, WorldError> {
+    join_on(launch, options, None)
+}
+
+/// As [`join`], on the device `choice` names when it names one: `cuda[:N]` takes NCCL over MPI
+/// (`cuda` is this local rank's GPU), `wgpu`, `wgpu:cpu` and `flex` take MPI for their data.
+///
+/// # Errors
+/// As [`join`]; [`WorldError::Device`] when this binary lacks the device's backend.
+pub fn join_on(
+    launch: &Launch,
+    options: CommOptions,
+    choice: Option<DeviceChoice>,
+) -> Result<Option<LaunchedRank>, WorldError> {
     let Some(comm) = launched_communicator(launch, options)? else {
         return Ok(None);
     };
-    #[cfg(feature = "cuda")]
-    if ballast_collectives::nccl::cuda_present() {
-        let count = cudarc::driver::CudaContext::device_count().ok().map(|c| c as usize);
-        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-        let gpu = ballast_cluster::device_for_local_rank(launch.local_rank, visible.as_deref(), count)?;
-        let comm: Box<dyn Communicator> = Box::new(ballast_collectives::nccl::NcclCommunicator::new(comm, gpu)?);
-        return Ok(Some(LaunchedRank {
+    match choice {
+        Some(DeviceChoice::Cuda(ordinal)) => on_gpu(comm, launch, ordinal),
+        Some(other) => Ok(Some(LaunchedRank {
             comm,
-            device: burn::tensor::Device::cuda(gpu).autodiff(),
-            gpu: Some(gpu),
-        }));
+            device: other.device(launch.local_rank)?.autodiff(),
+            gpu: None,
+        })),
+        #[cfg(feature = "cuda")]
+        None if ballast_collectives::nccl::cuda_present() => on_gpu(comm, launch, None),
+        None => Ok(Some(LaunchedRank {
+            comm,
+            device: burn::tensor::Device::flex().autodiff(),
+            gpu: None,
+        })),
     }
+}
+
+/// A launched rank on a GPU (`ordinal`, or this local rank's), with NCCL over `comm`.
+#[cfg(feature = "cuda")]
+fn on_gpu(
+    comm: Box<dyn Communicator>,
+    launch: &Launch,
+    ordinal: Option<usize>,
+) -> Result<Option<LaunchedRank>, WorldError> {
+    let gpu = match ordinal {
+        Some(gpu) => gpu,
+        None => {
+            let count = cudarc::driver::CudaContext::device_count().ok().map(|c| c as usize);
+            let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+            ballast_cluster::device_for_local_rank(launch.local_rank, visible.as_deref(), count)?
+        }
+    };
+    let comm: Box<dyn Communicator> = Box::new(ballast_collectives::nccl::NcclCommunicator::new(comm, gpu)?);
     Ok(Some(LaunchedRank {
         comm,
-        device: burn::tensor::Device::flex().autodiff(),
-        gpu: None,
+        device: burn::tensor::Device::cuda(gpu).autodiff(),
+        gpu: Some(gpu),
     }))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn on_gpu(
+    _comm: Box<dyn Communicator>,
+    _launch: &Launch,
+    ordinal: Option<usize>,
+) -> Result<Option<LaunchedRank>, WorldError> {
+    Err(WorldError::Device(
+        DeviceChoice::Cuda(ordinal).device(0).expect_err("cuda is not built"),
+    ))
 }

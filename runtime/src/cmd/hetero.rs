@@ -67,9 +67,9 @@ pub struct HeteroArgs {
 
 /// Runs the benchmark.
 pub fn run(args: &HeteroArgs) -> Result<ExitCode> {
-    let comm = super::bench::pinned_world("hetero")?;
+    let comm = super::pinned::pinned_world("hetero")?;
     let rank = comm.rank();
-    let budget = super::bench::rank_budget(&args.budgets, rank)?;
+    let budget = super::pinned::rank_budget(&args.budgets, rank)?;
     let device = Device::flex().autodiff();
     device.seed(5);
     // A whole number of global batches, so every step is a full one (as in a long epoch; a

@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod handshake_bench;
 pub mod hetero;
 pub mod overhead;
+pub mod pinned;
 pub mod plan;
 pub mod report;
 pub mod sharded_bench;

@@ -68,14 +68,14 @@ pub struct ShardedArgs {
 
 /// Runs the benchmark.
 pub fn run(args: &ShardedArgs) -> Result<ExitCode> {
-    let comm = super::bench::pinned_world("sharded")?;
+    let comm = super::pinned::pinned_world("sharded")?;
     let wire = Arc::new(AtomicU64::new(0));
     let comm = Box::new(WireCounter {
         inner: comm,
         bytes: wire.clone(),
     });
     let rank = comm.rank();
-    let budget = super::bench::rank_budget(&args.budgets, rank)?;
+    let budget = super::pinned::rank_budget(&args.budgets, rank)?;
     let emit = |v: serde_json::Value| {
         if rank == 0 && args.json {
             println!("{v}");

@@ -327,6 +327,34 @@ impl ChunkedAdam {
             "the chunked Adam's buffers differ in length"
         );
         let chunks = n.div_ceil(self.chunk_len);
+        let issued = self.issue(p, g, m, v, chunks, args);
+        // Every exit waits for both streams, the failing ones included: after an error some
+        // prefetches or kernels may still be queued on the buffers, and the caller may touch
+        // them from the host as soon as this returns.
+        let compute = self.compute.synchronize().map_err(cuda("cuStreamSynchronize"));
+        let copy = self.copy.synchronize().map_err(cuda("cuStreamSynchronize"));
+        issued.and(compute).and(copy)?;
+        let bytes = (4 * n * std::mem::size_of::<f32>()) as u64;
+        Ok(ChunkStats {
+            chunks,
+            chunk_len: self.chunk_len,
+            to_device_bytes: bytes,
+            to_host_bytes: bytes,
+        })
+    }
+
+    /// Queues the chunk schedule's prefetches and kernels on the two streams (without waiting
+    /// for them).
+    fn issue(
+        &self,
+        p: &ManagedBuffer,
+        g: &ManagedBuffer,
+        m: &ManagedBuffer,
+        v: &ManagedBuffer,
+        chunks: usize,
+        args: &AdamArgs,
+    ) -> Result<(), OffloadError> {
+        let n = p.len;
         let range = |i: usize| i * self.chunk_len..((i + 1) * self.chunk_len).min(n);
         let device = p.device_location();
         let host = sys::CUmemLocation {
@@ -338,7 +366,7 @@ impl ChunkedAdam {
         for op in super::chunk_schedule(chunks) {
             match op {
                 super::ChunkOp::Load(i) => {
-                    for b in [&*p, g, &*m, &*v] {
+                    for b in [p, g, m, v] {
                         b.prefetch_range(range(i), device, &self.copy)?;
                     }
                     loaded.push(self.copy.record_event(None).map_err(cuda("cuEventRecord"))?);
@@ -350,21 +378,13 @@ impl ChunkedAdam {
                 }
                 super::ChunkOp::Unload(i) => {
                     self.copy.wait(&updated[i]).map_err(cuda("cuStreamWaitEvent"))?;
-                    for b in [&*p, g, &*m, &*v] {
+                    for b in [p, g, m, v] {
                         b.prefetch_range(range(i), host, &self.copy)?;
                     }
                 }
             }
         }
-        // The last unload waited for the last update, and the copy stream runs in order.
-        self.copy.synchronize().map_err(cuda("cuStreamSynchronize"))?;
-        let bytes = (4 * n * std::mem::size_of::<f32>()) as u64;
-        Ok(ChunkStats {
-            chunks,
-            chunk_len: self.chunk_len,
-            to_device_bytes: bytes,
-            to_host_bytes: bytes,
-        })
+        Ok(())
     }
 
     /// Launches the kernel over elements `range` of the four buffers on the compute stream.
@@ -406,7 +426,8 @@ impl ChunkedAdam {
         // inside live managed allocations (the ranges lie within the buffers: `range` comes
         // from `step`, cut from their common length), `n` as u64, nine f32 and two i32, matching
         // the pushed arguments; no other user writes these ranges until the copy stream's
-        // unload, which waits for this launch's event.
+        // unload, which waits for this launch's event, and `step` waits for both streams on
+        // every path before the caller can touch the buffers again.
         unsafe { launch.launch(config) }
             .map(|_| ())
             .map_err(|e| OffloadError::Cuda(format!("launching the Adam kernel: {e:?}")))
