@@ -13,6 +13,25 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libopenmpi-dev openmpi-bin libclang-dev clang pkg-config >/dev/null
 fi
+# The URI of the Debian archive this machine's apt already uses for bookworm (deb822 `.sources`
+# files first, then one-line `.list` files), so backports come from the same mirror.
+debian_mirror() {
+  local f
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -e "$f" ] || continue
+    awk 'BEGIN { RS = ""; FS = "\n" }
+         { uris = ""; suites = ""
+           for (i = 1; i <= NF; i++) {
+             if ($i ~ /^URIs:/) { uris = $i; sub(/^URIs:[ \t]*/, "", uris) }
+             if ($i ~ /^Suites:/) { suites = $i }
+           }
+           if (suites ~ /[ \t]bookworm([ \t]|$)/ && uris != "") { split(uris, u, /[ \t]+/); print u[1]; exit } }' "$f"
+  done | head -n 1 | grep . && return 0
+  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+    | awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/) { if ($(i + 1) == "bookworm") print $i; break } }' \
+    | head -n 1 || true
+}
+
 # The device tests run burn's wgpu backend on Mesa's software Vulkan device (lavapipe). On Debian
 # 12 it comes from bookworm-backports: Mesa 25 runs burn's kernels, bookworm's own 22.3 is untried.
 if ! dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null | grep -q '^2[5-9]'; then
@@ -20,7 +39,12 @@ if ! dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null | grep -q '^2
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing mesa-vulkan-drivers (software Vulkan device for the wgpu tests)"
   if grep -q '^12' /etc/debian_version 2>/dev/null; then
-    echo "deb http://deb.debian.org/debian bookworm-backports main" | $sudo tee /etc/apt/sources.list.d/ballast-backports.list >/dev/null
+    mirror="$(debian_mirror)"
+    if [ -z "$mirror" ]; then
+      echo "setup: no Debian bookworm mirror found in apt's sources; add bookworm-backports to them and run this again" >&2
+      exit 1
+    fi
+    echo "deb $mirror bookworm-backports main" | $sudo tee /etc/apt/sources.list.d/ballast-backports.list >/dev/null
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq -t bookworm-backports mesa-vulkan-drivers >/dev/null
   else

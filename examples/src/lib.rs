@@ -111,6 +111,10 @@ pub fn main_with<C: CommandFactory + FromArgMatches>(
     defaults: &Defaults,
     run: impl FnOnce(&C) -> anyhow::Result<()>,
 ) -> ExitCode {
+    // A CUDA library installed under a versioned name only is linked where cudarc looks for it
+    // (this may relaunch the process, before anything else runs).
+    #[cfg(feature = "cuda")]
+    ballast::libs::relaunch_with_found_libraries();
     let matches = C::command().after_help(defaults.describe()).get_matches();
     let cli = match C::from_arg_matches(&matches) {
         Ok(cli) => cli,

@@ -9,8 +9,9 @@ mod kit {
 
     use serde_json::Value;
 
-    const CHECKS: [&str; 9] = [
+    const CHECKS: [&str; 10] = [
         "doctor",
+        "canary",
         "nccl",
         "probes",
         "equivalence",

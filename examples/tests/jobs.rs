@@ -274,3 +274,37 @@ mod under_mpirun {
         check_job(env!("CARGO_BIN_EXE_transformer"), "12MiB,8MiB,4MiB");
     }
 }
+
+/// A device whose kernels do not compile is refused before step 0: rank 0 on Mesa's software
+/// Vulkan device runs its start-up check in `bf16`, which cubecl cannot compile there (a real
+/// failure on cubecl's device thread, reported only in its log). Every rank stops at once, the
+/// job exits with code 2 naming rank 0, the check and cubecl's words, and no step is trained.
+#[cfg(all(feature = "wgpu", feature = "testkit"))]
+#[test]
+fn a_device_whose_kernels_do_not_compile_stops_the_job_before_step_0() {
+    let _alone = one_job();
+    let d = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_resnet"))
+        .args([
+            "--device",
+            "wgpu:cpu,flex,flex",
+            "--canary-dtype",
+            "bf16",
+            "--metrics",
+            "m.jsonl",
+        ])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(stderr.contains("resnet: error: rank 0: "), "{stderr}");
+    assert!(stderr.contains("the start-up check"), "{stderr}");
+    assert!(stderr.contains("UnsupportedType"), "{stderr}");
+    assert!(stderr.contains("nothing was trained"), "{stderr}");
+    assert!(!stdout.lines().any(|l| l.starts_with("step ")), "{stdout}");
+    let metrics = std::fs::read_to_string(d.path().join("m.jsonl")).unwrap_or_default();
+    assert!(!metrics.contains("\"kind\":\"train\""), "{metrics}");
+}

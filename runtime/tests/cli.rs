@@ -237,3 +237,70 @@ fn doctor_of_a_cuda_build_says_no_gpu_without_a_driver() {
     let text = ballast(&["doctor"]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("devices      no GPU: ranks run on CPU"));
 }
+
+/// A folder holding only `libnccl.so.2` (a stub built here with the system's C compiler, whose
+/// `ncclGetVersion` answers 2.27.3), put on `LD_LIBRARY_PATH`: `ballast doctor` links it under
+/// the name cudarc loads, relaunches itself and reports that NCCL, from that file. Without the
+/// link cudarc would not load it (it tries `libnccl.so`, `.so.12`, `.so.11`, ..., never `.so.2`).
+#[test]
+fn doctor_finds_a_libnccl_installed_as_so_2_only() {
+    if !cfg!(feature = "cuda") {
+        println!("SKIPPED doctor_finds_a_libnccl_installed_as_so_2_only: built without the cuda feature");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("stub.c");
+    std::fs::write(
+        &source,
+        "int ncclGetVersion(int *version) { *version = 22703; return 0; }\n",
+    )
+    .unwrap();
+    let lib_dir = dir.path().join("lib");
+    std::fs::create_dir(&lib_dir).unwrap();
+    let lib = lib_dir.join("libnccl.so.2");
+    // The suite's setup installs clang and g++; either builds the stub.
+    let compiler = ["cc", "gcc", "clang"]
+        .into_iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("a C compiler (cc, gcc or clang) builds the stub; install gcc or clang");
+    let status = Command::new(compiler)
+        .args(["-shared", "-fPIC", "-Wl,-soname,libnccl.so.2", "-o"])
+        .arg(&lib)
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cc failed to build the stub: {status}");
+    let runtime_dir = dir.path().join("run");
+    std::fs::create_dir(&runtime_dir).unwrap();
+    let out = {
+        let _spawning = SPAWN.lock().unwrap_or_else(|e| e.into_inner());
+        Command::new(env!("CARGO_BIN_EXE_ballast"))
+            .arg("doctor")
+            .env("LD_LIBRARY_PATH", &lib_dir)
+            .env("XDG_RUNTIME_DIR", &runtime_dir)
+            .env_remove("BALLAST_LIBS_RELAUNCHED")
+            .output()
+            .unwrap()
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().find(|l| l.starts_with("nccl ")).unwrap_or_default();
+    assert!(
+        line.contains("NCCL 2.27.3") && line.contains(&lib.display().to_string()),
+        "doctor did not load the stub from {}: {stdout}",
+        lib.display()
+    );
+    let links: Vec<_> = std::fs::read_dir(&runtime_dir).unwrap().flatten().collect();
+    assert_eq!(links.len(), 1, "one private link folder: {links:?}");
+    assert_eq!(std::fs::read_link(links[0].path().join("libnccl.so")).unwrap(), lib);
+}

@@ -13,8 +13,8 @@ mod wgpu {
         collectives::{local, CommOptions},
         device::DeviceChoice,
         testing::{
-            balanced_run, device_cases, linear_fit, probe_peaks, relative_difference, run_ddp, sharded_cases,
-            BalancedRun, Case, ModelKind, OptimKind,
+            balanced_run, device_cases, device_only::DeviceBuffersOnly, linear_fit, probe_peaks, relative_difference,
+            run_ddp, sharded_cases, BalancedRun, Case, ModelKind, OptimKind,
         },
     };
 
@@ -67,7 +67,10 @@ mod wgpu {
 
     /// Adam's state sharded over rank 0 on wgpu (its shard's moments in the device's memory,
     /// updated by wgpu kernels) and ranks 1 and 2 on flex: every sharded case within 1e-5 of one
-    /// device, and the replicas bit-identical although two backends computed the updates.
+    /// device, and the replicas bit-identical although two backends computed the updates. Every
+    /// rank's communicator refuses host slices on the data plane
+    /// (`testing::device_only::DeviceBuffersOnly`), so the sharded step's tail, reduce-scatter
+    /// and all-gather reach the collectives as device buffers, or the run fails.
     #[test]
     fn device_sharded_adam_on_wgpu_and_flex_equals_one_device() {
         let _pool = pool_lock();
@@ -75,7 +78,15 @@ mod wgpu {
             .into_iter()
             .map(|c| c.on(&[WGPU, DeviceChoice::Flex, DeviceChoice::Flex]))
             .collect();
-        let lines = super::common::equivalence_on_threads(3, &cases);
+        let reports = local::run(3, CommOptions::default(), |comm| {
+            let comm = DeviceBuffersOnly::new(Box::new(comm));
+            ballast::testing::equivalence_report(Box::new(comm), &cases).map_err(|e| e.to_string())
+        });
+        let lines: Vec<String> = reports
+            .into_iter()
+            .flat_map(|r| r.unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        lines.iter().for_each(|l| println!("{l}"));
         assert_all_ok(&lines, cases.len());
         assert!(lines.iter().all(|l| l.contains("replicas identical")), "{lines:#?}");
     }
@@ -167,6 +178,7 @@ mod wgpu {
 
     fn balanced(
         device_oom_at_step: Option<u64>,
+        oom_in_device_log: bool,
         budget_bytes: u64,
         global_batch: usize,
         width: usize,
@@ -180,6 +192,7 @@ mod wgpu {
             lr: 1e-3,
             device: WGPU,
             device_oom_at_step,
+            oom_in_device_log,
             balance: BalanceOptions {
                 budget_bytes,
                 initial: InitialPlan::Equal,
@@ -210,10 +223,10 @@ mod wgpu {
     #[test]
     fn device_wgpu_cap_keeps_the_peak_within_the_budget() {
         let _pool = pool_lock();
-        let (_, _, reports) = balanced(None, u64::MAX, 256, 1024, &LARGE_PROBES);
+        let (_, _, reports) = balanced(None, false, u64::MAX, 256, 1024, &LARGE_PROBES);
         let r = &reports[0];
         let budget = r.fixed_bytes + 700 * r.bytes_per_sample;
-        let (records, _, reports) = balanced(None, budget, 1400, 1024, &LARGE_PROBES);
+        let (records, _, reports) = balanced(None, false, budget, 1400, 1024, &LARGE_PROBES);
         println!(
             "wgpu budget {budget} B (planned fixed {} B + {} B/sample)",
             reports[0].fixed_bytes, reports[0].bytes_per_sample,
@@ -248,31 +261,124 @@ mod wgpu {
         );
     }
 
-    /// A device out-of-memory on a micro-batch (burn panics with cubecl's text; injected here
-    /// inside the loss function) is contained: the micro-batch is retried at half the size, the
-    /// step completes with every sample, and the parameters equal the clean run's.
+    /// A device out-of-memory on a micro-batch is contained, in both ways a backend reports it:
+    /// as a panic on the caller's thread (burn with cubecl's text, injected in the loss
+    /// function), and as wgpu and cubecl really report it, a panic on cubecl's device thread
+    /// that it only logs (injected through the `log` facade under cubecl's target, which the
+    /// installed device log records; the balancer's check after the micro-batch finds it). The
+    /// micro-batch is retried at half the size, the step completes with every sample, and the
+    /// parameters equal the clean run's.
     #[test]
     fn device_wgpu_out_of_memory_backs_off() {
         let _pool = pool_lock();
-        let probes = [1, 2, 4, 8, 16, 32];
-        let (clean, clean_params, _) = balanced(None, u64::MAX, 32, 256, &probes);
-        let (fault, fault_params, _) = balanced(Some(2), u64::MAX, 32, 256, &probes);
-        println!(
-            "wgpu injected device OOM at step 2: micro-batches {:?} → {:?}, retries {}",
-            clean[2].micro_batches, fault[2].micro_batches, fault[2].oom_retries
+        assert!(
+            ballast::health::install_device_log(),
+            "the test process has no other logger"
         );
-        assert_eq!(fault[2].oom_retries, 1);
-        assert!(fault[2].micro_batches.len() > clean[2].micro_batches.len());
-        for (a, b) in clean.iter().zip(&fault) {
-            assert_eq!(
-                a.global_samples, b.global_samples,
-                "step {} lost or repeated samples",
-                a.step
+        let probes = [1, 2, 4, 8, 16, 32];
+        let (clean, clean_params, _) = balanced(None, false, u64::MAX, 32, 256, &probes);
+        for in_log in [false, true] {
+            let (fault, fault_params, _) = balanced(Some(2), in_log, u64::MAX, 32, 256, &probes);
+            let how = if in_log { "in the device log" } else { "as a panic" };
+            println!(
+                "wgpu injected device OOM at step 2 {how}: micro-batches {:?} → {:?}, retries {}",
+                clean[2].micro_batches, fault[2].micro_batches, fault[2].oom_retries
             );
+            assert_eq!(fault[2].oom_retries, 1, "{how}");
+            assert!(fault[2].micro_batches.len() > clean[2].micro_batches.len(), "{how}");
+            for (a, b) in clean.iter().zip(&fault) {
+                assert_eq!(
+                    a.global_samples, b.global_samples,
+                    "step {} lost or repeated samples ({how})",
+                    a.step
+                );
+            }
+            let rel = relative_difference(&clean_params, &fault_params);
+            println!("relative parameter difference after the back-off ({how}): {rel:.3e}");
+            assert!(rel <= 1e-6, "{rel} ({how})");
         }
-        let rel = relative_difference(&clean_params, &fault_params);
-        println!("relative parameter difference after the back-off: {rel:.3e}");
-        assert!(rel <= 1e-6, "{rel}");
+    }
+
+    /// A kernel that cubecl cannot compile on this device, for real: wgpu on Mesa's software
+    /// Vulkan device has no `bf16`, so cubecl's compiler panics on its device thread
+    /// (`UnsupportedType("cube.bf16")`) and only logs it, while a read of the output returns
+    /// values. The device log records it and the canary in `bf16` refuses the device with that
+    /// text; the same canary passes on `flex` and in `f32` on this device.
+    #[test]
+    fn device_wgpu_canary_refuses_kernels_that_do_not_compile() {
+        let _pool = pool_lock();
+        assert!(
+            ballast::health::install_device_log(),
+            "the test process has no other logger"
+        );
+        let device = WGPU.device(0).unwrap();
+        ballast::health::canary(&device).unwrap();
+        ballast::health::canary_in(&burn::tensor::Device::flex(), burn::tensor::DType::BF16).unwrap();
+        let err = ballast::health::canary_in(&device, burn::tensor::DType::BF16).unwrap_err();
+        println!("{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("the device log reported a failure while computing in BF16"),
+            "{text}"
+        );
+        assert!(text.contains("UnsupportedType"), "{text}");
+        assert!(text.contains("check the Vulkan driver"), "{text}");
+    }
+
+    /// A user's own loop: a kernel that cubecl cannot compile runs during a step (a `bf16`
+    /// computation on Mesa's Vulkan device, which panics on cubecl's device thread and is only
+    /// logged), and `DataParallel` refuses to finish that step, naming the rank, the step and
+    /// cubecl's words; the step after it, with nothing failing, finishes.
+    #[test]
+    fn device_wgpu_step_after_a_failed_kernel_is_not_applied() {
+        use ballast::{
+            testing::{Mlp, Regressor, SyntheticSet},
+            DataParallel, DdpError, DdpOptions,
+        };
+        use burn::{
+            nn::loss::{MseLoss, Reduction},
+            optim::AdamConfig,
+            tensor::{DType, Tensor},
+        };
+        let _pool = pool_lock();
+        assert!(
+            ballast::health::install_device_log(),
+            "the test process has no other logger"
+        );
+        let device = WGPU.device(0).unwrap().autodiff();
+        let data = SyntheticSet::new(16, 5);
+        let outcomes = local::run(1, CommOptions::default(), |comm| {
+            let (mut ddp, mut model) = DataParallel::wrap(Box::new(comm), Mlp::init(&device), DdpOptions::default())?;
+            let mut optim = AdamConfig::new().init();
+            let mut results = Vec::new();
+            for step in 0..2 {
+                let (x, y) = data.batch(&[0, 1, 2, 3], &device);
+                let loss = MseLoss::new().forward(model.forward(x), y, Reduction::Mean);
+                ddp.backward(&model, loss, 4)?;
+                if step == 0 {
+                    // Something of the step's own, in a type this device cannot compile.
+                    let side = Tensor::<1>::ones([8], &device.clone().inner()).cast(DType::BF16).exp();
+                    drop(side);
+                }
+                match ddp.finish_step(model.clone(), &mut optim, 1e-3) {
+                    Ok((next, _)) => {
+                        model = next;
+                        results.push(Ok(()));
+                    }
+                    Err(e) => results.push(Err(e)),
+                }
+            }
+            Ok::<_, DdpError>(results)
+        });
+        let results = outcomes.into_iter().next().unwrap().unwrap();
+        let err = results[0]
+            .as_ref()
+            .expect_err("the step with a failed kernel must not finish");
+        println!("{err}");
+        let text = err.to_string();
+        assert!(matches!(err, DdpError::DeviceFailed { rank: 0, step: 0, .. }), "{text}");
+        assert!(text.contains("UnsupportedType"), "{text}");
+        assert!(results[1].is_ok(), "{:?}", results[1]);
     }
 
     #[cfg(feature = "mpi")]

@@ -26,8 +26,9 @@ use ballast::{
         HostAdam, HostAdamConfig, StateBuffer,
     },
     testing::{
-        balanced_run, compare, device_cases, equivalence_report, linear_fit, overhead::measure_overhead, probe_peaks,
-        relative_difference, run_ddp, run_reference, sharded_cases, BalancedRun, Case, ModelKind, OptimKind,
+        balanced_run, compare, device_cases, device_only::DeviceBuffersOnly, equivalence_report, linear_fit,
+        overhead::measure_overhead, probe_peaks, relative_difference, run_ddp, run_reference, sharded_cases,
+        BalancedRun, Case, ModelKind, OptimKind,
     },
 };
 use ballast_examples::models::{ResNet, ResNetShape};
@@ -58,8 +59,10 @@ struct Cli {
 /// The checks, in the order the runner runs them.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Check {
-    /// Driver, CUDA and NCCL versions, device names and memory.
+    /// Driver, CUDA and NCCL versions, device names and memory, and where NCCL and NVRTC load from.
     Doctor,
+    /// The start-up check every rank runs: a matmul and a sum with exact answers on cuda:0.
+    Canary,
     /// NCCL on the GPU: exact integer all-reduce in place, the conformance checks, two ranks on one
     /// GPU, and `DataParallel` reducing its device buckets in place.
     Nccl,
@@ -110,6 +113,7 @@ type Outcome = Result<Map<String, Value>, Stop>;
 const GPU: DeviceChoice = DeviceChoice::Cuda(Some(0));
 
 fn main() -> ExitCode {
+    ballast::libs::relaunch_with_found_libraries();
     let cli = Cli::parse();
     let started = Instant::now();
     let result = catch_unwind(AssertUnwindSafe(|| run(&cli))).unwrap_or_else(|panic| {
@@ -147,7 +151,21 @@ fn run(cli: &Cli) -> Outcome {
             "driver_cuda_version": inventory.driver_cuda_version,
             "nccl_version": inventory.nccl_version,
             "devices": inventory.devices,
+            "loaded": ballast::libs::loaded_paths()
+                .into_iter()
+                .map(|(lib, path)| (lib.what.to_string(), json!(path.map(|p| p.display().to_string()))))
+                .collect::<Map<String, Value>>(),
+            "cuda_path": std::env::var("CUDA_PATH").ok(),
         }))),
+        Check::Canary => {
+            let device = GPU.device(0)?;
+            ballast::health::install_device_log();
+            let started = Instant::now();
+            ballast::health::canary(&device)?;
+            Ok(object(
+                json!({"canary": "exact", "seconds_first_kernels": started.elapsed().as_secs_f64()}),
+            ))
+        }
         Check::Nccl => check_nccl(),
         Check::Probes => check_probes(&cli.device_memory),
         Check::Equivalence => check_equivalence(),
@@ -199,9 +217,12 @@ fn check_nccl() -> Outcome {
         Some(e) => json!(format!("refused or failed: {e}")),
     };
     let data_parallel = ddp_over_nccl()?;
+    let sharded = sharded_over_nccl()?;
     Ok(object(json!({
-        "pass": data_parallel.get("ok").and_then(Value::as_bool).unwrap_or(false),
+        "pass": data_parallel.get("ok").and_then(Value::as_bool).unwrap_or(false)
+            && sharded.get("ok").and_then(Value::as_bool).unwrap_or(false),
         "data_parallel_device_buckets": data_parallel,
+        "sharded_step_device_buffers": sharded,
         "world_1_in_place_all_reduce": in_place,
         "world_1_conformance": passed,
         "world_2_one_gpu": two_ranks,
@@ -234,6 +255,27 @@ fn ddp_over_nccl() -> Result<Value, Stop> {
     }))
 }
 
+/// The sharded step (Adam's state in one shard on cuda:0) over NCCL in a world of one, through a
+/// communicator that refuses host slices: the tail, the reduce-scatter and the all-gather reach
+/// NCCL as device buffers; parameters against the flex reference.
+fn sharded_over_nccl() -> Result<Value, Stop> {
+    let mut case = Case::new(ModelKind::Mlp, OptimKind::Adam, &[8], &[2]).on(&[GPU]);
+    case.shards = vec![1.0];
+    let control = local::world(1, CommOptions::default()).pop().expect("one rank");
+    let comm = DeviceBuffersOnly::new(Box::new(NcclCommunicator::new(Box::new(control), 0)?));
+    let (outcome, _) = run_ddp(Box::new(comm), &case)?;
+    let reference = run_reference(&case.clone().on(&[DeviceChoice::Flex]), &outcome.initial);
+    let (param_rel, loss_rel) = compare(&outcome, &reference);
+    let params = outcome.initial.len() as u64;
+    let to_host: Vec<u64> = outcome.traffic.iter().map(|t| t.to_host).collect();
+    let ok = param_rel <= case.tolerance() && to_host.iter().all(|&b| b < 4 * params);
+    Ok(json!({
+        "ok": ok, "params": params, "collectives_per_step": outcome.collectives.first(),
+        "device_to_host_bytes_per_step": to_host.first(), "gradient_bytes": 4 * params,
+        "max_rel_param_vs_flex": param_rel, "max_rel_loss_vs_flex": loss_rel,
+    }))
+}
+
 /// Sums exact integers in a device buffer in place over `world` ranks and checks every value.
 fn device_all_reduce(comm: &mut NcclCommunicator, world: usize) -> Result<String, Stop> {
     let len = 1 << 20;
@@ -243,6 +285,8 @@ fn device_all_reduce(comm: &mut NcclCommunicator, world: usize) -> Result<String
     let stream = ctx.default_stream();
     let host: Vec<f32> = (0..len).map(contribution).collect();
     let mut buffer = stream.clone_htod(&host).map_err(|e| Stop::Failed(format!("{e:?}")))?;
+    // The copy runs on this stream, NCCL on its own: the values are complete before NCCL starts.
+    stream.synchronize().map_err(|e| Stop::Failed(format!("{e:?}")))?;
     comm.all_reduce_sum_cuda(&mut buffer)?;
     let back = stream.clone_dtoh(&buffer).map_err(|e| Stop::Failed(format!("{e:?}")))?;
     let ranks_sum: usize = (1..=world).sum();
@@ -266,6 +310,7 @@ fn balanced(budget_bytes: u64, global_batch: usize, probe_sizes: &[usize], oom_a
         lr: 1e-3,
         device: GPU,
         device_oom_at_step: oom_at,
+        oom_in_device_log: false,
         balance: BalanceOptions {
             budget_bytes,
             initial: InitialPlan::Equal,
