@@ -168,7 +168,8 @@ pub struct BalanceOptions {
     /// Shards to keep instead of planning them (a resumed run's, saved with its checkpoint, so
     /// that it continues bit for bit); used only when they cover this model on this world.
     pub shard_counts: Option<Vec<usize>>,
-    /// Hyper-parameters of the sharded Adam.
+    /// Hyper-parameters of ballast's own Adam, sharded or offloaded (the one that replaces the
+    /// caller's optimizer when state is sharded or on the host).
     pub adam: crate::offload::HostAdamConfig,
 }
 
@@ -412,7 +413,7 @@ impl Balancer {
         if balancer.options.host_optimizer || balancer.plan.ranks.iter().any(|r| r.offload) {
             let host = crate::offload::HostOffload::for_device(
                 model,
-                crate::offload::HostAdamConfig::default(),
+                balancer.options.adam,
                 &balancer.options.proc_root,
                 balancer.meter.gpu(),
             )?;
@@ -768,9 +769,9 @@ impl Balancer {
             peak_bytes = self.meter.peak();
         }
         let (model, stats) = match (self.host.as_mut(), self.sharded.as_mut()) {
-            (Some(host), _) => ddp.finish_step_offloaded(model, host, lr)?,
-            (None, Some(sharded)) => ddp.finish_step_sharded(model, &mut sharded.adam, lr)?,
-            (None, None) => ddp.finish_step(model, optim, lr)?,
+            (Some(host), _) => ddp.step(model, host, lr)?,
+            (None, Some(sharded)) => ddp.step(model, &mut sharded.adam, lr)?,
+            (None, None) => ddp.step(model, optim, lr)?,
         };
         // Caps lowered by out-of-memory retries, agreed through the all-reduce.
         let mut plan_changed = false;

@@ -40,6 +40,7 @@ pub mod libs;
 pub mod memory;
 pub mod metrics;
 pub mod offload;
+mod optim;
 pub mod params;
 #[cfg(feature = "cli")]
 pub mod report;
@@ -50,5 +51,7 @@ pub mod testing;
 mod transfer;
 pub mod world;
 
-pub use ddp::{Averaging, DataParallel, DdpError, DdpOptions, LossReduction, StepStats};
+pub use ddp::{
+    Averaging, DataParallel, DdpError, DdpOptions, GradientForm, LossReduction, ReducedGrads, StepOptimizer, StepStats,
+};
 pub use sampler::GlobalSampler;

@@ -4,7 +4,7 @@
 //! contiguous shard per rank: `counts[r]` values for rank `r`, in rank order, a count of 0
 //! allowed. Each rank keeps Adam's moments (and a master copy of the values) for its own shard
 //! only, so the 8 bytes of state per parameter are spread over the ranks instead of repeated on
-//! each. [`crate::DataParallel::finish_step_sharded`] drives a step: the gradient sums are
+//! each. [`crate::DataParallel::step`] drives a step through its [`StepOptimizer`]: the gradient sums are
 //! reduce-scattered, each rank updates its shard, and the updated shards are all-gathered into
 //! every replica. Each parameter's update is computed once, on one rank, so the replicas are
 //! bit-identical whatever device computed each shard.
@@ -26,8 +26,9 @@ use burn::{
 use crate::{
     balancer::split_proportional,
     checkpoint::AdamMoments,
+    ddp::{DataParallel, GradientForm, ReducedGrads, StepOptimizer, StepStats},
     offload::{HostAdamConfig, HostOffload},
-    params::{flatten_params, params_range},
+    params::{flatten_params, load_params_from_tensor, params_range},
     transfer::{model_device, to_host, Traffic},
     DdpError,
 };
@@ -339,6 +340,34 @@ impl DeviceAdam {
         self.m = Some(m);
         self.v = Some(v);
         p - delta
+    }
+}
+
+/// The sharded step: the gradient sums are reduce-scattered (each rank receives the global sum of
+/// its own shard only, divided once by the global sample count), this rank's shard is updated
+/// (on the device or on the host, where it lives) and the updated shards are all-gathered into
+/// every replica. Three collectives per step: the reduce-scatter, the small tail (loss, counts,
+/// per-rank values, the shards' squared norms) and the all-gather.
+impl StepOptimizer for ShardedAdam {
+    fn form(&self) -> GradientForm {
+        GradientForm::Shards {
+            counts: self.counts.clone(),
+            rank: self.rank,
+        }
+    }
+
+    fn apply<M: Module>(
+        &mut self,
+        ddp: &mut DataParallel,
+        model: M,
+        grads: ReducedGrads,
+        lr: f64,
+    ) -> Result<(M, StepStats), DdpError> {
+        // The counts and the rank were checked against the world before the collectives.
+        let (shard, counts, device, mut stats) = grads.into_shard()?;
+        let mine = self.step(&model, shard, lr as f32, &mut stats.traffic)?;
+        let flat = ddp.gather_shards(mine, &counts, &device, &mut stats)?;
+        Ok((load_params_from_tensor(model, flat), stats))
     }
 }
 

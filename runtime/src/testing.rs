@@ -538,9 +538,9 @@ fn run_ddp_with<M: Regressor>(
             ddp.backward(&model, loss, m)?;
         }
         let (next, stats) = match (host.as_mut(), sharded.as_mut()) {
-            (Some(h), _) => ddp.finish_step_offloaded(model, h, case.optim.lr())?,
-            (None, Some(shard)) => ddp.finish_step_sharded(model, shard, case.optim.lr())?,
-            (None, None) => ddp.finish_step(model, &mut optim, case.optim.lr())?,
+            (Some(h), _) => ddp.step(model, h, case.optim.lr())?,
+            (None, Some(shard)) => ddp.step(model, shard, case.optim.lr())?,
+            (None, None) => ddp.step(model, &mut optim, case.optim.lr())?,
         };
         model = next;
         outcome.losses.push(stats.loss);

@@ -12,11 +12,11 @@ use ballast::{
 };
 use burn::tensor::Device;
 
-/// Bytes of the fused buffer: every parameter, the loss sum, the sample count and the values of
-/// every rank.
+/// Bytes of the fused buffer: every parameter, the loss sum, the shards' squared norm (0 here),
+/// the sample count and the values of every rank.
 fn fused_bytes<M: Regressor>(world: usize) -> u64 {
     let params = burn::module::Module::num_params(&M::init(&Device::flex()));
-    ((params + 2 + TAIL_VALUES_PER_RANK * world) * 4) as u64
+    ((params + 3 + TAIL_VALUES_PER_RANK * world) * 4) as u64
 }
 
 /// Each rank's traffic per step, for `case` on `world` ranks as threads.

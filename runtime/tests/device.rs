@@ -139,7 +139,7 @@ mod wgpu {
         let params = burn::module::Module::num_params(&<ballast::testing::Mlp as ballast::testing::Regressor>::init(
             &burn::tensor::Device::flex(),
         ));
-        let fused = ((params + 2 + ballast::ddp::TAIL_VALUES_PER_RANK * 3) * 4) as u64;
+        let fused = ((params + 3 + ballast::ddp::TAIL_VALUES_PER_RANK * 3) * 4) as u64;
         assert_eq!(
             traffic,
             vec![vec![fused; 3]; 2],
@@ -360,7 +360,7 @@ mod wgpu {
                     let side = Tensor::<1>::ones([8], &device.clone().inner()).cast(DType::BF16).exp();
                     drop(side);
                 }
-                match ddp.finish_step(model.clone(), &mut optim, 1e-3) {
+                match ddp.step(model.clone(), &mut optim, 1e-3) {
                     Ok((next, _)) => {
                         model = next;
                         results.push(Ok(()));

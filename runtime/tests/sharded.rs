@@ -99,7 +99,7 @@ fn sharded_layouts_that_do_not_fit_are_clear_errors() {
         // Both ranks build rank 0's shard: rank 1's is refused before its first collective.
         let mut shard = ShardedAdam::new(&model, 0, counts, HostAdamConfig::default(), ShardPlace::Device).unwrap();
         let before = ddp.comm().collectives_started();
-        let outcome = ddp.finish_step_sharded(model, &mut shard, 1e-3).map(drop);
+        let outcome = ddp.step(model, &mut shard, 1e-3).map(drop);
         (ddp.comm().rank(), before, outcome)
     });
     for (rank, before, outcome) in results {
@@ -177,7 +177,7 @@ fn an_empty_shard_counts_its_steps() {
                 let (x, y) = ballast::testing::SyntheticSet::new(8, 1).batch(&[0, 1, 2, 3], &device);
                 let loss = burn::nn::loss::MseLoss::new().forward(model.forward(x), y, burn::nn::loss::Reduction::Mean);
                 ddp.backward(&model, loss, 4).unwrap();
-                model = ddp.finish_step_sharded(model, &mut shard, 1e-3).unwrap().0;
+                model = ddp.step(model, &mut shard, 1e-3).unwrap().0;
             }
             (shard.len(), shard.steps())
         });

@@ -8,7 +8,7 @@
 //! Both arms train a copy of the same model from the same weights on the same batches, with the
 //! shares and micro-batches of one plan (the balancer's, with the state sharded by memory).
 //! Replicated blocks finish each step with burn's Adam on the device; sharded blocks with
-//! [`ballast::DataParallel::finish_step_sharded`] and the shards the balancer placed. Blocks
+//! [`ballast::DataParallel::step`] with a [`ballast::sharded::ShardedAdam`] and the shards the balancer placed. Blocks
 //! alternate, the order rotating each round, so drift in the machine's load hits both.
 //!
 //! Bytes on the wire are counted where the collectives are called (a wrapper around the
@@ -260,8 +260,8 @@ impl<'a> Arm<'a> {
             }
             let stats: StepStats;
             (model, stats) = match &mut self.optimizer {
-                Optimizer::Replicated(optim) => ddp.finish_step(model, optim, 1e-3)?,
-                Optimizer::Sharded(shard) => ddp.finish_step_sharded(model, shard, 1e-3)?,
+                Optimizer::Replicated(optim) => ddp.step(model, optim, 1e-3)?,
+                Optimizer::Sharded(shard) => ddp.step(model, &mut **shard, 1e-3)?,
             };
             collectives += stats.collectives;
             self.model = Some(model);

@@ -82,7 +82,7 @@ pub fn measure_overhead<M: Module + Clone>(
                 for j in 0..micro_batches {
                     ddp.backward(&ours, loss(&ours, j), samples)?;
                 }
-                let (next, stats) = ddp.finish_step(ours, &mut opt_ours, lr)?;
+                let (next, stats) = ddp.step(ours, &mut opt_ours, lr)?;
                 ours = next;
                 to_host = stats.traffic.to_host;
                 &mut t_ours

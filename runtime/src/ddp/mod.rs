@@ -1,25 +1,31 @@
 //! Data parallelism for any burn module, driven from the user's own loop.
 //!
-//! # A step
+//! # A step, in PyTorch's order
 //!
 //! ```text
 //! for each micro-batch of this rank's share:      (no communication, no read to the host)
 //!     loss = model.forward(micro_batch)
 //!     ddp.backward(&model, loss, micro_batch_len)   // adds sample-weighted gradients on the device
-//! model = ddp.finish_step(model, &mut optim, lr)    // ONE fused all-reduce, divide once, update
+//! let mut grads = ddp.reduce(&model)?                // ONE fused all-reduce, divide once
+//! let norm = grads.clip_global_norm(1.0)?            // optional: the same norm on every rank
+//! model = optim.step(lr, model, grads.into_params()?) // any burn optimizer
 //! ```
+//!
+//! or, for any [`StepOptimizer`] (burn's, or ballast's sharded and offloaded Adam), with one
+//! dispatch: `ddp.step(model, &mut optim, lr)`, which is [`DataParallel::reduce_for`] then
+//! [`DataParallel::apply`].
 //!
 //! Gradients stay where burn computed them: each micro-batch's gradient, scaled by its sample
 //! count, is added to a per-parameter sum with tensor operations on the model's device, and the
-//! loss sum is a device scalar. `finish_step` lays the sums out back to back (the same order on
-//! every rank), cuts them into buckets and reduces the buckets together through
+//! loss sum is a device scalar. [`DataParallel::reduce`] lays the sums out back to back (the
+//! same order on every rank), cuts them into buckets and reduces the buckets together through
 //! [`Communicator::all_reduce_sum_buckets`], one collective (one agreement between the ranks)
 //! per step however many buckets there are; a host communicator (threads, MPI) reads each
-//! bucket back once per step and writes the sum back once. The sums are divided once by the global
-//! sample count, split back into burn's `GradientsParams` on the device, and the optimizer runs
-//! there. The result is the mean gradient of the global batch: exactly what one device computes
-//! on the whole batch, up to the order of f32 additions. [`StepStats::traffic`] counts the bytes
-//! each step moved between device and host.
+//! bucket back once per step and writes the sum back once. The sums are divided once by the
+//! global sample count and handed back as burn's `GradientsParams` on the device. The result is
+//! the mean gradient of the global batch: exactly what one device computes on the whole batch,
+//! up to the order of f32 additions. [`StepStats::traffic`] counts the bytes each step moved
+//! between device and host.
 //!
 //! # Loss convention
 //!
@@ -30,7 +36,7 @@
 //!
 //! # Ranks with nothing to do
 //!
-//! A rank whose share is 0 calls [`DataParallel::finish_step`] without any `backward`; it
+//! A rank whose share is 0 calls [`DataParallel::reduce`] without any `backward`; it
 //! contributes zeros and a count of 0, joins the all-reduce (no hang) and applies the same update.
 //!
 //! # Why not plain averaging
@@ -39,12 +45,14 @@
 //! unequal shares that weights a sample on a small rank more than one on a big rank.
 //! [`Averaging::PerRankMean`] reproduces that behaviour for comparison only.
 
-use std::ops::Range;
+mod bucket;
+mod grads;
+mod step;
+
 use std::time::{Duration, Instant};
 
 use burn::{
     module::{Module, ModuleVisitor, Param},
-    optim::{GradientsParams, ModuleOptimizer},
     tensor::{Device, Gradients, Tensor, TensorData},
 };
 
@@ -53,9 +61,13 @@ use ballast_collectives::{
     Communicator, CommunicatorExt, DeviceBuffer,
 };
 
-use crate::params::{checksum, collect_params, flatten_params, load_params, load_params_from_tensor, ParamSlot};
+use bucket::{bucket_parts, Reduced, TensorBucket};
+pub use grads::{GradientForm, ReducedGrads};
+
+use crate::params::{checksum, collect_params, flatten_params, load_params, ParamSlot};
 pub use crate::transfer::Traffic;
-use crate::transfer::{byte_len, model_device, to_host};
+use crate::transfer::{byte_len, model_device};
+pub use step::StepOptimizer;
 
 /// Errors of data-parallel training.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +120,17 @@ pub enum DdpError {
         step: u64,
         /// The backend's report (cubecl's error and the device log).
         message: String,
+    },
+    /// Gradients were reduced in one form and handed to an optimizer that takes another.
+    #[error(
+        "the step's gradients are held as {held:?} but the optimizer takes them as {wanted:?}; reduce them \
+         with `ddp.reduce_for(&model, &optim)` for the optimizer that applies them"
+    )]
+    GradientForm {
+        /// The form the optimizer takes.
+        wanted: GradientForm,
+        /// The form the gradients are in.
+        held: GradientForm,
     },
     /// A gradient could not be read back from burn.
     #[error("reading the gradient of parameter {path}: {message}")]
@@ -300,8 +323,9 @@ impl DataParallel {
             }
         }
         let mut lens: Vec<usize> = params.iter().map(|p| p.dims.iter().product()).collect();
-        // Loss sum, sample count, then per rank: compute seconds, samples, note, start stamp.
-        lens.push(2 + TAIL_VALUES_PER_RANK * comm.world_size());
+        // Loss sum, squared gradient norm (sharded steps), sample count, then per rank: compute
+        // seconds, samples, note, start stamp, the previous all-reduce's seconds.
+        lens.push(3 + TAIL_VALUES_PER_RANK * comm.world_size());
         let layout = BucketLayout::new(&lens, options.bucket_cap_bytes, std::mem::size_of::<f32>())?;
         let grads = vec![None; params.len()];
         let mut ddp = Self {
@@ -480,105 +504,147 @@ impl DataParallel {
         });
     }
 
-    /// Sums gradients, sample counts and losses over ranks in one fused all-reduce, divides once
-    /// by the global sample count and applies `optim` on the model's device. Every rank must call
-    /// it once per step, including ranks that processed no sample.
+    /// The step's averaged gradients, every parameter on the model's device, for any burn
+    /// optimizer: sums gradients, sample counts and losses over ranks in one fused all-reduce and
+    /// divides once by the global sample count. Every rank must call it (or
+    /// [`DataParallel::reduce_for`]) once per step, including ranks that processed no sample.
+    ///
+    /// ```text
+    /// let mut grads = ddp.reduce(&model)?;
+    /// let norm = grads.clip_global_norm(1.0)?;
+    /// model = optim.step(lr, model, grads.into_params()?);
+    /// ```
     ///
     /// # Errors
-    /// Collective errors; [`DdpError::EmptyStep`] when no rank processed a sample.
-    pub fn finish_step<M: Module>(
-        &mut self,
-        model: M,
-        optim: &mut ModuleOptimizer,
-        lr: f64,
-    ) -> Result<(M, StepStats), DdpError> {
-        let device = model_device(&model);
-        let (reduced, stats) = self.reduce(&device, false)?;
-        // One division over the whole buffer (in place where the backend owns it alone), then
-        // each parameter's gradient is a slice of it.
-        let flat = Tensor::cat(reduced.buckets, 0).div_scalar(reduced.count);
-        let mut grads = GradientsParams::new();
-        for (i, slot) in self.params.iter().enumerate() {
-            register(&mut grads, slot, flat.clone().slice(self.layout.tensor(i)));
-        }
-        let model = optim.step(lr, model, grads);
-        Ok((model, stats))
+    /// Collective errors; [`DdpError::EmptyStep`] when no rank processed a sample;
+    /// [`DdpError::DeviceFailed`] when the device reported a failure during the step.
+    pub fn reduce<M: Module>(&mut self, model: &M) -> Result<ReducedGrads, DdpError> {
+        self.reduce_as(model, GradientForm::Device)
     }
 
-    /// As [`DataParallel::finish_step`], but the optimizer state lives off the device: `host`
-    /// holds the master parameters and Adam moments, takes the averaged gradient from the host
-    /// copy of the reduced buckets, updates them (on the host cores, or on a GPU rank by the GPU
-    /// chunk by chunk over managed memory) and the updated parameters are loaded back into
-    /// `model`.
+    /// The step's averaged gradients in the form `optim` takes them
+    /// ([`StepOptimizer::form`]): every parameter's on the device, on the host, or this rank's
+    /// shard only (a reduce-scatter instead of an all-reduce). Apply them with
+    /// [`DataParallel::apply`].
     ///
     /// # Errors
-    /// As [`DataParallel::finish_step`].
-    pub fn finish_step_offloaded<M: Module>(
-        &mut self,
-        model: M,
-        host: &mut crate::offload::HostOffload,
-        lr: f64,
-    ) -> Result<(M, StepStats), DdpError> {
-        let device = model_device(&model);
-        let (mut reduced, mut stats) = self.reduce(&device, true)?;
-        let n = self.param_count();
-        let mut grads = reduced.host_range(0..n, &mut stats.traffic)?;
-        grads.iter_mut().for_each(|g| *g /= reduced.count);
-        let params = host.step(&grads, lr as f32)?;
-        stats.traffic.to_device += byte_len(params.len());
-        let model = load_params(model, params);
-        let (down, up) = host.last_step_transfer();
-        stats.traffic.to_device += down;
-        stats.traffic.to_host += up;
-        Ok((model, stats))
+    /// As [`DataParallel::reduce`]; [`DdpError::Shards`] when a sharded optimizer's layout does
+    /// not fit this model and world.
+    pub fn reduce_for<M: Module, O: StepOptimizer>(&mut self, model: &M, optim: &O) -> Result<ReducedGrads, DdpError> {
+        self.reduce_as(model, optim.form())
     }
 
-    /// As [`DataParallel::finish_step`] with the optimizer state sharded over the ranks
-    /// (uneven ZeRO-1, see [`crate::sharded`]): the gradient sums are reduce-scattered (each rank
-    /// receives the global sum of its own shard only), divided once by the global sample count,
-    /// `shard` updates this rank's parameters with Adam (on the device or on the host, where the
-    /// shard lives), and the updated shards are all-gathered
-    /// into every replica. Each parameter's update is computed once, on one rank, so the replicas
-    /// are bit-identical whatever device computed each shard. Three collectives per step: the
-    /// small tail (loss, counts, per-rank values), the reduce-scatter and the all-gather.
+    /// Applies `optim` to `model` with this step's reduced gradients (from
+    /// [`DataParallel::reduce_for`] with the same optimizer, clipped or not); returns the
+    /// updated model and the step's statistics.
     ///
     /// # Errors
-    /// As [`DataParallel::finish_step`]; [`DdpError::Shards`] when `shard`'s layout does not fit
-    /// this model and world.
-    pub fn finish_step_sharded<M: Module>(
+    /// [`DdpError::GradientForm`] when `grads` were reduced for another form; the optimizer's
+    /// errors.
+    pub fn apply<M: Module, O: StepOptimizer>(
         &mut self,
         model: M,
-        shard: &mut crate::sharded::ShardedAdam,
+        optim: &mut O,
+        grads: ReducedGrads,
         lr: f64,
     ) -> Result<(M, StepStats), DdpError> {
-        let n = self.param_count();
-        let counts = shard.counts().to_vec();
-        let rank = self.comm.rank();
-        if counts.len() != self.comm.world_size() || counts.iter().sum::<usize>() != n || shard.rank() != rank {
-            return Err(DdpError::Shards {
-                reason: format!(
-                    "{} shards of {} parameters in all, made for rank {}, on rank {rank} of a world of {} \
-                     and a model of {n} parameters",
-                    counts.len(),
-                    counts.iter().sum::<usize>(),
-                    shard.rank(),
-                    self.comm.world_size()
-                ),
+        let wanted = optim.form();
+        if grads.form() != wanted {
+            return Err(DdpError::GradientForm {
+                wanted,
+                held: grads.form(),
             });
         }
-        let device = model_device(&model);
-        let (grads, count, mut stats) = self.reduce_sharded(&device, &counts)?;
-        let grads = grads.map(|g| g.div_scalar(count));
-        let mine = shard.step(&model, grads, lr as f32, &mut stats.traffic)?;
+        optim.apply(self, model, grads, lr)
+    }
+
+    /// One whole step after the micro-batches: [`DataParallel::reduce_for`] then
+    /// [`DataParallel::apply`].
+    ///
+    /// # Errors
+    /// As those two.
+    pub fn step<M: Module, O: StepOptimizer>(
+        &mut self,
+        model: M,
+        optim: &mut O,
+        lr: f64,
+    ) -> Result<(M, StepStats), DdpError> {
+        let grads = self.reduce_for(&model, optim)?;
+        self.apply(model, optim, grads, lr)
+    }
+
+    fn reduce_as<M: Module>(&mut self, model: &M, form: GradientForm) -> Result<ReducedGrads, DdpError> {
+        let device = model_device(model);
+        match form {
+            GradientForm::Device => {
+                let (reduced, stats) = self.reduce_buckets(&device, false)?;
+                // One division over the whole buffer (in place where the backend owns it
+                // alone), then each parameter's gradient is a slice of it.
+                let flat = Tensor::cat(reduced.buckets, 0)
+                    .slice(0..self.param_count())
+                    .div_scalar(reduced.count);
+                let slots = (0..self.params.len())
+                    .map(|i| (self.params[i].clone(), self.layout.tensor(i)))
+                    .collect();
+                Ok(ReducedGrads::on_device(flat, slots, stats))
+            }
+            GradientForm::Host => {
+                let (mut reduced, mut stats) = self.reduce_buckets(&device, true)?;
+                let mut grads = reduced.host_range(0..self.param_count(), &mut stats.traffic)?;
+                grads.iter_mut().for_each(|g| *g /= reduced.count);
+                Ok(ReducedGrads::on_host(grads, device, stats))
+            }
+            GradientForm::Shards { counts, rank } => {
+                self.check_shards(&counts, rank)?;
+                let (shard, count, squared, stats) = self.reduce_sharded(&device, &counts)?;
+                let shard = shard.map(|g| g.div_scalar(count));
+                Ok(ReducedGrads::sharded(
+                    (counts, rank),
+                    shard,
+                    squared / (count * count),
+                    device,
+                    stats,
+                ))
+            }
+        }
+    }
+
+    /// Fails unless `counts` cut this model's parameters into one shard per rank and the shard
+    /// was made for this rank (`owner`), before any collective runs.
+    fn check_shards(&self, counts: &[usize], owner: usize) -> Result<(), DdpError> {
+        let n = self.param_count();
+        let rank = self.comm.rank();
+        if counts.len() == self.comm.world_size() && counts.iter().sum::<usize>() == n && owner == rank {
+            return Ok(());
+        }
+        Err(DdpError::Shards {
+            reason: format!(
+                "{} shards of {} parameters in all, made for rank {owner}, on rank {rank} of a world of {} \
+                 and a model of {n} parameters",
+                counts.len(),
+                counts.iter().sum::<usize>(),
+                self.comm.world_size()
+            ),
+        })
+    }
+
+    /// Every rank's updated shard (this rank's `mine`, `None` when empty) all-gathered into the
+    /// whole flat parameter vector on `device`, counted in `stats`.
+    pub(crate) fn gather_shards(
+        &mut self,
+        mine: Option<Tensor<1>>,
+        counts: &[usize],
+        device: &Device,
+        stats: &mut StepStats,
+    ) -> Result<Tensor<1>, DdpError> {
         let before = self.comm.collectives_started();
         let mut mine = TensorBucket::new(mine.into_iter().collect(), device.clone(), None);
-        let mut params = TensorBucket::receiving(n, device);
-        self.comm.all_gather_device(&mut mine, &counts, &mut params)?;
+        let mut params = TensorBucket::receiving(self.param_count(), device.clone());
+        self.comm.all_gather_device(&mut mine, counts, &mut params)?;
         stats.collectives += (self.comm.collectives_started() - before) as usize;
         stats.traffic.add(mine.traffic);
         stats.traffic.add(params.traffic);
-        let flat = params.reduced.expect("written by the all-gather");
-        Ok((load_params_from_tensor(model, flat), stats))
+        Ok(params.reduced.expect("written by the all-gather"))
     }
 
     /// Parameters of the model (the fused buffer without its tail).
@@ -590,7 +656,7 @@ impl DataParallel {
     /// device buckets, reduces each through the communicator, and returns the reduced buckets
     /// with the global sample count (the divisor). The host copies a host communicator leaves
     /// are kept for the tail, and for every bucket when `keep_host` (the host optimizer's input).
-    fn reduce(&mut self, device: &Device, keep_host: bool) -> Result<(Reduced, StepStats), DdpError> {
+    fn reduce_buckets(&mut self, device: &Device, keep_host: bool) -> Result<(Reduced, StepStats), DdpError> {
         self.check_device(device)?;
         let (pieces, busy, mut traffic) = self.take_step(device);
         let started = Instant::now();
@@ -635,31 +701,36 @@ impl DataParallel {
         Ok((reduced, stats))
     }
 
-    /// The collectives of a sharded step, on device buffers: the tail all-reduced, then the
-    /// gradient sums reduce-scattered by `counts`. Returns this rank's shard of the sums on the
-    /// device (`None` for an empty shard) and the global sample count.
+    /// The collectives of a sharded step, on device buffers: the gradient sums reduce-scattered
+    /// by `counts`, then the tail all-reduced with each rank's squared norm of its shard of the
+    /// sums. Returns this rank's shard of the sums on the device (`None` for an empty shard),
+    /// the global sample count and the global squared norm of the sums.
     fn reduce_sharded(
         &mut self,
         device: &Device,
         counts: &[usize],
-    ) -> Result<(Option<Tensor<1>>, f32, StepStats), DdpError> {
+    ) -> Result<(Option<Tensor<1>>, f32, f32, StepStats), DdpError> {
         self.check_device(device)?;
         let (mut grads, busy, mut traffic) = self.take_step(device);
-        let tail = grads.split_off(self.params.len());
+        let mut tail = grads.split_off(self.params.len());
         let started = Instant::now();
         let before = self.comm.collectives_started();
-        let mut tail = TensorBucket::new(tail, device.clone(), Some(0));
-        self.comm.all_reduce_sum_device(&mut tail)?;
         let mut sums = TensorBucket::new(grads, device.clone(), None);
         let mut shard = TensorBucket::receiving(counts[self.comm.rank()], device.clone());
         self.comm.reduce_scatter_sum_device(&mut sums, counts, &mut shard)?;
+        if let Some(mine) = &shard.reduced {
+            // Added to the tail on the device: the global norm costs no read and no collective.
+            tail[1] = mine.clone().mul(mine.clone()).sum();
+        }
+        let mut tail = TensorBucket::new(tail, device.clone(), Some(0));
+        self.comm.all_reduce_sum_device(&mut tail)?;
         for bucket in [&sums, &shard] {
             traffic.add(bucket.traffic);
         }
         let t = tail.into_host(&mut traffic)?;
         let collectives = (self.comm.collectives_started() - before) as usize;
         let (count, stats) = self.conclude(&t, busy, started.elapsed(), collectives, 1, traffic)?;
-        Ok((shard.reduced, count, stats))
+        Ok((shard.reduced, count, t[1], stats))
     }
 
     /// Where a [`crate::health::DeviceLog`] records (the job runner installs one), waits for this
@@ -766,6 +837,8 @@ impl DataParallel {
             );
         }
         pieces.push(self.loss_sum.take().unwrap_or_else(|| Tensor::zeros([1], device)));
+        // The squared norm of this rank's shard of the reduced gradient, set by a sharded step.
+        pieces.push(Tensor::zeros([1], device));
         let values_len = values.len();
         pieces.push(Tensor::from_data(TensorData::new(values, [values_len]), device));
         (pieces, busy, traffic)
@@ -783,8 +856,8 @@ impl DataParallel {
         traffic: Traffic,
     ) -> Result<(f32, StepStats), DdpError> {
         let world = self.comm.world_size();
-        let [loss_sum, count] = [t[0], t[1]];
-        let per_rank = |r: usize, k: usize| t[2 + TAIL_VALUES_PER_RANK * r + k];
+        let [loss_sum, count] = [t[0], t[2]];
+        let per_rank = |r: usize, k: usize| t[3 + TAIL_VALUES_PER_RANK * r + k];
         if count <= 0.0 {
             return Err(DdpError::EmptyStep { step: self.step });
         }
@@ -829,238 +902,12 @@ impl DataParallel {
     }
 }
 
-/// Registers a flat gradient under `slot`'s parameter, in the parameter's shape.
-fn register(grads: &mut GradientsParams, slot: &ParamSlot, flat: Tensor<1>) {
-    macro_rules! by_rank {
-        ($($d:literal)*) => {
-            match slot.dims.len() {
-                $($d => {
-                    let dims: [usize; $d] = slot.dims.as_slice().try_into().expect("rank checked");
-                    grads.register::<$d>(slot.id, flat.reshape(dims))
-                })*
-                n => panic!("parameters of rank {n} are not supported (1 to 6 are)"),
-            }
-        };
-    }
-    by_rank!(1 2 3 4 5 6);
-}
-
 /// `t` times `scale`, without a kernel when the scale is one.
 fn scaled(t: Tensor<1>, scale: f32) -> Tensor<1> {
     if scale == 1.0 {
         t
     } else {
         t.mul_scalar(scale)
-    }
-}
-
-/// The pieces of the fused buffer (tensors laid out back to back) cut at the bucket boundaries of
-/// `layout`: each bucket's parts in order, a piece that straddles a boundary sliced in two.
-fn bucket_parts(layout: &BucketLayout, pieces: Vec<Tensor<1>>) -> Vec<Vec<Tensor<1>>> {
-    let mut out: Vec<Vec<Tensor<1>>> = vec![Vec::new(); layout.num_buckets()];
-    let buckets: Vec<Range<usize>> = layout.buckets().collect();
-    let mut offset = 0;
-    let mut b = 0;
-    for piece in pieces {
-        let len = piece.shape().num_elements();
-        let (start, end) = (offset, offset + len);
-        offset = end;
-        while b < buckets.len() && buckets[b].end <= start {
-            b += 1;
-        }
-        let mut k = b;
-        while k < buckets.len() && buckets[k].start < end {
-            let (lo, hi) = (start.max(buckets[k].start), end.min(buckets[k].end));
-            out[k].push(if lo == start && hi == end {
-                piece.clone()
-            } else {
-                piece.clone().slice(lo - start..hi - start)
-            });
-            k += 1;
-        }
-    }
-    out
-}
-
-/// One bucket of the fused buffer, for [`Communicator::all_reduce_sum_buckets`]: its parts on the
-/// device before the reduction, one tensor after it. Counts the bytes it moves and, when asked
-/// to, keeps the host copy of what was written back from a given offset on (the tail, or all of it).
-///
-/// A bucket is staged for the host as one transfer on an accelerator (its parts concatenated on
-/// the device first); on `flex`, whose device memory is host memory, each part is copied out
-/// directly, which saves a concatenation pass and a copy. On a CUDA device under NCCL the
-/// concatenation is reduced where it is ([`DeviceBuffer::cuda_region`]) and nothing is staged.
-struct TensorBucket {
-    parts: Vec<Tensor<1>>,
-    len: usize,
-    /// Only receives a result ([`TensorBucket::receiving`]).
-    receiving: bool,
-    reduced: Option<Tensor<1>>,
-    device: Device,
-    keep_from: Option<usize>,
-    written: Option<HostCopy>,
-    traffic: Traffic,
-}
-
-impl TensorBucket {
-    fn new(parts: Vec<Tensor<1>>, device: Device, keep_from: Option<usize>) -> Self {
-        Self {
-            len: parts.iter().map(|p| p.shape().num_elements()).sum(),
-            parts,
-            receiving: false,
-            reduced: None,
-            device,
-            keep_from,
-            written: None,
-            traffic: Traffic::default(),
-        }
-    }
-
-    /// A buffer of `len` values that only receives a collective's result (a reduce-scatter's
-    /// shard, an all-gather's output): nothing is read from it, and on a CUDA device it is
-    /// allocated where the communicator writes.
-    fn receiving(len: usize, device: Device) -> Self {
-        Self {
-            receiving: true,
-            len,
-            ..Self::new(Vec::new(), device, None)
-        }
-    }
-
-    /// The reduced values on the host: the copy kept when the communicator wrote them back,
-    /// else read from the device (counted in `traffic`).
-    fn into_host(self, traffic: &mut Traffic) -> Result<Vec<f32>, DdpError> {
-        traffic.add(self.traffic);
-        if let Some(HostCopy { start: 0, values }) = self.written {
-            return Ok(values);
-        }
-        let Some(reduced) = self.reduced else {
-            return Ok(Vec::new());
-        };
-        let values = to_host(reduced, "the step's reduced values")?;
-        traffic.to_host += byte_len(values.len());
-        Ok(values)
-    }
-}
-
-impl DeviceBuffer for TensorBucket {
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Reads the parts once: they are handed to the host (without a copy where the backend can
-    /// give up a buffer it alone holds, as `flex` does), and a second read is an error.
-    fn read(&mut self) -> Result<Vec<f32>, String> {
-        if self.receiving && self.parts.is_empty() {
-            // Nothing to send: a communicator that stages buffers reads this one as zeros.
-            return Ok(vec![0.0; self.len]);
-        }
-        if self.parts.is_empty() && self.len > 0 {
-            return Err("a gradient bucket was read twice in one step".into());
-        }
-        let parts = std::mem::take(&mut self.parts);
-        let staged = if self.device == Device::flex() || parts.len() == 1 {
-            parts
-        } else {
-            vec![Tensor::cat(parts, 0)]
-        };
-        let values = if let [_] = staged.as_slice() {
-            let part = staged.into_iter().next().expect("one part");
-            let data = part.try_into_data().map_err(|e| format!("{e:?}"))?;
-            data.try_into_vec::<f32>().map_err(|e| format!("{e:?}"))?
-        } else {
-            let mut values = Vec::with_capacity(self.len);
-            for part in staged {
-                let data = part.try_into_data().map_err(|e| format!("{e:?}"))?;
-                values.extend_from_slice(data.as_slice::<f32>().map_err(|e| format!("{e:?}"))?);
-            }
-            values
-        };
-        self.traffic.to_host += byte_len(values.len());
-        Ok(values)
-    }
-
-    fn write(&mut self, values: Vec<f32>) -> Result<(), String> {
-        let n = values.len();
-        self.traffic.to_device += byte_len(n);
-        if let Some(start) = self.keep_from {
-            self.written = Some(HostCopy {
-                start,
-                values: values[start.min(n)..].to_vec(),
-            });
-        }
-        // An empty result needs no tensor (an empty shard).
-        self.reduced = (n > 0).then(|| Tensor::from_data(TensorData::new(values, [n]), &self.device));
-        Ok(())
-    }
-
-    /// On a CUDA device: the parts laid out in one fresh device tensor, which the communicator
-    /// then reduces in place and which becomes the reduced bucket (no host copy at all).
-    #[cfg(feature = "cuda")]
-    fn cuda_region(&mut self) -> Result<Option<ballast_collectives::CudaRegion>, String> {
-        if self.receiving && self.parts.is_empty() && self.len > 0 {
-            self.parts = vec![Tensor::zeros([self.len], &self.device)];
-        }
-        if self.parts.is_empty() || self.len == 0 {
-            return Ok(None);
-        }
-        let mut parts = std::mem::take(&mut self.parts);
-        let flat = if parts.len() == 1 {
-            parts.pop().expect("one part")
-        } else {
-            Tensor::cat(parts, 0)
-        };
-        match crate::cuda::region_of(flat)? {
-            Ok((tensor, region)) => {
-                self.reduced = Some(tensor);
-                Ok(Some(region))
-            }
-            Err(flat) => {
-                self.parts = vec![flat];
-                Ok(None)
-            }
-        }
-    }
-}
-
-/// The reduced values of a bucket from `start` (an offset in the bucket) to its end, kept on the
-/// host when the communicator wrote them back from there.
-struct HostCopy {
-    start: usize,
-    values: Vec<f32>,
-}
-
-/// A step's reduced buckets: on the device, and on the host where the communicator left a copy.
-struct Reduced {
-    layout: BucketLayout,
-    buckets: Vec<Tensor<1>>,
-    host: Vec<Option<HostCopy>>,
-    count: f32,
-}
-
-impl Reduced {
-    /// The reduced values in `range` of the fused buffer, from the host copies where they exist,
-    /// else read from the device (counted in `traffic`).
-    fn host_range(&mut self, range: Range<usize>, traffic: &mut Traffic) -> Result<Vec<f32>, DdpError> {
-        let mut out = Vec::with_capacity(range.len());
-        for (b, bucket) in self.layout.buckets().enumerate() {
-            let (lo, hi) = (range.start.max(bucket.start), range.end.min(bucket.end));
-            if lo >= hi {
-                continue;
-            }
-            let local = lo - bucket.start..hi - bucket.start;
-            match &self.host[b] {
-                Some(copy) if copy.start <= local.start => {
-                    out.extend_from_slice(&copy.values[local.start - copy.start..local.end - copy.start]);
-                }
-                _ => {
-                    let values = to_host(self.buckets[b].clone().slice(local), "the reduced gradient buckets")?;
-                    traffic.to_host += byte_len(values.len());
-                    out.extend_from_slice(&values);
-                }
-            }
-        }
-        Ok(out)
     }
 }
 
@@ -1074,26 +921,4 @@ fn first_difference(a: &[(String, Vec<usize>)], b: &[(String, Vec<usize>)]) -> O
         }
     }
     (a.len() != b.len()).then(|| format!("rank 0 has {} parameters, it has {}", a.len(), b.len()))
-}
-
-#[cfg(all(test, feature = "cuda"))]
-mod tests {
-    use super::*;
-
-    /// A bucket off CUDA memory offers no region and still reads its parts afterwards, on the
-    /// host backend and (with `wgpu`) on a cubecl device that is not CUDA.
-    #[test]
-    fn a_bucket_off_cuda_offers_no_region_and_keeps_its_values() {
-        let mut devices = vec![Device::flex()];
-        if cfg!(feature = "wgpu") {
-            devices.extend(crate::device::DeviceChoice::WgpuCpu.device(0).ok());
-        }
-        for device in devices {
-            let part = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), &device);
-            let mut bucket = TensorBucket::new(vec![part(vec![1.0, 2.0]), part(vec![3.0])], device.clone(), None);
-            assert!(bucket.cuda_region().unwrap().is_none(), "{device:?}");
-            assert_eq!(bucket.read().unwrap(), vec![1.0, 2.0, 3.0], "{device:?}");
-            assert!(bucket.read().is_err(), "a second read must fail on {device:?}");
-        }
-    }
 }
