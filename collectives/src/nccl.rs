@@ -811,7 +811,7 @@ mod tests {
     #[test]
     fn missing_nccl_is_a_typed_error() {
         if cuda_present() && nccl_present() {
-            eprintln!("SKIPPED missing_nccl_is_a_typed_error: CUDA and NCCL are installed here, nothing is missing");
+            println!("skipped: missing_nccl_is_a_typed_error: CUDA and NCCL are installed here, nothing is missing");
             return;
         }
         let comm = local::world(1, CommOptions::default()).pop().unwrap();

@@ -68,6 +68,7 @@ fn plan_table_names_every_device() {
     let mut args = CLUSTER.to_vec();
     args.push("256");
     let out = ballast(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     for name in ["rtx3090", "rtx3060", "gtx1080", "predicted step"] {
         assert!(text.contains(name), "{text}");
@@ -245,7 +246,7 @@ fn doctor_of_a_cuda_build_says_no_gpu_without_a_driver() {
 #[test]
 fn doctor_finds_a_libnccl_installed_as_so_2_only() {
     if !cfg!(feature = "cuda") {
-        println!("SKIPPED doctor_finds_a_libnccl_installed_as_so_2_only: built without the cuda feature");
+        println!("skipped: doctor_finds_a_libnccl_installed_as_so_2_only: built without the cuda feature");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -28,7 +28,7 @@ fn python_safetensors_reads_a_ballast_checkpoint() {
             std::env::var_os("CI").is_none(),
             "CI must install Python's safetensors and numpy (pip install safetensors numpy): {why}"
         );
-        println!("SKIPPED python_safetensors_reads_a_ballast_checkpoint: python3 with safetensors and numpy not available ({why}); pip install safetensors numpy");
+        println!("skipped: python_safetensors_reads_a_ballast_checkpoint: python3 with safetensors and numpy not available ({why}); pip install safetensors numpy");
         return;
     }
     let d = tempfile::tempdir().unwrap();

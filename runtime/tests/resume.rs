@@ -9,7 +9,7 @@ use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use ballast::{
@@ -327,8 +327,6 @@ fn resume_after_crash_during_save_never_picks_a_partial_checkpoint() {
     let fake = cp.path_for(good_step + 1000);
     std::fs::write(&fake, &bytes[..bytes.len() / 2]).unwrap();
     assert_eq!(cp.newest().unwrap().as_deref(), Some(good.as_path()));
-    let started = Instant::now();
     checkpoint::verify(&good).unwrap();
     assert!(checkpoint::verify(&fake).is_err());
-    assert!(started.elapsed() < Duration::from_secs(10));
 }
