@@ -65,6 +65,12 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// An optimizer sharding that is not one of `off`, `even`, `memory`.
+    #[error("optimizer sharding {given:?}: use off, even or memory")]
+    UnknownSharding {
+        /// What was given.
+        given: String,
+    },
 }
 
 /// Splits `total` samples in proportion to `weights`, exactly (largest remainder, ties to the

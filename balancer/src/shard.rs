@@ -31,14 +31,14 @@ pub enum Sharding {
 }
 
 impl std::str::FromStr for Sharding {
-    type Err = String;
+    type Err = crate::Error;
 
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, crate::Error> {
         match s {
             "off" => Ok(Sharding::Off),
             "even" => Ok(Sharding::Even),
             "memory" => Ok(Sharding::Memory),
-            other => Err(format!("optimizer sharding {other:?}: use off, even or memory")),
+            other => Err(crate::Error::UnknownSharding { given: other.into() }),
         }
     }
 }

@@ -63,6 +63,14 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A byte size that cannot be read.
+    #[error("{input:?} is not a byte size: {reason}")]
+    Bytes {
+        /// What was given.
+        input: String,
+        /// Why, and the accepted forms.
+        reason: String,
+    },
 }
 
 /// Who started this process.
@@ -210,14 +218,18 @@ pub fn device_for_local_rank(local_rank: usize, visible: Option<&str>, device_co
 /// 1000, IEC units of 1024; case-insensitive).
 ///
 /// # Errors
-/// A message naming the input and the accepted forms.
-pub fn parse_bytes(input: &str) -> Result<u64, String> {
+/// [`Error::Bytes`] naming the input and the accepted forms.
+pub fn parse_bytes(input: &str) -> Result<u64> {
+    let bad = |reason: String| Error::Bytes {
+        input: input.to_string(),
+        reason,
+    };
     let s = input.trim();
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let value: f64 = num
         .parse()
-        .map_err(|_| format!("{input:?} is not a size; use e.g. 512MiB, 2GiB or 1000000"))?;
+        .map_err(|_| bad("use e.g. 512MiB, 2GiB or 1000000".into()))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -229,14 +241,14 @@ pub fn parse_bytes(input: &str) -> Result<u64, String> {
         "gib" => 1024.0 * 1024.0 * 1024.0,
         "tib" => 1024.0f64.powi(4),
         other => {
-            return Err(format!(
-                "unknown unit {other:?} in {input:?}; use B, KB, MB, GB, KiB, MiB or GiB"
-            ))
+            return Err(bad(format!(
+                "unknown unit {other:?}; use B, KB, MB, GB, KiB, MiB or GiB"
+            )))
         }
     };
     let bytes = value * mult;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("{input:?} is out of range"));
+        return Err(bad("out of range".into()));
     }
     Ok(bytes.round() as u64)
 }
@@ -387,8 +399,14 @@ mod tests {
         assert_eq!(parse_bytes("768MiB").unwrap(), 768 << 20);
         assert_eq!(parse_bytes("2gib").unwrap(), 2 << 30);
         assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
-        assert!(parse_bytes("12 parsecs").unwrap_err().contains("unknown unit"));
-        assert!(parse_bytes("MiB").unwrap_err().contains("is not a size"));
+        assert!(parse_bytes("12 parsecs")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown unit"));
+        assert!(parse_bytes("MiB")
+            .unwrap_err()
+            .to_string()
+            .contains("is not a byte size"));
         assert!(parse_bytes("-5MiB").is_err());
     }
 

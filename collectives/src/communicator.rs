@@ -238,8 +238,12 @@ pub trait Communicator: Send {
 }
 
 /// Turns a device buffer's message into [`Error::Device`] for `op` on `rank`.
-pub(crate) fn device_error(op: &'static str, rank: usize) -> impl Fn(String) -> Error {
-    move |message| Error::Device { op, rank, message }
+pub(crate) fn device_error(op: &'static str, rank: usize) -> impl Fn(BufferError) -> Error {
+    move |e| Error::Device {
+        op,
+        rank,
+        message: e.to_string(),
+    }
 }
 
 /// Reduces `buckets` as one host buffer: each is read once, the concatenation is summed by
@@ -345,6 +349,10 @@ impl std::fmt::Debug for CudaRegion {
     }
 }
 
+/// What a [`DeviceBuffer`] reports when its tensor library cannot read, write or hand out the
+/// buffer: the library's own error, boxed (a message becomes one with `.into()`).
+pub type BufferError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// A flat `f32` buffer owned by a tensor library, possibly in accelerator memory: what
 /// [`Communicator::all_reduce_sum_device`] reduces. The collectives never hold on to it.
 pub trait DeviceBuffer {
@@ -360,14 +368,14 @@ pub trait DeviceBuffer {
     ///
     /// # Errors
     /// The tensor library's message.
-    fn read(&mut self) -> std::result::Result<Vec<f32>, String>;
+    fn read(&mut self) -> std::result::Result<Vec<f32>, BufferError>;
 
     /// Replaces the buffer's contents with `values` (one host→device transfer); `values` has
     /// [`DeviceBuffer::len`] elements.
     ///
     /// # Errors
     /// The tensor library's message.
-    fn write(&mut self, values: Vec<f32>) -> std::result::Result<(), String>;
+    fn write(&mut self, values: Vec<f32>) -> std::result::Result<(), BufferError>;
 
     /// The buffer in CUDA memory, for a communicator that works on it in place there (NCCL):
     /// `None` (the default) when it is not in CUDA memory, and the communicator falls back to
@@ -377,7 +385,7 @@ pub trait DeviceBuffer {
     ///
     /// # Errors
     /// The tensor library's message.
-    fn cuda_region(&mut self) -> std::result::Result<Option<CudaRegion>, String> {
+    fn cuda_region(&mut self) -> std::result::Result<Option<CudaRegion>, BufferError> {
         Ok(None)
     }
 }
@@ -388,11 +396,11 @@ impl DeviceBuffer for Vec<f32> {
         self.as_slice().len()
     }
 
-    fn read(&mut self) -> std::result::Result<Vec<f32>, String> {
+    fn read(&mut self) -> std::result::Result<Vec<f32>, BufferError> {
         Ok(self.clone())
     }
 
-    fn write(&mut self, values: Vec<f32>) -> std::result::Result<(), String> {
+    fn write(&mut self, values: Vec<f32>) -> std::result::Result<(), BufferError> {
         *self = values;
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! `ballast selftest`.
 //!
 //! Inputs are integers, chosen so every partial sum is exactly representable, and each rank
-//! computes the serial reference for all ranks itself. A check returns `Err` with a message
+//! computes the serial reference for all ranks itself. A check returns [`Error::Conformance`]
 //! naming the operation, rank and first wrong element; nothing is compared with a tolerance.
 
 use std::time::Duration;
@@ -42,8 +42,17 @@ fn check_eq<T: PartialEq + std::fmt::Debug>(
 /// checks that passed.
 ///
 /// # Errors
-/// A message describing the first wrong result or collective error.
-pub fn check_all(comm: &mut dyn Communicator) -> Result<Vec<String>, String> {
+/// [`Error::Conformance`] describing the first wrong result or collective error.
+pub fn check_all(comm: &mut dyn Communicator) -> crate::Result<Vec<String>> {
+    let rank = comm.rank();
+    all(comm).map_err(|detail| Error::Conformance {
+        check: "every-collective",
+        rank,
+        detail,
+    })
+}
+
+fn all(comm: &mut dyn Communicator) -> Result<Vec<String>, String> {
     let rank = comm.rank();
     let n = comm.world_size();
     let mut passed = Vec::new();
@@ -223,8 +232,17 @@ fn check_shards(comm: &mut dyn Communicator) -> Result<String, String> {
 /// [`Error::CountsMismatch`] from the reduce-scatter (needs two ranks or more).
 ///
 /// # Errors
-/// A message when any rank succeeds or gets another error.
-pub fn check_counts_mismatch(comm: &mut dyn Communicator) -> Result<String, String> {
+/// [`Error::Conformance`] when any rank succeeds or gets another error.
+pub fn check_counts_mismatch(comm: &mut dyn Communicator) -> crate::Result<String> {
+    let rank = comm.rank();
+    counts_mismatch(comm).map_err(|detail| Error::Conformance {
+        check: "counts-mismatch",
+        rank,
+        detail,
+    })
+}
+
+fn counts_mismatch(comm: &mut dyn Communicator) -> Result<String, String> {
     let rank = comm.rank();
     let n = comm.world_size();
     let total = 10 * n;
@@ -280,8 +298,17 @@ fn check_buckets_as_one(comm: &mut dyn Communicator) -> Result<String, String> {
 /// The last rank passes one element too many; every rank must get [`Error::ShapeMismatch`].
 ///
 /// # Errors
-/// A message when any rank succeeds or gets another error.
-pub fn check_wrong_length(comm: &mut dyn Communicator) -> Result<String, String> {
+/// [`Error::Conformance`] when any rank succeeds or gets another error.
+pub fn check_wrong_length(comm: &mut dyn Communicator) -> crate::Result<String> {
+    let rank = comm.rank();
+    wrong_length(comm).map_err(|detail| Error::Conformance {
+        check: "wrong-length",
+        rank,
+        detail,
+    })
+}
+
+fn wrong_length(comm: &mut dyn Communicator) -> Result<String, String> {
     let rank = comm.rank();
     let n = comm.world_size();
     let len = if rank == n - 1 { 11 } else { 10 };
@@ -308,8 +335,18 @@ pub fn check_wrong_length(comm: &mut dyn Communicator) -> Result<String, String>
 /// `Ok("skipped")`.
 ///
 /// # Errors
-/// A message when a rank succeeds, gets another error, or waits far longer than the timeout.
-pub fn check_missing_rank(comm: &mut dyn Communicator, missing: usize) -> Result<String, String> {
+/// [`Error::Conformance`] when a rank succeeds, gets another error, or waits far longer than
+/// the timeout.
+pub fn check_missing_rank(comm: &mut dyn Communicator, missing: usize) -> crate::Result<String> {
+    let rank = comm.rank();
+    missing_rank(comm, missing).map_err(|detail| Error::Conformance {
+        check: "missing-rank",
+        rank,
+        detail,
+    })
+}
+
+fn missing_rank(comm: &mut dyn Communicator, missing: usize) -> Result<String, String> {
     let rank = comm.rank();
     let timeout = comm.timeout();
     if rank == missing {
@@ -351,8 +388,17 @@ pub fn check_missing_rank(comm: &mut dyn Communicator, missing: usize) -> Result
 /// reads back as set, then as before once restored.
 ///
 /// # Errors
-/// A message when the barrier fails or a timeout does not read back.
-pub fn check_longer_deadline(comm: &mut dyn Communicator) -> Result<String, String> {
+/// [`Error::Conformance`] when the barrier fails or a timeout does not read back.
+pub fn check_longer_deadline(comm: &mut dyn Communicator) -> crate::Result<String> {
+    let rank = comm.rank();
+    longer_deadline(comm).map_err(|detail| Error::Conformance {
+        check: "longer-deadline",
+        rank,
+        detail,
+    })
+}
+
+fn longer_deadline(comm: &mut dyn Communicator) -> Result<String, String> {
     let rank = comm.rank();
     let usual = comm.timeout();
     let longer = usual * 4;

@@ -143,6 +143,17 @@ pub enum Error {
         /// The tensor library's message.
         message: String,
     },
+    /// A conformance check found a wrong result or an unexpected outcome (feature
+    /// `conformance`).
+    #[error("conformance check {check} on rank {rank}: {detail}")]
+    Conformance {
+        /// The check.
+        check: &'static str,
+        /// The rank reporting.
+        rank: usize,
+        /// What was wrong.
+        detail: String,
+    },
     /// A value could not be encoded or decoded for the wire.
     #[error("could not (de)serialise a value for {op} on rank {rank}: {message}")]
     Codec {

@@ -42,7 +42,7 @@ pub mod mpi;
 pub mod nccl;
 
 pub use communicator::{
-    reduce_buckets_through_host, AllReduceSum, CommOptions, Communicator, CommunicatorExt, CudaRegion, DeviceBuffer,
-    Element, DEFAULT_TIMEOUT,
+    reduce_buckets_through_host, AllReduceSum, BufferError, CommOptions, Communicator, CommunicatorExt, CudaRegion,
+    DeviceBuffer, Element, DEFAULT_TIMEOUT,
 };
 pub use error::{Error, Result};

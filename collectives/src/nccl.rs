@@ -411,7 +411,7 @@ impl NcclCommunicator {
     /// here, written back after the sum).
     fn bucket_regions(&mut self, buckets: &mut [&mut dyn DeviceBuffer]) -> Result<BucketRegions> {
         let rank = self.control.rank();
-        let device_error = |op: &'static str| move |message: String| Error::Device { op, rank, message };
+        let device_error = |op: &'static str| device_error(op, rank);
         let mut out = BucketRegions::default();
         for (index, bucket) in buckets.iter_mut().enumerate() {
             match bucket

@@ -63,6 +63,12 @@ pub enum CheckpointError {
         /// What failed.
         reason: String,
     },
+    /// A checkpoint could not be encoded (the Adam state does not fit the model).
+    #[error("cannot write a checkpoint: {reason}")]
+    Encode {
+        /// What does not fit.
+        reason: String,
+    },
     /// A safetensors file without ballast's metadata.
     #[error("{path} is a safetensors file but not a ballast checkpoint (no `format: {FORMAT}` in __metadata__)")]
     NotBallast {
@@ -322,10 +328,7 @@ impl Checkpointer {
     /// # Errors
     /// IO errors, with the path.
     pub fn save<M: Module>(&self, model: &M, adam: Option<AdamView<'_>>, state: &TrainState) -> Result<PathBuf> {
-        let bytes = encode(model, adam, state).map_err(|reason| CheckpointError::Malformed {
-            path: self.path_for(state.step),
-            reason,
-        })?;
+        let bytes = encode(model, adam, state)?;
         let path = self.path_for(state.step);
         let tmp = self.dir.join(format!(
             ".tmp-step-{:010}-{}.safetensors",
@@ -379,10 +382,7 @@ impl Checkpointer {
 /// # Errors
 /// IO errors, with the path.
 pub fn save_model<M: Module>(path: &Path, model: &M, state: &TrainState) -> Result<()> {
-    let bytes = encode(model, None, state).map_err(|reason| CheckpointError::Malformed {
-        path: path.to_path_buf(),
-        reason,
-    })?;
+    let bytes = encode(model, None, state)?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -431,8 +431,13 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
 /// The safetensors bytes of a checkpoint.
 ///
 /// # Errors
-/// When a view cannot be built (never for consistent inputs).
-pub fn encode<M: Module>(
+/// [`CheckpointError::Encode`] when the Adam state does not fit the model or a view cannot be
+/// built (never for consistent inputs).
+fn encode<M: Module>(model: &M, adam: Option<AdamView<'_>>, state: &TrainState) -> Result<Vec<u8>> {
+    encode_bytes(model, adam, state).map_err(|reason| CheckpointError::Encode { reason })
+}
+
+fn encode_bytes<M: Module>(
     model: &M,
     adam: Option<AdamView<'_>>,
     state: &TrainState,

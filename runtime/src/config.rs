@@ -523,7 +523,7 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
             None => ballast_balancer::Sharding::Memory,
             Some(text) => text
                 .parse()
-                .map_err(|e: String| anyhow::anyhow!("--optimizer-sharding: {e}"))?,
+                .map_err(|e: ballast_balancer::Error| anyhow::anyhow!("--optimizer-sharding: {e}"))?,
         },
         eval_data,
         eval_fraction,

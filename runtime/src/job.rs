@@ -490,7 +490,10 @@ fn restore_optimizer(balancer: &mut Balancer, path: PathBuf, saved: checkpoint::
     })?;
     host.adam_mut()
         .restore(saved.m, saved.v, saved.t)
-        .map_err(|reason| JobError::OptimizerState { path, reason })
+        .map_err(|e| JobError::OptimizerState {
+            path,
+            reason: e.to_string(),
+        })
 }
 
 /// The whole model's Adam moments, all-gathered from every rank's shard, on rank 0 (every rank

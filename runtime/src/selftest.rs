@@ -165,11 +165,13 @@ fn run(args: &Args) -> Result<ExitCode> {
 fn one(comm: &mut dyn Communicator, check: Check) -> (usize, usize, &'static str, Result<String, String>) {
     let last = comm.world_size() - 1;
     let result = match check {
-        Check::Collectives => conformance::check_all(comm).map(|p| p.join("; ")),
-        Check::WrongLength => conformance::check_wrong_length(comm),
-        Check::MissingRank => conformance::check_missing_rank(comm, last),
-        Check::CountsMismatch => conformance::check_counts_mismatch(comm),
-        Check::LongerDeadline => conformance::check_longer_deadline(comm),
+        Check::Collectives => conformance::check_all(comm)
+            .map(|p| p.join("; "))
+            .map_err(|e| e.to_string()),
+        Check::WrongLength => conformance::check_wrong_length(comm).map_err(|e| e.to_string()),
+        Check::MissingRank => conformance::check_missing_rank(comm, last).map_err(|e| e.to_string()),
+        Check::CountsMismatch => conformance::check_counts_mismatch(comm).map_err(|e| e.to_string()),
+        Check::LongerDeadline => conformance::check_longer_deadline(comm).map_err(|e| e.to_string()),
         Check::Equivalence | Check::Sharded | Check::Balance | Check::CheckpointWriter => {
             Err("has its own runner".into())
         }

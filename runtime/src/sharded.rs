@@ -254,7 +254,7 @@ impl ShardedAdam {
             ShardState::Host(host) => host
                 .adam_mut()
                 .restore(m, v, saved.t)
-                .map_err(|reason| DdpError::Shards { reason }),
+                .map_err(|e| DdpError::Shards { reason: e.to_string() }),
             ShardState::Device(adam) => {
                 adam.restore(m, v, saved.t);
                 Ok(())

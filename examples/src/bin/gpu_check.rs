@@ -205,12 +205,14 @@ fn check_nccl() -> Outcome {
     let one = local::world(1, options.clone()).pop().expect("one rank");
     let mut comm = NcclCommunicator::new(Box::new(one), 0)?;
     let in_place = device_all_reduce(&mut comm, 1)?;
-    let passed = conformance::check_all(&mut comm).map_err(Stop::Failed)?;
+    let passed = conformance::check_all(&mut comm).map_err(|e| Stop::Failed(e.to_string()))?;
     drop(comm);
     let two: Vec<Result<String, String>> = local::run(2, options, |control| {
         let mut comm = NcclCommunicator::new(Box::new(control), 0).map_err(|e| e.to_string())?;
         device_all_reduce(&mut comm, 2).map_err(Stop::into_message)?;
-        conformance::check_all(&mut comm).map(|p| format!("{} checks", p.len()))
+        conformance::check_all(&mut comm)
+            .map(|p| format!("{} checks", p.len()))
+            .map_err(|e| e.to_string())
     });
     let two_ranks = match two.iter().find_map(|r| r.as_ref().err()) {
         None => json!("passed: in-place all-reduce and the conformance checks on 2 ranks of one GPU"),

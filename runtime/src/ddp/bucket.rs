@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use ballast_collectives::{bucket::BucketLayout, DeviceBuffer};
+use ballast_collectives::{bucket::BucketLayout, BufferError, DeviceBuffer};
 
 use super::DdpError;
 use crate::transfer::{byte_len, to_host, Traffic};
@@ -106,7 +106,7 @@ impl DeviceBuffer for TensorBucket {
 
     /// Reads the parts once: they are handed to the host (without a copy where the backend can
     /// give up a buffer it alone holds, as `flex` does), and a second read is an error.
-    fn read(&mut self) -> Result<Vec<f32>, String> {
+    fn read(&mut self) -> Result<Vec<f32>, BufferError> {
         if self.receiving && self.parts.is_empty() {
             // Nothing to send: a communicator that stages buffers reads this one as zeros.
             return Ok(vec![0.0; self.len]);
@@ -136,7 +136,7 @@ impl DeviceBuffer for TensorBucket {
         Ok(values)
     }
 
-    fn write(&mut self, values: Vec<f32>) -> Result<(), String> {
+    fn write(&mut self, values: Vec<f32>) -> Result<(), BufferError> {
         let n = values.len();
         self.traffic.to_device += byte_len(n);
         if let Some(start) = self.keep_from {
@@ -153,7 +153,7 @@ impl DeviceBuffer for TensorBucket {
     /// On a CUDA device: the parts laid out in one fresh device tensor, which the communicator
     /// then reduces in place and which becomes the reduced bucket (no host copy at all).
     #[cfg(feature = "cuda")]
-    fn cuda_region(&mut self) -> Result<Option<ballast_collectives::CudaRegion>, String> {
+    fn cuda_region(&mut self) -> Result<Option<ballast_collectives::CudaRegion>, BufferError> {
         if self.receiving && self.parts.is_empty() && self.len > 0 {
             self.parts = vec![Tensor::zeros([self.len], &self.device)];
         }

@@ -111,15 +111,15 @@ impl HostAdam {
     /// Replaces the state with saved moments and step count (a resume).
     ///
     /// # Errors
-    /// When the lengths differ from this optimizer's parameter count.
-    pub fn restore(&mut self, m: Vec<f32>, v: Vec<f32>, t: i32) -> Result<(), String> {
+    /// [`super::OffloadError::StateMismatch`] when the lengths differ from this optimizer's
+    /// parameter count.
+    pub fn restore(&mut self, m: Vec<f32>, v: Vec<f32>, t: i32) -> Result<(), super::OffloadError> {
         if m.len() != self.m.len() || v.len() != self.v.len() {
-            return Err(format!(
-                "saved Adam state has {} and {} values but the model has {} parameters",
-                m.len(),
-                v.len(),
-                self.m.len()
-            ));
+            return Err(super::OffloadError::StateMismatch {
+                m: m.len(),
+                v: v.len(),
+                params: self.m.len(),
+            });
         }
         // Copied into the existing buffers, so managed state stays where it was placed.
         self.m.copy_from_slice(&m);
@@ -386,6 +386,10 @@ mod tests {
         let copy = adam.clone();
         assert_eq!(copy, adam);
         let err = adam.restore(vec![0.0; 3], vec![0.0; 4], 1).unwrap_err();
-        assert!(err.contains("3 and 4 values but the model has 4 parameters"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("3 and 4 values but the model has 4 parameters"),
+            "{err}"
+        );
     }
 }

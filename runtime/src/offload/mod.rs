@@ -70,6 +70,16 @@ pub enum OffloadError {
     /// A CUDA call failed.
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// Saved Adam state does not fit this optimizer.
+    #[error("saved Adam state has {m} and {v} values but the model has {params} parameters")]
+    StateMismatch {
+        /// First moments saved.
+        m: usize,
+        /// Second moments saved.
+        v: usize,
+        /// Parameters of this optimizer.
+        params: usize,
+    },
 }
 
 /// Fraction of `MemAvailable` offload may use by default: the rest stays for the OS page cache,
