@@ -3,7 +3,9 @@
 //! # Bootstrap
 //! NCCL needs every rank to hold the same 128-byte unique id. Rank 0 creates it
 //! (`ncclGetUniqueId`) and sends it over the **control plane**, any [`Communicator`] spanning
-//! the same ranks (in practice the MPI one); every rank then calls `ncclCommInitRank`. The control
+//! the same ranks (in practice the MPI one); every rank then calls `ncclCommInitRankConfig` with
+//! a non-blocking configuration and polls it until it has finished, for at most the control
+//! plane's timeout (a rank that never joins is an error, not a hang). The control
 //! communicator stays in charge of small metadata, handshakes and agreement; NCCL carries only
 //! gradient bytes.
 //!
@@ -167,10 +169,77 @@ pub fn inventory() -> Result<GpuInventory> {
 /// The raw NCCL communicator: aborted on drop or on a failed wait, and null after that.
 struct RawComm(nccl_sys::ncclComm_t);
 
+/// `NCCL_CONFIG_INITIALIZER` of the header cudarc binds (every field undefined, so NCCL picks
+/// its defaults), with `blocking = 0`. NCCL reads `min(size, its own size)` bytes of it, so an
+/// older library takes it too.
+fn nonblocking_config() -> nccl_sys::ncclConfig_t {
+    const UNDEF: std::ffi::c_int = std::ffi::c_int::MIN;
+    nccl_sys::ncclConfig_t {
+        size: std::mem::size_of::<nccl_sys::ncclConfig_t>(),
+        magic: 0xcafe_beef,
+        // NCCL_VERSION(2, 28, 0): the header version of this layout's first fields.
+        version: 22_800,
+        blocking: 0,
+        cgaClusterSize: UNDEF,
+        minCTAs: UNDEF,
+        maxCTAs: UNDEF,
+        netName: std::ptr::null(),
+        splitShare: UNDEF,
+        trafficClass: UNDEF,
+        commName: std::ptr::null(),
+        collnetEnable: UNDEF,
+        CTAPolicy: UNDEF,
+        shrinkShare: UNDEF,
+        nvlsCTAs: UNDEF,
+        nChannelsPerNetPeer: UNDEF,
+        nvlinkCentricSched: UNDEF,
+        graphUsageMode: UNDEF,
+        numRmaCtx: UNDEF,
+        maxP2pPeers: UNDEF,
+    }
+}
+
+/// Polls a non-blocking communicator's state (`ncclCommGetAsyncError`) until its last call has
+/// finished (no longer `ncclInProgress`), for at most `timeout`. On a failure or at the
+/// deadline the communicator is aborted and the error names `op`.
+fn settle(comm: &mut RawComm, op: &'static str, rank: usize, timeout: Duration) -> Result<()> {
+    if comm.0.is_null() {
+        return Err(Error::Poisoned {
+            rank,
+            reason: format!("{op}: the NCCL communicator was aborted earlier"),
+        });
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut state = nccl_sys::ncclResult_t::ncclSuccess;
+        // SAFETY: `comm` is a handle NCCL returned and not aborted (`abort` nulls it, checked
+        // above, and the loop ends at the abort below); `state` is a valid out-pointer.
+        unsafe { nccl_sys::ncclCommGetAsyncError(comm.0, &mut state) };
+        let message = match state {
+            nccl_sys::ncclResult_t::ncclSuccess => return Ok(()),
+            nccl_sys::ncclResult_t::ncclInProgress if Instant::now() <= deadline => {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            nccl_sys::ncclResult_t::ncclInProgress => format!(
+                "{op} did not finish within {timeout:?}: a rank never joined or stopped; every rank must \
+                 create its NCCL communicator (raise BALLAST_TIMEOUT_SECS if start-up is that slow)"
+            ),
+            failed => format!("NCCL reported {failed:?} during {op}"),
+        };
+        comm.abort();
+        return Err(Error::Gpu {
+            call: op,
+            rank,
+            message,
+        });
+    }
+}
+
 impl RawComm {
     fn abort(&mut self) {
         if !self.0.is_null() {
-            // SAFETY: a communicator created by ncclCommInitRank and not yet aborted.
+            // SAFETY: a communicator created by ncclCommInitRankConfig and not yet aborted.
             let _ = unsafe { nccl_result::comm_abort(self.0) };
             self.0 = std::ptr::null_mut();
         }
@@ -231,15 +300,27 @@ impl NcclCommunicator {
         let nranks = i32::try_from(world).map_err(|e| gpu("ncclCommInitRank", rank, e))?;
         let me = i32::try_from(rank).map_err(|e| gpu("ncclCommInitRank", rank, e))?;
         ctx.bind_to_thread().map_err(|e| gpu("cuCtxSetCurrent", rank, e))?;
-        // SAFETY: `raw` is written by ncclCommInitRank on success and read only then.
+        // Non-blocking, so a rank that never joins cannot hold this one forever: the call
+        // returns at once and `settle` polls it against the control plane's timeout.
+        let mut config = nonblocking_config();
+        // SAFETY: `raw` and `config` are valid for the call; NCCL writes the communicator's
+        // handle to `raw` before it returns success or ncclInProgress, and copies `config`.
         let comm = unsafe {
-            nccl_result::comm_init_rank(raw.as_mut_ptr(), nranks, nccl_sys::ncclUniqueId { internal }, me)
-                .map_err(|e| gpu("ncclCommInitRank", rank, e))?;
+            nccl_result::comm_init_rank_config(
+                raw.as_mut_ptr(),
+                nranks,
+                nccl_sys::ncclUniqueId { internal },
+                me,
+                &mut config,
+            )
+            .map_err(|e| gpu("ncclCommInitRank", rank, e))?;
             raw.assume_init()
         };
+        let mut comm = RawComm(comm);
+        settle(&mut comm, "ncclCommInitRank", rank, control.timeout())?;
         Ok(Self {
             control,
-            comm: RawComm(comm),
+            comm,
             stream,
             ordinal,
             aborted: None,
@@ -285,6 +366,14 @@ impl NcclCommunicator {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+    }
+
+    /// Waits until a non-blocking group has put its work on the stream (`ncclGroupEnd` may
+    /// return before it has), so the event `wait` records comes after the collectives.
+    fn enqueued(&mut self, op: &'static str) -> Result<()> {
+        let rank = self.control.rank();
+        let timeout = self.control.timeout();
+        settle(&mut self.comm, op, rank, timeout).inspect_err(|e| self.aborted = Some(e.to_string()))
     }
 
     fn check_alive(&self) -> Result<()> {
@@ -384,6 +473,7 @@ impl NcclCommunicator {
         // The group is closed whatever happened inside it, so NCCL is left in a sane state.
         let closed = nccl_result::group_end().map_err(|e| gpu("ncclGroupEnd", rank, e));
         launched.and(closed)?;
+        self.enqueued("ncclAllReduce")?;
         self.wait("ncclAllReduce")
     }
 
@@ -588,7 +678,10 @@ impl NcclCommunicator {
         }
         // The group is closed whatever happened inside it, so NCCL is left in a sane state.
         let closed = nccl_result::group_end().map_err(|e| gpu("ncclGroupEnd", rank, e));
-        let waited = launched.and(closed).and_then(|_| self.wait(call));
+        let waited = launched
+            .and(closed)
+            .and_then(|_| self.enqueued(call))
+            .and_then(|_| self.wait(call));
         // The staged copies are written back (or dropped) whatever happened.
         let written = self.write_back(staged, &mut pair);
         waited.and(written)

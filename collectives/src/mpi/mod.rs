@@ -93,7 +93,8 @@ impl MpiCommunicator {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] when MPI was already initialised in this process;
-    /// [`Error::Mpi`] when duplicating the world communicator fails.
+    /// [`Error::Mpi`] when duplicating the world communicator fails. A rank that does not join
+    /// the duplication within `options.timeout` ends the process as a stalled collective does.
     pub fn init(options: CommOptions) -> Result<Self> {
         let (universe, level) =
             mpi::initialize_with_threading(Threading::Serialized).ok_or_else(|| Error::InvalidArgument {
@@ -122,8 +123,19 @@ impl MpiCommunicator {
             ffi::MPI_Comm_size(world_raw, &mut size);
         }
         let rank = rank as usize;
-        let control = dup(world_raw, rank)?;
-        let data = dup(world_raw, rank)?;
+        // MPI_Comm_dup is collective over the world: a rank that never starts would hold it
+        // forever, so the watchdog bounds it like any data-phase call.
+        let watchdog = Watchdog::spawn(rank, size as usize);
+        watchdog.arm("MPI_Comm_dup", 0, options.timeout);
+        let dups = dup(world_raw, rank).and_then(|control| Ok((control, dup(world_raw, rank)?)));
+        watchdog.disarm();
+        let (control, data) = match dups {
+            Ok(dups) => dups,
+            Err(e) => {
+                watchdog.stop(rank);
+                return Err(e);
+            }
+        };
         Ok(Self {
             rank,
             size: size as usize,
@@ -132,7 +144,7 @@ impl MpiCommunicator {
             poisoned: None,
             control,
             data,
-            watchdog: Watchdog::spawn(rank, size as usize),
+            watchdog,
             handshake_kind: Handshake::default(),
             messages: 0,
             universe: std::mem::ManuallyDrop::new(universe),

@@ -220,9 +220,12 @@ fn check_nccl() -> Outcome {
     };
     let data_parallel = ddp_over_nccl()?;
     let sharded = sharded_over_nccl()?;
+    let init_deadline = nccl_init_without_a_peer();
     Ok(object(json!({
         "pass": data_parallel.get("ok").and_then(Value::as_bool).unwrap_or(false)
-            && sharded.get("ok").and_then(Value::as_bool).unwrap_or(false),
+            && sharded.get("ok").and_then(Value::as_bool).unwrap_or(false)
+            && init_deadline.get("ok").and_then(Value::as_bool).unwrap_or(false),
+        "init_without_a_peer": init_deadline,
         "data_parallel_device_buckets": data_parallel,
         "sharded_step_device_buffers": sharded,
         "world_1_in_place_all_reduce": in_place,
@@ -231,6 +234,33 @@ fn check_nccl() -> Outcome {
         "async_error_poll": "every NCCL wait polls ncclCommGetAsyncError until the deadline",
         "abort_at_deadline": "not exercised here: it needs a peer that stops after the handshake",
     })))
+}
+
+/// A world of two where rank 1 takes NCCL's id and never creates its communicator: rank 0's
+/// `ncclCommInitRankConfig` (non-blocking) must come back as an error naming the start-up
+/// within the control plane's 3 s timeout, not wait forever.
+fn nccl_init_without_a_peer() -> Value {
+    let timeout = std::time::Duration::from_secs(3);
+    let started = std::time::Instant::now();
+    let results: Vec<Option<String>> = local::run(2, CommOptions::default().with_timeout(timeout), |mut control| {
+        if control.rank() == 1 {
+            let mut id = Vec::new();
+            return control
+                .broadcast_bytes(0, &mut id)
+                .err()
+                .map(|e| format!("rank 1: {e}"));
+        }
+        match NcclCommunicator::new(Box::new(control), 0) {
+            Ok(_) => Some("rank 0: the communicator was created without rank 1".into()),
+            Err(e) => Some(e.to_string()),
+        }
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let message = results.into_iter().flatten().collect::<Vec<_>>().join("; ");
+    json!({
+        "ok": message.contains("ncclCommInitRank did not finish within") && seconds < 60.0,
+        "error": message, "seconds": seconds,
+    })
 }
 
 /// `DataParallel` on cuda:0 with an NCCL communicator (world 1), gradients cut into several
