@@ -233,6 +233,23 @@ pub struct BalancedStep {
     pub swap_warning: Option<crate::offload::SwapWarning>,
 }
 
+/// How a step watches memory (see `Balancer::memory_watch`).
+#[derive(Clone, Copy)]
+struct MemoryWatch {
+    /// The device's memory is a pool (wgpu, CUDA), read through the device.
+    pool: bool,
+    /// The peak is read after every micro-batch and held to the budget.
+    check: bool,
+}
+
+/// What running this rank's share did.
+#[derive(Default)]
+struct ShareRun {
+    ran: Vec<usize>,
+    peak_bytes: u64,
+    oom_retries: usize,
+}
+
 /// Plans and runs balanced steps on one rank.
 pub struct Balancer {
     options: BalanceOptions,
@@ -650,23 +667,38 @@ impl Balancer {
         M: Module,
         F: FnMut(&M, &[usize]) -> Tensor<1>,
     {
-        let rank = ddp.rank();
-        let step = ddp.steps();
         ddp.mark_ready();
         let parts = split_batch(batch, &self.plan.shares());
-        let mine = &parts[rank];
-        let mut cap = self.plan.ranks[rank]
-            .micro_batch
-            .min(self.refitted_cap.unwrap_or(usize::MAX))
-            .max(1);
-        let mut queue =
-            ballast_balancer::micro_batch_schedule(&self.reports[rank], mine.len(), cap, &self.options.tunables);
-        let mut ran = Vec::new();
-        let mut offset = 0;
-        let mut peak_bytes = 0;
-        let mut oom_retries = 0;
-        // A pool is read after each micro-batch only against a budget: reading waits for the
-        // device. A simulated device on a shared heap cannot be read per rank.
+        let watch = self.memory_watch();
+        let share = self.run_share(ddp, &model, &parts[ddp.rank()], loss_fn, watch)?;
+        let (model, stats) = match (self.host.as_mut(), self.sharded.as_mut()) {
+            (Some(host), _) => ddp.step(model, host, lr)?,
+            (None, Some(sharded)) => ddp.step(model, &mut sharded.adam, lr)?,
+            (None, None) => ddp.step(model, optim, lr)?,
+        };
+        let plan_changed = self.learn_from(&stats);
+        if watch.pool && watch.check && !self.refitted {
+            self.refitted = true;
+            self.refit_cap(ddp, &model, loss_fn, batch);
+        }
+        Ok((
+            model,
+            BalancedStep {
+                stats,
+                micro_batches: share.ran,
+                peak_bytes: share.peak_bytes,
+                oom_retries: share.oom_retries,
+                plan_changed,
+                swap_warning: self.swap.poll(),
+            },
+        ))
+    }
+
+    /// How this step watches memory: a pool (wgpu, CUDA) is read after each micro-batch only
+    /// against a budget, since reading waits for the device; a simulated device on a shared heap
+    /// cannot be read per rank. A watched pool starts the step with its peak reset, so the pages
+    /// the previous step freed (optimizer temporaries, buckets) do not count.
+    fn memory_watch(&mut self) -> MemoryWatch {
         let pool = self.meter.reads_pool();
         let check = if pool {
             self.options.budget_bytes != u64::MAX
@@ -674,64 +706,64 @@ impl Balancer {
             !self.options.shared_heap
         };
         if pool && check {
-            // Pages the previous step freed (its optimizer temporaries, its buckets) go back, so
-            // the pool's high-water mark is this step's.
             self.meter.reset_peak();
         }
-        let mut i = 0;
+        MemoryWatch { pool, check }
+    }
+
+    /// Runs `mine` (this rank's share) in micro-batches of the planned size and adds each one's
+    /// gradients to the step's sums. A micro-batch over the budget, or one whose device ran out
+    /// of memory, is discarded; the rest of the share is re-laid at half its size (as the
+    /// following steps will lay it out) and the new cap is noted for the step's all-reduce.
+    fn run_share<M, F>(
+        &mut self,
+        ddp: &mut DataParallel,
+        model: &M,
+        mine: &[usize],
+        loss_fn: &mut F,
+        watch: MemoryWatch,
+    ) -> Result<ShareRun, BalanceError>
+    where
+        M: Module,
+        F: FnMut(&M, &[usize]) -> Tensor<1>,
+    {
+        let (rank, step) = (ddp.rank(), ddp.steps());
+        let cap = self.plan.ranks[rank]
+            .micro_batch
+            .min(self.refitted_cap.unwrap_or(usize::MAX))
+            .max(1);
+        let mut queue =
+            ballast_balancer::micro_batch_schedule(&self.reports[rank], mine.len(), cap, &self.options.tunables);
+        let mut run = ShareRun::default();
+        let (mut offset, mut i) = (0, 0);
         while i < queue.len() {
             let m = queue[i];
-            let idx = &mine[offset..offset + m];
-            if !pool {
+            if !watch.pool {
                 memory::reset_peak();
             }
             let started = Instant::now();
-            let seen = crate::health::reports_recorded();
-            let attempt = contain_device_oom(|| {
-                let loss = loss_fn(&model, idx);
-                let loss_value = loss.clone().inner();
-                let grads: Gradients = ddp.weighted_loss(loss, m).backward();
-                (grads, loss_value)
-            });
-            let attempt = match attempt {
-                // A cubecl device reports a failed allocation or kernel on the buffers it did
-                // not write, later, not as a panic: ask for it now, before the micro-batch's
-                // gradients join the step's sums, so an out-of-memory backs off like a panic.
-                // (It waits for the device, as reading the pool's peak does under a budget.)
-                Ok((grads, loss_value)) if pool => {
-                    let tensors = DataParallel::micro_batch_tensors(&model, &grads, &loss_value);
-                    match crate::health::check_tensors(&tensors, seen) {
-                        Ok(()) => Ok((grads, loss_value)),
-                        Err(fault) if fault.is_out_of_memory() => {
-                            // Handled here: the step need not fail on the device log's report.
-                            ddp.acknowledge_device_log();
-                            Err(first_line(&fault.message))
-                        }
-                        Err(fault) => {
-                            return Err(BalanceError::DeviceFailed {
-                                rank,
-                                device: crate::device::device_name(&crate::transfer::model_device(&model)),
-                                step,
-                                message: fault.message,
-                            })
-                        }
-                    }
-                }
-                other => other,
-            };
-            let peak = if check { self.meter.peak() } else { 0 };
+            let attempt = self.micro_batch(ddp, model, &mine[offset..offset + m], loss_fn, watch.pool)?;
+            let peak = if watch.check { self.meter.peak() } else { 0 };
             let inject = self.injects_oom(step);
-            let (grads, loss_value) = match attempt {
-                Ok(done) if peak <= self.options.budget_bytes && !inject => done,
+            match attempt {
+                Ok((grads, loss_value)) if peak <= self.options.budget_bytes && !inject => {
+                    run.peak_bytes = run.peak_bytes.max(peak);
+                    ddp.add_weighted_gradients(model, grads, loss_value, m)?;
+                    if self.options.slowdown > 1.0 {
+                        std::thread::sleep(started.elapsed().mul_f64(self.options.slowdown - 1.0));
+                    }
+                    run.ran.push(m);
+                    offset += m;
+                    i += 1;
+                }
                 failed => {
                     self.injected |= inject;
-                    let device_error = failed.err();
-                    if pool {
+                    if watch.pool {
                         // The failed attempt's pages go back before the smaller retry is measured.
                         self.meter.reset_peak();
                     }
                     if m == 1 {
-                        return Err(match device_error {
+                        return Err(match failed.err() {
                             Some(message) => BalanceError::DeviceOutOfMemory { rank, message },
                             None => BalanceError::OutOfMemory {
                                 rank,
@@ -740,40 +772,77 @@ impl Balancer {
                             },
                         });
                     }
-                    // Discard, halve, and re-run the rest of the share at the smaller size, laid
-                    // out as the following steps will lay it out.
-                    cap = m / 2;
-                    oom_retries += 1;
+                    run.oom_retries += 1;
                     let rest: usize = queue[i..].iter().sum();
                     queue.truncate(i);
                     queue.extend(ballast_balancer::micro_batch_schedule(
                         &self.reports[rank],
                         rest,
-                        cap,
+                        m / 2,
                         &self.options.tunables,
                     ));
-                    ddp.set_note(cap as f32);
-                    continue;
+                    ddp.set_note((m / 2) as f32);
                 }
-            };
-            peak_bytes = peak_bytes.max(peak);
-            ddp.add_weighted_gradients(&model, grads, loss_value, m)?;
-            if self.options.slowdown > 1.0 {
-                std::thread::sleep(started.elapsed().mul_f64(self.options.slowdown - 1.0));
             }
-            ran.push(m);
-            offset += m;
-            i += 1;
         }
-        if pool && !check {
-            peak_bytes = self.meter.peak();
+        if watch.pool && !watch.check {
+            run.peak_bytes = self.meter.peak();
         }
-        let (model, stats) = match (self.host.as_mut(), self.sharded.as_mut()) {
-            (Some(host), _) => ddp.step(model, host, lr)?,
-            (None, Some(sharded)) => ddp.step(model, &mut sharded.adam, lr)?,
-            (None, None) => ddp.step(model, optim, lr)?,
+        Ok(run)
+    }
+
+    /// One micro-batch's forward and backward. `Ok(Err(message))` is an out-of-memory to back
+    /// off from: a panic (as the testkit and flex report one), or, on a pool device, a failed
+    /// allocation that cubecl recorded on the buffers it did not write instead of panicking.
+    /// That one is asked for now, before the gradients join the step's sums (it waits for the
+    /// device, as reading the pool's peak does under a budget); any other device failure ends
+    /// the step.
+    fn micro_batch<M, F>(
+        &self,
+        ddp: &mut DataParallel,
+        model: &M,
+        idx: &[usize],
+        loss_fn: &mut F,
+        pool: bool,
+    ) -> Result<Result<(Gradients, Tensor<1>), String>, BalanceError>
+    where
+        M: Module,
+        F: FnMut(&M, &[usize]) -> Tensor<1>,
+    {
+        let seen = crate::health::reports_recorded();
+        let attempt = contain_device_oom(|| {
+            let loss = loss_fn(model, idx);
+            let loss_value = loss.clone().inner();
+            let grads: Gradients = ddp.weighted_loss(loss, idx.len()).backward();
+            (grads, loss_value)
+        });
+        let Ok((grads, loss_value)) = attempt else {
+            return Ok(attempt);
         };
-        // Caps lowered by out-of-memory retries, agreed through the all-reduce.
+        if !pool {
+            return Ok(Ok((grads, loss_value)));
+        }
+        let tensors = DataParallel::micro_batch_tensors(model, &grads, &loss_value);
+        match crate::health::check_tensors(&tensors, seen) {
+            Ok(()) => Ok(Ok((grads, loss_value))),
+            Err(fault) if fault.is_out_of_memory() => {
+                // Handled here: the step need not fail on the device log's report.
+                ddp.acknowledge_device_log();
+                Ok(Err(first_line(&fault.message)))
+            }
+            Err(fault) => Err(BalanceError::DeviceFailed {
+                rank: ddp.rank(),
+                device: crate::device::device_name(&crate::transfer::model_device(model)),
+                step: ddp.steps(),
+                message: fault.message,
+            }),
+        }
+    }
+
+    /// What the step's all-reduce taught every rank, applied alike on each: caps lowered by
+    /// out-of-memory retries, the measured all-reduce, and a better plan from the observed
+    /// speeds. Returns whether the plan changed.
+    fn learn_from(&mut self, stats: &StepStats) -> bool {
         let mut plan_changed = false;
         for (r, &note) in stats.rank_notes.iter().enumerate() {
             if note >= 1.0 {
@@ -784,7 +853,7 @@ impl Balancer {
         }
         let clock = self.options.simulated_clock(stats.rank_samples.len());
         if clock.is_none() {
-            self.observe_all_reduce(&stats);
+            self.observe_all_reduce(stats);
         }
         if self.options.rebalance && self.options.initial != InitialPlan::Naive {
             let (started, compute) = match &clock {
@@ -817,23 +886,9 @@ impl Balancer {
         }
         if plan_changed {
             self.apply_cap_limits();
-            self.plan_changes.push(step);
+            self.plan_changes.push(stats.step);
         }
-        if pool && check && !self.refitted {
-            self.refitted = true;
-            self.refit_cap(ddp, &model, loss_fn, batch);
-        }
-        Ok((
-            model,
-            BalancedStep {
-                stats,
-                micro_batches: ran,
-                peak_bytes,
-                oom_retries,
-                plan_changed,
-                swap_warning: self.swap.poll(),
-            },
-        ))
+        plan_changed
     }
 
     /// Once, after the first step, on a device whose pool is held to a budget: the optimizer's
