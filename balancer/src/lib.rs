@@ -18,10 +18,12 @@
 //! ```
 #![warn(missing_docs)]
 
+mod baseline;
 mod rebalance;
 mod shard;
 mod solve;
 
+pub use baseline::{fit_memory_line, solve_equal, EqualCaps};
 pub use rebalance::Rebalancer;
 pub use shard::{solve_sharded, solve_with_shards, OptimizerState, ShardedPlan, Sharding};
 pub use solve::{

@@ -30,6 +30,11 @@ use crate::{
     GlobalSampler,
 };
 
+/// Per-rank values in the tail of a step's all-reduce (compute seconds, samples, note, start
+/// stamp, previous all-reduce seconds), after the loss sum, the squared norm and the sample
+/// count: what the data-plane tests count in the bytes a step moves.
+pub const TAIL_VALUES_PER_RANK: usize = crate::ddp::TAIL_VALUES_PER_RANK;
+
 /// Input features per sample.
 pub const FEATURES: usize = 16;
 /// Regression targets per sample.

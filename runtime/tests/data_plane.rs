@@ -7,8 +7,8 @@
 
 use ballast::{
     collectives::{local, CommOptions},
-    ddp::{Traffic, TAIL_VALUES_PER_RANK},
-    testing::{run_ddp, Case, ModelKind, OptimKind, Regressor},
+    ddp::Traffic,
+    testing::{run_ddp, Case, ModelKind, OptimKind, Regressor, TAIL_VALUES_PER_RANK},
 };
 use burn::tensor::Device;
 

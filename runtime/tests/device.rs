@@ -139,7 +139,7 @@ mod wgpu {
         let params = burn::module::Module::num_params(&<ballast::testing::Mlp as ballast::testing::Regressor>::init(
             &burn::tensor::Device::flex(),
         ));
-        let fused = ((params + 3 + ballast::ddp::TAIL_VALUES_PER_RANK * 3) * 4) as u64;
+        let fused = ((params + 3 + ballast::testing::TAIL_VALUES_PER_RANK * 3) * 4) as u64;
         assert_eq!(
             traffic,
             vec![vec![fused; 3]; 2],

@@ -234,16 +234,23 @@ pub struct StepStats {
     pub rank_compute: Vec<f64>,
     /// Every rank's samples, indexed by rank.
     pub rank_samples: Vec<usize>,
+    /// What the balancer reads from the step's all-reduce.
+    pub(crate) balancer: BalancerTail,
+}
+
+/// The per-rank values only the balancer reads, carried in the tail of the step's all-reduce.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(crate) struct BalancerTail {
     /// Every rank's note (see [`DataParallel::set_note`]), indexed by rank.
-    pub rank_notes: Vec<f32>,
+    pub(crate) notes: Vec<f32>,
     /// When every rank's compute began (the start of its `compute` interval), in seconds on its
-    /// host's monotonic clock modulo [`START_CLOCK_PERIOD_S`], indexed by rank. Comparable only
+    /// host's monotonic clock modulo `START_CLOCK_PERIOD_S`, indexed by rank. Comparable only
     /// between ranks of one host, and only through [`start_offset`].
-    pub rank_started: Vec<f64>,
+    pub(crate) started: Vec<f64>,
     /// Every rank's all-reduce seconds of the *previous* step (0 at the first), indexed by rank.
     /// A rank's figure includes its wait for the last rank to arrive, so the smallest is the
     /// communication itself; the balancer plans with it.
-    pub rank_prev_all_reduce: Vec<f64>,
+    pub(crate) prev_all_reduce: Vec<f64>,
 }
 
 /// The data-parallel wrapper: owns the communicator, the bucket layout and this step's
@@ -275,15 +282,15 @@ pub struct DataParallel {
 
 /// Per-rank values carried in the tail of the fused buffer (after the loss sum and the sample
 /// count): compute seconds, samples, note, start stamp, the previous step's all-reduce seconds.
-pub const TAIL_VALUES_PER_RANK: usize = 5;
+pub(crate) const TAIL_VALUES_PER_RANK: usize = 5;
 
-/// Period of the start stamps in [`StepStats::rank_started`]: small enough that an `f32` in the
+/// Period of the start stamps in [`BalancerTail::started`]: small enough that an `f32` in the
 /// all-reduce holds them to a few microseconds.
-pub const START_CLOCK_PERIOD_S: f64 = 64.0;
+const START_CLOCK_PERIOD_S: f64 = 64.0;
 
 /// `later − earlier` for two start stamps of ranks on one host (see
-/// [`StepStats::rank_started`]), taken to lie within half a clock period.
-pub fn start_offset(earlier: f64, later: f64) -> f64 {
+/// [`BalancerTail::started`]), taken to lie within half a clock period.
+pub(crate) fn start_offset(earlier: f64, later: f64) -> f64 {
     let d = (later - earlier).rem_euclid(START_CLOCK_PERIOD_S);
     if d > START_CLOCK_PERIOD_S / 2.0 {
         d - START_CLOCK_PERIOD_S
@@ -397,34 +404,14 @@ impl DataParallel {
     /// `loss` weighted by its micro-batch's sample count as the loss convention asks: back-
     /// propagating it gives gradients ready for [`DataParallel::add_weighted_gradients`], with
     /// the weighting done once on the scalar instead of once per gradient element.
-    pub fn weighted_loss(&self, loss: Tensor<1>, samples: usize) -> Tensor<1> {
+    pub(crate) fn weighted_loss(&self, loss: Tensor<1>, samples: usize) -> Tensor<1> {
         scaled(loss, self.loss_scale(samples))
     }
 
-    /// Adds the gradients of one micro-batch's *unweighted* loss (already back-propagated by the
-    /// caller) and the loss itself (a one-element tensor, detached or not) to this rank's sums,
-    /// on the device: each gradient is weighted by the sample count first. No communication.
-    ///
-    /// # Errors
-    /// None today; the signature leaves room for device errors.
-    pub fn add_gradients<M: Module>(
-        &mut self,
-        model: &M,
-        grads: Gradients,
-        loss: Tensor<1>,
-        samples: usize,
-    ) -> Result<(), DdpError> {
-        self.add(model, grads, self.loss_scale(samples), loss, samples);
-        Ok(())
-    }
-
-    /// As [`DataParallel::add_gradients`], for gradients of [`DataParallel::weighted_loss`]
-    /// (the caller back-propagated the weighted loss, to inspect memory or timing in between);
-    /// `loss` is the unweighted loss.
-    ///
-    /// # Errors
-    /// None today; the signature leaves room for device errors.
-    pub fn add_weighted_gradients<M: Module>(
+    /// Adds the gradients of one micro-batch's [`DataParallel::weighted_loss`] (the balancer
+    /// back-propagates it itself, to check memory and device errors in between) and the
+    /// unweighted `loss` to this rank's sums, on the device. No communication.
+    pub(crate) fn add_weighted_gradients<M: Module>(
         &mut self,
         model: &M,
         grads: Gradients,
@@ -459,14 +446,14 @@ impl DataParallel {
     }
 
     /// Starts this rank's compute clock for the current step (by default it starts when the
-    /// previous step ends). Call it when a step's real work begins.
-    pub fn mark_ready(&mut self) {
+    /// previous step ends); the balancer calls it when a step's real work begins.
+    pub(crate) fn mark_ready(&mut self) {
         (self.ready_since, self.ready_clock) = (Instant::now(), host_clock());
     }
 
     /// A number this rank shares with all others in the next step's all-reduce (for example a
-    /// micro-batch cap it had to lower); read it back in [`StepStats::rank_notes`].
-    pub fn set_note(&mut self, note: f32) {
+    /// micro-batch cap it had to lower); read back in the step's [`BalancerTail::notes`].
+    pub(crate) fn set_note(&mut self, note: f32) {
         self.note = note;
     }
 
@@ -875,9 +862,11 @@ impl DataParallel {
             traffic,
             rank_compute: (0..world).map(|r| f64::from(per_rank(r, 0))).collect(),
             rank_samples,
-            rank_notes: (0..world).map(|r| per_rank(r, 2)).collect(),
-            rank_started: (0..world).map(|r| f64::from(per_rank(r, 3))).collect(),
-            rank_prev_all_reduce: (0..world).map(|r| f64::from(per_rank(r, 4))).collect(),
+            balancer: BalancerTail {
+                notes: (0..world).map(|r| per_rank(r, 2)).collect(),
+                started: (0..world).map(|r| f64::from(per_rank(r, 3))).collect(),
+                prev_all_reduce: (0..world).map(|r| f64::from(per_rank(r, 4))).collect(),
+            },
         };
         self.last_all_reduce = all_reduce.as_secs_f32();
         self.local_samples = 0;
