@@ -2,8 +2,8 @@
 //! rank assignment they (and a cap lowered after an out-of-memory) are built from.
 
 use crate::{
-    compute_groups, memory_cap, micro_batch_schedule, speed_at, split_proportional, DeviceReport, Error, Plan,
-    RankAssignment, RankPlan, Result, Tunables,
+    compute_groups, memory_cap, solve::accumulation_and_peak, speed_at, split_proportional, DeviceReport, Error, Plan,
+    RankAssignment, Result, Tunables,
 };
 
 /// Which baseline [`solve_equal`] builds.
@@ -20,20 +20,13 @@ impl RankAssignment {
     /// `share` samples of `report`'s device in micro-batches of at most `cap`, predicted at the
     /// speed measured nearest below `cap`.
     pub fn at_cap(report: &DeviceReport, share: usize, cap: usize, t: &Tunables) -> Self {
-        let plan = RankPlan {
-            share,
-            micro_batch_cap: cap.max(1),
-        };
-        let largest = micro_batch_schedule(report, share, plan.micro_batch_cap, t)
-            .into_iter()
-            .max()
-            .unwrap_or(0);
+        let (accumulation, predicted_peak_bytes) = accumulation_and_peak(report, share, cap, report.fixed_bytes, t);
         let speed = speed_at(report, cap.max(1));
         RankAssignment {
             share,
             micro_batch: if share == 0 { 0 } else { cap.min(share) },
-            accumulation: plan.accumulation_steps(),
-            predicted_peak_bytes: report.fixed_bytes + largest as u64 * report.bytes_per_sample,
+            accumulation,
+            predicted_peak_bytes,
             predicted_compute_s: share as f64 / speed,
             offload: false,
             samples_per_sec: speed,

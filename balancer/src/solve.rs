@@ -233,6 +233,26 @@ impl RankAssignment {
     }
 }
 
+/// Micro-batches, and the predicted peak bytes, of `share` samples laid out at a cap of `cap`
+/// on device `r` with `fixed` bytes beside the largest micro-batch.
+pub(crate) fn accumulation_and_peak(
+    r: &DeviceReport,
+    share: usize,
+    cap: usize,
+    fixed: u64,
+    t: &Tunables,
+) -> (usize, u64) {
+    let plan = RankPlan {
+        share,
+        micro_batch_cap: cap.max(1),
+    };
+    let largest = micro_batch_schedule(r, share, plan.micro_batch_cap, t)
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    (plan.accumulation_steps(), fixed + largest as u64 * r.bytes_per_sample)
+}
+
 /// The micro-batch cap of device `r`, and whether it needs its optimizer state offloaded to get
 /// it, under the tunables' offload policy.
 pub fn cap_with_offload(r: &DeviceReport, t: &Tunables, share_hint: usize) -> (usize, bool) {
@@ -541,25 +561,18 @@ pub fn solve(reports: &[DeviceReport], global_batch: usize, allreduce_s: f64, t:
         .map(|(i, r)| {
             let share = shares[i];
             let micro_batch = if share == 0 { 0 } else { operating[i].0.min(share) };
-            let plan = RankPlan {
-                share,
-                micro_batch_cap: micro_batch.max(1),
-            };
-            let largest = micro_batch_schedule(r, share, plan.micro_batch_cap, t)
-                .into_iter()
-                .max()
-                .unwrap_or(0);
             let offload = decided[i].1 && share > 0;
             let fixed = if offload {
                 r.fixed_bytes - r.offloadable_bytes
             } else {
                 r.fixed_bytes
             };
+            let (accumulation, predicted_peak_bytes) = accumulation_and_peak(r, share, micro_batch, fixed, t);
             RankAssignment {
                 share,
                 micro_batch,
-                accumulation: plan.accumulation_steps(),
-                predicted_peak_bytes: fixed + largest as u64 * r.bytes_per_sample,
+                accumulation,
+                predicted_peak_bytes,
                 predicted_compute_s: if share == 0 {
                     0.0
                 } else {
