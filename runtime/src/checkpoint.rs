@@ -32,7 +32,7 @@ use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::{
-    offload::HostAdam,
+    optim::HostAdam,
     params::{collect_params, flatten_params, load_params},
 };
 

@@ -39,13 +39,13 @@ pub mod job;
 pub mod libs;
 pub mod memory;
 pub mod metrics;
-pub mod offload;
-mod optim;
+
+pub mod optim;
 pub mod params;
 #[cfg(feature = "cli")]
 pub mod report;
 pub mod sampler;
-pub mod sharded;
+
 #[cfg(feature = "testkit")]
 pub mod testing;
 mod transfer;

@@ -353,7 +353,7 @@ fn checkpoint_writer(args: &Args) -> Result<ExitCode> {
 
     use ballast::{
         checkpoint::{Checkpointer, TrainState},
-        offload::{HostAdam, HostAdamConfig},
+        optim::{HostAdam, HostAdamConfig},
         testing::WideMlp,
     };
     use burn::module::Module;

@@ -320,7 +320,7 @@ pub struct Case {
     pub dataset_len: usize,
     /// Seed of data and sampler.
     pub seed: u64,
-    /// Run the optimizer on the host ([`crate::offload::HostOffload`]) instead of burn's
+    /// Run the optimizer on the host ([`crate::optim::offload::HostOffload`]) instead of burn's
     /// (Adam only; weight decay from [`Case::weight_decay`]).
     pub offload: bool,
     /// L2 weight decay for Adam (0 = none).
@@ -332,7 +332,7 @@ pub struct Case {
     /// ran one collective.
     pub bucket_cap_bytes: Option<usize>,
     /// Shard the optimizer state over the ranks in proportion to these weights (one per rank;
-    /// [`crate::sharded::ShardedAdam`], Adam only, weight decay from [`Case::weight_decay`]);
+    /// [`crate::optim::sharded::ShardedAdam`], Adam only, weight decay from [`Case::weight_decay`]);
     /// empty: every rank holds the whole state.
     pub shards: Vec<f64>,
     /// Ranks that keep their shard of the optimizer state in host memory (the host Adam)
@@ -490,7 +490,7 @@ fn run_ddp_with<M: Regressor>(
     let (mut ddp, mut model) = DataParallel::wrap(comm, model, options)?;
     let initial = flatten_params(&model);
     let mut optim = case.optim.init(case.weight_decay);
-    let config = crate::offload::HostAdamConfig {
+    let config = crate::optim::HostAdamConfig {
         weight_decay: case.weight_decay,
         ..Default::default()
     };
@@ -500,7 +500,7 @@ fn run_ddp_with<M: Regressor>(
         _ => None,
     };
     let mut host = if case.offload {
-        Some(crate::offload::HostOffload::for_device(
+        Some(crate::optim::offload::HostOffload::for_device(
             &model,
             config,
             std::path::Path::new("/"),
@@ -512,13 +512,15 @@ fn run_ddp_with<M: Regressor>(
     let mut sharded = if case.shards.is_empty() {
         None
     } else {
-        let counts = crate::sharded::shard_counts(initial.len(), &case.shards)?;
+        let counts = crate::optim::sharded::shard_counts(initial.len(), &case.shards)?;
         let place = if case.host_shards.contains(&rank) {
-            crate::sharded::ShardPlace::Host
+            crate::optim::sharded::ShardPlace::Host
         } else {
-            crate::sharded::ShardPlace::Device
+            crate::optim::sharded::ShardPlace::Device
         };
-        Some(crate::sharded::ShardedAdam::new(&model, rank, counts, config, place)?)
+        Some(crate::optim::sharded::ShardedAdam::new(
+            &model, rank, counts, config, place,
+        )?)
     };
     let sampler = GlobalSampler::new(data.len(), case.global_batch(), case.seed).expect("non-empty case");
     let mut outcome = Outcome {

@@ -7,7 +7,7 @@ use ballast::{
     collectives::{local, CommOptions},
     memory::DeviceMeter,
     metrics::MetricsWriter,
-    offload::{check_host_memory, HostAdamConfig, HostOffload, OffloadError},
+    optim::{offload::check_host_memory, HostAdamConfig, HostOffload, OffloadError},
     testing::{compare, run_ddp, run_reference, Case, Mlp, ModelKind, OptimKind, Regressor, SyntheticSet},
     DataParallel, DdpOptions, GlobalSampler,
 };

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use ballast::{
     checkpoint::{self, Checkpointer, TrainState},
-    offload::{HostAdam, HostAdamConfig},
+    optim::{HostAdam, HostAdamConfig},
     params::collect_params,
     testing::{ConvNet, Regressor},
 };

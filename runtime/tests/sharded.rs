@@ -6,8 +6,7 @@ mod common;
 
 use ballast::{
     collectives::{conformance, local, CommOptions},
-    offload::HostAdamConfig,
-    sharded::{shard_counts, ShardPlace, ShardedAdam},
+    optim::{shard_counts, HostAdamConfig, ShardPlace, ShardedAdam},
     testing::{run_ddp, sharded_cases, Case, Mlp, ModelKind, OptimKind, Regressor},
     DataParallel, DdpError, DdpOptions,
 };

@@ -18,9 +18,9 @@ use anyhow::{bail, Context, Result};
 use ballast::{
     cluster::Launch,
     collectives::{local, CommOptions, Communicator},
-    offload::HostAdamConfig,
+    optim::HostAdamConfig,
+    optim::{shard_counts, ShardPlace, ShardedAdam},
     params::{flatten_params, load_params},
-    sharded::{shard_counts, ShardPlace, ShardedAdam},
     DataParallel, DdpOptions, GlobalSampler,
 };
 use ballast_examples::Lcg;

@@ -21,9 +21,10 @@ use ballast::{
         CommOptions, Communicator,
     },
     device::DeviceChoice,
-    offload::{
+    optim::{
         managed::{ChunkedAdam, ManagedBuffer},
-        HostAdam, HostAdamConfig, StateBuffer,
+        offload::StateBuffer,
+        HostAdam, HostAdamConfig,
     },
     testing::{
         balanced_run, compare, device_cases, device_only::DeviceBuffersOnly, equivalence_report, linear_fit,

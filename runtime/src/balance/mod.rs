@@ -36,8 +36,8 @@ use ballast_collectives::CommunicatorExt;
 use crate::{
     ddp::{DataParallel, DdpError, StepStats},
     memory::{self, DeviceMeter},
+    optim::{ShardPlace, ShardedAdam},
     sampler::split_batch,
-    sharded::{ShardPlace, ShardedAdam},
 };
 
 mod oom;
@@ -65,7 +65,7 @@ pub enum BalanceError {
     Plan(#[from] ballast_balancer::Error),
     /// Offloading could not start.
     #[error(transparent)]
-    Offload(#[from] crate::offload::OffloadError),
+    Offload(#[from] crate::optim::offload::OffloadError),
     /// A single sample does not fit this rank's budget.
     #[error(
         "rank {rank}: one sample needs {peak} bytes at peak but the budget is {budget} bytes; give this \
@@ -172,7 +172,7 @@ pub struct BalanceOptions {
     pub host_optimizer: bool,
     /// Where the optimizer state lives. `Off` (default): whole on every rank (burn's optimizer,
     /// or the host Adam with `host_optimizer` or when a rank offloads). `Even` and `Memory`: one
-    /// shard per rank ([`crate::sharded::ShardedAdam`], Adam), each on its device, where it
+    /// shard per rank ([`crate::optim::sharded::ShardedAdam`], Adam), each on its device, where it
     /// counts against the budget (`optimizer_bytes_per_param` per parameter), unless the plan
     /// moves that rank's shard to its host.
     pub optimizer_sharding: Sharding,
@@ -181,7 +181,7 @@ pub struct BalanceOptions {
     pub shard_counts: Option<Vec<usize>>,
     /// Hyper-parameters of ballast's own Adam, sharded or offloaded (the one that replaces the
     /// caller's optimizer when state is sharded or on the host).
-    pub adam: crate::offload::HostAdamConfig,
+    pub adam: crate::optim::HostAdamConfig,
 }
 
 impl Default for BalanceOptions {
@@ -203,7 +203,7 @@ impl Default for BalanceOptions {
             host_optimizer: false,
             optimizer_sharding: Sharding::Off,
             shard_counts: None,
-            adam: crate::offload::HostAdamConfig::default(),
+            adam: crate::optim::HostAdamConfig::default(),
         }
     }
 }
@@ -241,7 +241,7 @@ pub struct BalancedStep {
     /// Whether the plan changed at the end of this step.
     pub plan_changed: bool,
     /// The host swapped pages out during this step.
-    pub swap_warning: Option<crate::offload::SwapWarning>,
+    pub swap_warning: Option<crate::optim::offload::SwapWarning>,
 }
 
 /// Plans and runs balanced steps on one rank.
@@ -259,8 +259,8 @@ pub struct Balancer {
     /// This rank's cap from that measurement, in force until the other ranks have it too.
     refitted_cap: Option<usize>,
     plan_changes: Vec<u64>,
-    swap: crate::offload::SwapMonitor,
-    host: Option<crate::offload::HostOffload>,
+    swap: crate::optim::offload::SwapMonitor,
+    host: Option<crate::optim::offload::HostOffload>,
     sharded: Option<Sharded>,
 }
 
@@ -411,12 +411,12 @@ impl Balancer {
     }
 
     /// The host optimizer, when one runs.
-    pub fn host(&self) -> Option<&crate::offload::HostOffload> {
+    pub fn host(&self) -> Option<&crate::optim::offload::HostOffload> {
         self.host.as_ref()
     }
 
     /// The host optimizer, to restore its state.
-    pub fn host_mut(&mut self) -> Option<&mut crate::offload::HostOffload> {
+    pub fn host_mut(&mut self) -> Option<&mut crate::optim::offload::HostOffload> {
         self.host.as_mut()
     }
 

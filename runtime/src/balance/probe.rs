@@ -295,7 +295,7 @@ impl Balancer {
             refitted: false,
             refitted_cap: None,
             plan_changes: Vec::new(),
-            swap: crate::offload::SwapMonitor::new(&options.proc_root),
+            swap: crate::optim::offload::SwapMonitor::new(&options.proc_root),
             host: None,
             sharded: None,
             options,
@@ -310,7 +310,7 @@ impl Balancer {
     /// replicas must apply bit-identical updates, and burn's Adam rounds differently.
     fn start_host_optimizer<M: Module>(&mut self, model: &M) -> Result<(), BalanceError> {
         if self.options.host_optimizer || self.plan.ranks.iter().any(|r| r.offload) {
-            let host = crate::offload::HostOffload::for_device(
+            let host = crate::optim::offload::HostOffload::for_device(
                 model,
                 self.options.adam,
                 &self.options.proc_root,

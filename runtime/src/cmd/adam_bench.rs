@@ -10,7 +10,7 @@
 use std::{process::ExitCode, time::Instant};
 
 use anyhow::Result;
-use ballast::offload::{HostAdam, HostAdamConfig};
+use ballast::optim::{HostAdam, HostAdamConfig};
 use rayon::prelude::*;
 use serde_json::json;
 

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 use anyhow::Result;
 use ballast::{
     checkpoint::{self, Checkpointer, TrainState},
-    offload::{HostAdam, HostAdamConfig},
+    optim::{HostAdam, HostAdamConfig},
     testing::WideMlp,
 };
 use burn::{module::Module, tensor::Device};

@@ -8,7 +8,7 @@
 //! Both arms train a copy of the same model from the same weights on the same batches, with the
 //! shares and micro-batches of one plan (the balancer's, with the state sharded by memory).
 //! Replicated blocks finish each step with burn's Adam on the device; sharded blocks with
-//! [`ballast::DataParallel::step`] with a [`ballast::sharded::ShardedAdam`] and the shards the balancer placed. Blocks
+//! [`ballast::DataParallel::step`] with a [`ballast::optim::sharded::ShardedAdam`] and the shards the balancer placed. Blocks
 //! alternate, the order rotating each round, so drift in the machine's load hits both.
 //!
 //! Bytes on the wire are counted where the collectives are called (a wrapper around the
@@ -30,8 +30,8 @@ use ballast::{
     balancer::{RankPlan, Sharding},
     collectives::{Communicator, CommunicatorExt, Result as CommResult},
     memory::DeviceMeter,
+    optim::ShardedAdam,
     sampler::split_batch,
-    sharded::ShardedAdam,
     testing::{Regressor, SyntheticSet, WideMlp, TARGETS, WIDE_FEATURES},
     DataParallel, DdpOptions, GlobalSampler, StepStats,
 };

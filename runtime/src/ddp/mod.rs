@@ -88,7 +88,7 @@ pub enum DdpError {
     },
     /// The host side of an offloaded optimizer could not be set up.
     #[error(transparent)]
-    Offload(#[from] crate::offload::OffloadError),
+    Offload(#[from] crate::optim::offload::OffloadError),
     /// Replicas diverged (checked with [`DataParallel::verify_replicas`]).
     #[error("replicas diverged: parameter checksums by rank are {checksums:x?}")]
     Diverged {

@@ -1,8 +1,8 @@
 //! One trait for every optimizer a data-parallel step can apply: burn's own (any
 //! `ModuleOptimizer`: SGD, Adam, AdamW, ...), ballast's sharded Adam
-//! ([`crate::sharded::ShardedAdam`]) and its offloaded Adam ([`crate::offload::HostOffload`]).
+//! ([`crate::optim::sharded::ShardedAdam`]) and its offloaded Adam ([`crate::optim::offload::HostOffload`]).
 //! [`crate::DataParallel::step`] dispatches through it once. The sharded Adam's implementation is
-//! in [`crate::sharded`], the offloaded one's in [`crate::optim`].
+//! in [`crate::optim::sharded`], the offloaded one's in [`crate::optim::offload`].
 
 use burn::{module::Module, optim::ModuleOptimizer};
 

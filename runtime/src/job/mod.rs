@@ -26,8 +26,8 @@ use crate::{
     eval::{EvalBatch, EvalError, EvalKind, EvalTotals},
     memory::DeviceMeter,
     metrics::MetricsWriter,
+    optim::ShardPlace,
     sampler::SamplerError,
-    sharded::ShardPlace,
     world::WorldError,
     DataParallel, DdpError, DdpOptions, GlobalSampler,
 };

@@ -27,7 +27,7 @@ use crate::{
     balancer::split_proportional,
     checkpoint::AdamMoments,
     ddp::{DataParallel, GradientForm, ReducedGrads, StepOptimizer, StepStats},
-    offload::{HostAdamConfig, HostOffload},
+    optim::{HostAdamConfig, HostOffload},
     params::{flatten_params, load_params_from_tensor, params_range},
     transfer::{model_device, to_host, Traffic},
     DdpError,
@@ -272,7 +272,7 @@ fn read(t: &Option<Tensor<1>>, name: &str) -> Result<Vec<f32>, DdpError> {
 }
 
 /// Adam's moments for one shard as tensors on the model's device, updated with tensor
-/// operations in [`crate::offload::HostAdam`]'s order of operations (burn's).
+/// operations in [`crate::optim::HostAdam`]'s order of operations (burn's).
 #[derive(Debug, Clone)]
 struct DeviceAdam {
     config: HostAdamConfig,

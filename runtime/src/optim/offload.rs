@@ -9,24 +9,21 @@
 //! cores. With the `cuda` feature, on a GPU rank, the master copy, the moments and a gradient
 //! buffer live in CUDA managed memory advised to the host (`StateBuffer::Managed`), and the GPU
 //! computes the step, streaming the state through the device two chunks at a time
-//! ([`chunk_schedule`], `managed::ChunkedAdam`): state larger than the device's free memory is
+//! ([`chunk_schedule`], `super::managed::ChunkedAdam`): state larger than the device's free memory is
 //! updated at PCIe speed instead of by the host CPU. That path is **not yet verified on a GPU**.
 //!
 //! Host RAM is finite and swapping destroys throughput: [`check_host_memory`] refuses offload
 //! buffers beyond `MemAvailable` minus a margin, and [`SwapMonitor`] reports rising `pswpout`
 //! (pages swapped out) while training.
 
-mod host_adam;
-#[cfg(feature = "cuda")]
-pub mod managed;
-
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 
-pub use host_adam::{HostAdam, HostAdamConfig};
-
-use crate::params::flatten_params;
+use super::host::{HostAdam, HostAdamConfig};
+use crate::ddp::{DataParallel, DdpError, GradientForm, ReducedGrads, StepOptimizer, StepStats};
+use crate::params::{flatten_params, load_params};
+use crate::transfer::byte_len;
 
 /// Errors of the offload path.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -164,7 +161,7 @@ pub enum StateBuffer {
     Host(Vec<f32>),
     /// CUDA managed memory (not yet verified on a GPU).
     #[cfg(feature = "cuda")]
-    Managed(managed::ManagedBuffer),
+    Managed(super::managed::ManagedBuffer),
 }
 
 impl StateBuffer {
@@ -180,7 +177,7 @@ impl StateBuffer {
     /// [`OffloadError::NoCuda`], [`OffloadError::DeviceMemory`] or [`OffloadError::Cuda`].
     #[cfg(feature = "cuda")]
     pub fn managed(ordinal: usize, len: usize) -> Result<Self, OffloadError> {
-        managed::ManagedBuffer::new(ordinal, len).map(Self::Managed)
+        super::managed::ManagedBuffer::new(ordinal, len).map(Self::Managed)
     }
 
     /// Whether this is managed memory.
@@ -239,7 +236,7 @@ impl PartialEq for StateBuffer {
 ///
 /// On a GPU rank (feature `cuda`) the master copy, a gradient buffer and the moments live in
 /// managed memory and each step is computed by the GPU chunk by chunk
-/// ([`managed::ChunkedAdam`]); elsewhere the host Adam computes it. A clone is a host copy and
+/// ([`super::managed::ChunkedAdam`]); elsewhere the host Adam computes it. A clone is a host copy and
 /// steps on the host.
 pub struct HostOffload {
     master: StateBuffer,
@@ -255,7 +252,7 @@ pub struct HostOffload {
 /// and its streams, and managed room for the step's gradient.
 #[cfg(feature = "cuda")]
 struct GpuUpdate {
-    chunked: managed::ChunkedAdam,
+    chunked: super::managed::ChunkedAdam,
     grads: StateBuffer,
 }
 
@@ -341,7 +338,7 @@ impl HostOffload {
                     adam,
                     moved: (0, 0),
                     gpu: Some(Box::new(GpuUpdate {
-                        chunked: managed::ChunkedAdam::new(ordinal, n)?,
+                        chunked: super::managed::ChunkedAdam::new(ordinal, n)?,
                         grads: StateBuffer::managed(ordinal, n)?,
                     })),
                 })
@@ -437,6 +434,32 @@ impl SwapMonitor {
             }),
             _ => None,
         }
+    }
+}
+
+/// Adam with its state off the device: the master parameters and moments take the averaged
+/// gradient from the host copy of the reduced buckets (the host cores update them, or on a GPU
+/// rank the GPU chunk by chunk over managed memory), and the updated parameters are loaded back.
+impl StepOptimizer for HostOffload {
+    fn form(&self) -> GradientForm {
+        GradientForm::Host
+    }
+
+    fn apply<M: Module>(
+        &mut self,
+        _ddp: &mut DataParallel,
+        model: M,
+        grads: ReducedGrads,
+        lr: f64,
+    ) -> Result<(M, StepStats), DdpError> {
+        let (grads, mut stats) = grads.into_host()?;
+        let params = self.step(&grads, lr as f32)?;
+        stats.traffic.to_device += byte_len(params.len());
+        let model = load_params(model, params);
+        let (down, up) = self.last_step_transfer();
+        stats.traffic.to_device += down;
+        stats.traffic.to_host += up;
+        Ok((model, stats))
     }
 }
 

@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use super::StateBuffer;
+use super::offload::StateBuffer;
 
 /// Elements per parallel chunk: 16 Ki f32 = 64 KiB per buffer, four buffers fit in L2.
 const CHUNK: usize = 16 * 1024;
