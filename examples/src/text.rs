@@ -132,8 +132,8 @@ impl TextSet {
     /// share one byte at the seam, an input of the held-out side: no target byte is on both.
     ///
     /// # Errors
-    /// [`ballast::eval::SplitError`] for a bad fraction or a side left empty.
-    pub fn split_tail(&self, fraction: f64) -> Result<(Self, Self), ballast::eval::SplitError> {
+    /// [`ballast::Error`] for a bad fraction or a side left empty.
+    pub fn split_tail(&self, fraction: f64) -> Result<(Self, Self), ballast::Error> {
         let split = ballast::eval::held_out_tail(self.len(), fraction)?;
         let cut = split.train.len() * self.seq_len;
         let train = Self {

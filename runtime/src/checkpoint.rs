@@ -31,6 +31,7 @@ use burn::module::Module;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::Error;
 use crate::{
     optim::HostAdam,
     params::{collect_params, flatten_params, load_params},
@@ -39,105 +40,7 @@ use crate::{
 /// The format tag in `__metadata__`.
 pub const FORMAT: &str = "ballast-checkpoint/1";
 
-/// Why a checkpoint could not be written or used.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    /// Filesystem failure.
-    #[error("{action} {path}: {source}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// Not a safetensors file, or a damaged one.
-    #[error(
-        "{path} is not a readable safetensors file ({reason}); it is truncated or corrupt — resume from an \
-         older checkpoint or start without --resume"
-    )]
-    Malformed {
-        /// The file.
-        path: PathBuf,
-        /// What failed.
-        reason: String,
-    },
-    /// A checkpoint could not be encoded (the Adam state does not fit the model).
-    #[error("cannot write a checkpoint: {reason}")]
-    Encode {
-        /// What does not fit.
-        reason: String,
-    },
-    /// A safetensors file without ballast's metadata.
-    #[error("{path} is a safetensors file but not a ballast checkpoint (no `format: {FORMAT}` in __metadata__)")]
-    NotBallast {
-        /// The file.
-        path: PathBuf,
-    },
-    /// Contents do not match the stored checksum.
-    #[error(
-        "{path}: checksum mismatch (stored {stored}, computed {computed}); the file was damaged after it was written"
-    )]
-    Checksum {
-        /// The file.
-        path: PathBuf,
-        /// Stored value.
-        stored: String,
-        /// Computed value.
-        computed: String,
-    },
-    /// The model has a parameter the checkpoint lacks.
-    #[error(
-        "{path} has no tensor `{name}`, which the model needs; is this a checkpoint of another model or configuration?"
-    )]
-    MissingTensor {
-        /// The file.
-        path: PathBuf,
-        /// The tensor.
-        name: String,
-    },
-    /// A tensor of another shape.
-    #[error("{path}: tensor `{name}` has shape {found:?} but the model's is {expected:?}; the checkpoint is of another model configuration")]
-    Shape {
-        /// The file.
-        path: PathBuf,
-        /// The tensor.
-        name: String,
-        /// In the file.
-        found: Vec<usize>,
-        /// In the model.
-        expected: Vec<usize>,
-    },
-    /// A tensor of another dtype.
-    #[error("{path}: tensor `{name}` is {found:?}, expected F32")]
-    Dtype {
-        /// The file.
-        path: PathBuf,
-        /// The tensor.
-        name: String,
-        /// In the file.
-        found: Dtype,
-    },
-    /// Parameters the model does not have.
-    #[error("{path} holds parameters this model lacks ({names}); it is another model's checkpoint")]
-    ExtraTensors {
-        /// The file.
-        path: PathBuf,
-        /// Some of them.
-        names: String,
-    },
-    /// The run's settings differ in a way that would change the data.
-    #[error("{path}: {detail}")]
-    Incompatible {
-        /// The file.
-        path: PathBuf,
-        /// What differs and what to do.
-        detail: String,
-    },
-}
-
-type Result<T> = std::result::Result<T, CheckpointError>;
+type Result<T> = std::result::Result<T, Error>;
 
 /// Where training stands.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -166,10 +69,10 @@ impl TrainState {
     /// training (the same sequence of global batches).
     ///
     /// # Errors
-    /// [`CheckpointError::Incompatible`] naming the setting.
+    /// [`Error::Incompatible`] naming the setting.
     pub fn check_compatible(&self, job: &str, global_batch: usize, seed: u64, path: &Path) -> Result<()> {
         let fail = |detail: String| {
-            Err(CheckpointError::Incompatible {
+            Err(Error::Incompatible {
                 path: path.to_path_buf(),
                 detail,
             })
@@ -265,7 +168,7 @@ impl Checkpointer {
     /// # Errors
     /// When `dir` cannot be created or is a file.
     pub fn new(dir: &Path, keep: usize) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
             action: "creating checkpoint directory",
             path: dir.to_path_buf(),
             source,
@@ -291,7 +194,7 @@ impl Checkpointer {
     /// # Errors
     /// When the directory cannot be read.
     pub fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
-        let entries = std::fs::read_dir(&self.dir).map_err(|source| CheckpointError::Io {
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| Error::Io {
             action: "listing",
             path: self.dir.clone(),
             source,
@@ -336,7 +239,7 @@ impl Checkpointer {
             std::process::id()
         ));
         write_synced(&tmp, &bytes)?;
-        std::fs::rename(&tmp, &path).map_err(|source| CheckpointError::Io {
+        std::fs::rename(&tmp, &path).map_err(|source| Error::Io {
             action: "renaming checkpoint into place",
             path: path.clone(),
             source,
@@ -348,7 +251,7 @@ impl Checkpointer {
 
     fn prune(&self) -> Result<()> {
         for (_, old) in self.list()?.into_iter().skip(self.keep) {
-            std::fs::remove_file(&old).map_err(|source| CheckpointError::Io {
+            std::fs::remove_file(&old).map_err(|source| Error::Io {
                 action: "deleting old checkpoint",
                 path: old.clone(),
                 source,
@@ -387,7 +290,7 @@ pub fn save_model<M: Module>(path: &Path, model: &M, state: &TrainState) -> Resu
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir).map_err(|source| CheckpointError::Io {
+    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
         action: "creating the directory of",
         path: path.to_path_buf(),
         source,
@@ -395,7 +298,7 @@ pub fn save_model<M: Module>(path: &Path, model: &M, state: &TrainState) -> Resu
     let name = path.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy());
     let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
     write_synced(&tmp, &bytes)?;
-    std::fs::rename(&tmp, path).map_err(|source| CheckpointError::Io {
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
         action: "renaming model weights into place",
         path: path.to_path_buf(),
         source,
@@ -404,7 +307,7 @@ pub fn save_model<M: Module>(path: &Path, model: &M, state: &TrainState) -> Resu
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |action, source| CheckpointError::Io {
+    let io = |action, source| Error::Io {
         action,
         path: path.to_path_buf(),
         source,
@@ -415,13 +318,11 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| CheckpointError::Io {
-            action: "syncing directory",
-            path: dir.to_path_buf(),
-            source,
-        })
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|source| Error::Io {
+        action: "syncing directory",
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -431,10 +332,10 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
 /// The safetensors bytes of a checkpoint.
 ///
 /// # Errors
-/// [`CheckpointError::Encode`] when the Adam state does not fit the model or a view cannot be
+/// [`Error::Encode`] when the Adam state does not fit the model or a view cannot be
 /// built (never for consistent inputs).
 fn encode<M: Module>(model: &M, adam: Option<AdamView<'_>>, state: &TrainState) -> Result<Vec<u8>> {
-    encode_bytes(model, adam, state).map_err(|reason| CheckpointError::Encode { reason })
+    encode_bytes(model, adam, state).map_err(|reason| Error::Encode { reason })
 }
 
 fn encode_bytes<M: Module>(
@@ -508,14 +409,14 @@ fn encode_bytes<M: Module>(
 }
 
 fn map(path: &Path) -> Result<memmap2::Mmap> {
-    let file = File::open(path).map_err(|source| CheckpointError::Io {
+    let file = File::open(path).map_err(|source| Error::Io {
         action: "opening checkpoint",
         path: path.to_path_buf(),
         source,
     })?;
     // SAFETY: checkpoint files are only ever created under a temporary name and renamed into
     // place complete; nothing writes to a published file while it is mapped.
-    unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|source| CheckpointError::Io {
+    unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|source| Error::Io {
         action: "mapping checkpoint",
         path: path.to_path_buf(),
         source,
@@ -528,14 +429,14 @@ struct Parsed<'a> {
 }
 
 fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<Parsed<'a>> {
-    let malformed = |reason: String| CheckpointError::Malformed {
+    let malformed = |reason: String| Error::Malformed {
         path: path.to_path_buf(),
         reason,
     };
     let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| malformed(format!("{e:?}")))?;
     let meta = metadata.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
-        return Err(CheckpointError::NotBallast {
+        return Err(Error::NotBallast {
             path: path.to_path_buf(),
         });
     }
@@ -548,7 +449,7 @@ fn check_sum(path: &Path, parsed: &Parsed<'_>, mut each: impl FnMut(&str, &[u8])
     names.sort_unstable();
     let mut hasher = Xxh3::new();
     for name in names {
-        let view = parsed.tensors.tensor(name).map_err(|e| CheckpointError::Malformed {
+        let view = parsed.tensors.tensor(name).map_err(|e| Error::Malformed {
             path: path.to_path_buf(),
             reason: format!("{e:?}"),
         })?;
@@ -562,7 +463,7 @@ fn check_sum(path: &Path, parsed: &Parsed<'_>, mut each: impl FnMut(&str, &[u8])
     let computed = format!("xxh3:{:016x}", hasher.digest());
     let stored = parsed.meta.get("checksum").cloned().unwrap_or_default();
     if computed != stored {
-        return Err(CheckpointError::Checksum {
+        return Err(Error::Checksum {
             path: path.to_path_buf(),
             stored,
             computed,
@@ -574,7 +475,7 @@ fn check_sum(path: &Path, parsed: &Parsed<'_>, mut each: impl FnMut(&str, &[u8])
 /// Checks that `path` is a complete ballast checkpoint whose checksum matches.
 ///
 /// # Errors
-/// [`CheckpointError`] naming the file and the problem.
+/// [`Error`] naming the file and the problem.
 pub fn verify(path: &Path) -> Result<()> {
     let bytes = map(path)?;
     let parsed = parse(path, &bytes)?;
@@ -585,7 +486,7 @@ pub fn verify(path: &Path) -> Result<()> {
 /// shapes), verifying the checksum.
 ///
 /// # Errors
-/// [`CheckpointError`] naming the file and the problem: damaged, not ballast's, or of another
+/// [`Error`] naming the file and the problem: damaged, not ballast's, or of another
 /// model.
 pub fn load<M: Module>(path: &Path, model: &M) -> Result<Loaded> {
     let bytes = map(path)?;
@@ -608,22 +509,19 @@ pub fn load<M: Module>(path: &Path, model: &M) -> Result<Loaded> {
             expect.push((format!("optim.adam.v.{}", slot.path), 2));
         }
         for (name, dest) in expect {
-            let view = parsed
-                .tensors
-                .tensor(&name)
-                .map_err(|_| CheckpointError::MissingTensor {
-                    path: path.to_path_buf(),
-                    name: name.clone(),
-                })?;
+            let view = parsed.tensors.tensor(&name).map_err(|_| Error::MissingTensor {
+                path: path.to_path_buf(),
+                name: name.clone(),
+            })?;
             if view.dtype() != Dtype::F32 {
-                return Err(CheckpointError::Dtype {
+                return Err(Error::Dtype {
                     path: path.to_path_buf(),
                     name,
                     found: view.dtype(),
                 });
             }
             if view.shape() != slot.dims.as_slice() {
-                return Err(CheckpointError::Shape {
+                return Err(Error::Shape {
                     path: path.to_path_buf(),
                     name,
                     found: view.shape().to_vec(),
@@ -643,7 +541,7 @@ pub fn load<M: Module>(path: &Path, model: &M) -> Result<Loaded> {
     if !extra.is_empty() {
         let mut some: Vec<&str> = extra.iter().take(3).copied().collect();
         some.sort_unstable();
-        return Err(CheckpointError::ExtraTensors {
+        return Err(Error::ExtraTensors {
             path: path.to_path_buf(),
             names: format!("{}{}", some.join(", "), if extra.len() > 3 { ", …" } else { "" }),
         });
@@ -667,7 +565,7 @@ pub fn load<M: Module>(path: &Path, model: &M) -> Result<Loaded> {
         .meta
         .get("state")
         .and_then(|s| serde_json::from_str(s).ok())
-        .ok_or_else(|| CheckpointError::Malformed {
+        .ok_or_else(|| Error::Malformed {
             path: path.to_path_buf(),
             reason: "the `state` metadata is missing or not valid JSON".into(),
         })?;

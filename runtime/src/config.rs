@@ -17,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::Error;
 use anyhow::{bail, Context, Result};
 use serde::{de::DeserializeOwned, Deserialize};
 
@@ -350,7 +351,7 @@ fn resolve_devices(specs: Vec<String>) -> Result<Vec<crate::device::DeviceChoice
             let choice: crate::device::DeviceChoice = spec
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--device entry {rank}: {e}"))?;
-            if let Err(e @ crate::device::DeviceError::NotBuilt { .. }) = choice.device(0) {
+            if let Err(e @ Error::NotBuilt { .. }) = choice.device(0) {
                 bail!("--device entry {rank}: {e}");
             }
             Ok(choice)

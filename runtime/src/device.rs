@@ -16,25 +16,8 @@
 
 use std::fmt;
 
+use crate::Error;
 use burn::tensor::Device;
-
-/// Errors of device choice.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DeviceError {
-    /// The text names no device.
-    #[error(
-        "unknown device {0:?}; use flex (the CPU), wgpu, wgpu:cpu, cuda or cuda:N, one per rank separated by commas"
-    )]
-    Unknown(String),
-    /// The backend was not compiled in.
-    #[error("device {choice} needs ballast built with the `{feature}` feature; rebuild with `--features {feature}` (or `--features ballast/{feature}` from the workspace)")]
-    NotBuilt {
-        /// The device asked for.
-        choice: String,
-        /// The cargo feature that provides it.
-        feature: &'static str,
-    },
-}
 
 /// One rank's device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,7 +47,7 @@ impl fmt::Display for DeviceChoice {
 }
 
 impl std::str::FromStr for DeviceChoice {
-    type Err = DeviceError;
+    type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim().to_ascii_lowercase();
@@ -75,7 +58,7 @@ impl std::str::FromStr for DeviceChoice {
             "cuda" => Self::Cuda(None),
             other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(i)) => Self::Cuda(Some(i)),
-                _ => return Err(DeviceError::Unknown(s.to_string())),
+                _ => return Err(Error::UnknownDevice(s.to_string())),
             },
         })
     }
@@ -85,8 +68,8 @@ impl DeviceChoice {
     /// Parses a comma-separated list, one device per rank (one entry applies to every rank).
     ///
     /// # Errors
-    /// [`DeviceError::Unknown`] naming the first entry that is not a device.
-    pub fn parse_list(s: &str) -> Result<Vec<Self>, DeviceError> {
+    /// [`Error::UnknownDevice`] naming the first entry that is not a device.
+    pub fn parse_list(s: &str) -> Result<Vec<Self>, Error> {
         s.split(',').map(str::parse).collect()
     }
 
@@ -108,8 +91,8 @@ impl DeviceChoice {
     /// picks the GPU of [`DeviceChoice::Cuda`]`(None)`.
     ///
     /// # Errors
-    /// [`DeviceError::NotBuilt`] when the backend's feature is missing.
-    pub fn device(self, local_rank: usize) -> Result<Device, DeviceError> {
+    /// [`Error::NotBuilt`] when the backend's feature is missing.
+    pub fn device(self, local_rank: usize) -> Result<Device, Error> {
         let _ = local_rank;
         match self {
             Self::Flex => Ok(Device::flex()),
@@ -120,7 +103,7 @@ impl DeviceChoice {
             #[cfg(feature = "cuda")]
             Self::Cuda(index) => Ok(Device::cuda(index.unwrap_or(local_rank))),
             #[allow(unreachable_patterns)]
-            other => Err(DeviceError::NotBuilt {
+            other => Err(Error::NotBuilt {
                 choice: other.to_string(),
                 feature: if matches!(other, Self::Cuda(_)) { "cuda" } else { "wgpu" },
             }),
@@ -160,7 +143,7 @@ mod tests {
         assert_eq!("CPU".parse::<DeviceChoice>().unwrap(), DeviceChoice::Flex);
         for bad in ["", "gpu", "cuda:x", "wgpu:2"] {
             assert!(
-                matches!(bad.parse::<DeviceChoice>(), Err(DeviceError::Unknown(_))),
+                matches!(bad.parse::<DeviceChoice>(), Err(Error::UnknownDevice(_))),
                 "{bad}"
             );
         }

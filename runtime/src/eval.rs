@@ -12,6 +12,7 @@
 //! samples of its micro-batch, which holds for models that normalise per sample (as the examples
 //! do) on one backend.
 
+use crate::Error;
 use ballast_balancer::split_proportional;
 use ballast_collectives::Communicator;
 
@@ -36,30 +37,6 @@ pub struct EvalBatch {
     pub correct: u64,
     /// Units evaluated (images, or bytes predicted).
     pub units: u64,
-}
-
-/// Why an evaluation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum EvalError {
-    /// A loss that is not a finite number.
-    #[error("held-out sample {index}: the loss is {value}; the model diverged (lower --lr) or the sample is broken")]
-    NotFinite {
-        /// Index in the held-out set.
-        index: usize,
-        /// The value.
-        value: f32,
-    },
-    /// The task returned another number of losses than samples.
-    #[error("the task returned {got} losses for {expected} held-out samples; `Task::evaluate` returns one per sample")]
-    Count {
-        /// Samples asked for.
-        expected: usize,
-        /// Losses returned.
-        got: usize,
-    },
-    /// The all-reduce of the totals failed.
-    #[error(transparent)]
-    Comm(#[from] ballast_collectives::Error),
 }
 
 /// Totals of one evaluation over the whole held-out set (identical on every rank).
@@ -146,14 +123,14 @@ pub fn slice_for(len: usize, shares: &[usize], rank: usize) -> std::ops::Range<u
 /// `run` evaluates the held-out samples it is given.
 ///
 /// # Errors
-/// [`EvalError`]: a non-finite loss, a task returning the wrong count, the collective.
+/// [`Error`]: a non-finite loss, a task returning the wrong count, the collective.
 pub fn evaluate(
     comm: &mut dyn Communicator,
     len: usize,
     shares: &[usize],
     micro_batch: usize,
     mut run: impl FnMut(&[usize]) -> EvalBatch,
-) -> Result<(EvalTotals, usize), EvalError> {
+) -> Result<(EvalTotals, usize), Error> {
     let mine = slice_for(len, shares, comm.rank());
     let local = mine.len();
     let mut loss: i128 = 0;
@@ -162,14 +139,14 @@ pub fn evaluate(
     for chunk in indices.chunks(micro_batch.max(1)) {
         let batch = run(chunk);
         if batch.losses.len() != chunk.len() {
-            return Err(EvalError::Count {
+            return Err(Error::EvalCount {
                 expected: chunk.len(),
                 got: batch.losses.len(),
             });
         }
         for (&index, &value) in chunk.iter().zip(&batch.losses) {
             if !value.is_finite() {
-                return Err(EvalError::NotFinite { index, value });
+                return Err(Error::EvalNotFinite { index, value });
             }
             loss += fixed(value);
         }
@@ -207,36 +184,13 @@ pub struct Split {
     pub eval: Vec<usize>,
 }
 
-/// Why a held-out split could not be made.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum SplitError {
-    /// The fraction is not strictly between 0 and 1.
-    #[error("--eval-fraction is {0}; give a number between 0 and 1, such as 0.1")]
-    Fraction(f64),
-    /// No sample would be held out, or none left to train on.
-    #[error(
-        "--eval-fraction {fraction} of {len} samples holds out {held} and leaves {left} to train on; both need at \
-         least one sample: use a larger data set or another fraction"
-    )]
-    Empty {
-        /// The fraction.
-        fraction: f64,
-        /// Samples in the data.
-        len: usize,
-        /// Samples it would hold out.
-        held: usize,
-        /// Samples it would leave.
-        left: usize,
-    },
-}
-
-fn held_count(len: usize, fraction: f64) -> Result<usize, SplitError> {
+fn held_count(len: usize, fraction: f64) -> Result<usize, Error> {
     if !(fraction.is_finite() && fraction > 0.0 && fraction < 1.0) {
-        return Err(SplitError::Fraction(fraction));
+        return Err(Error::EvalFraction(fraction));
     }
     let held = (len as f64 * fraction).round() as usize;
     if held == 0 || held >= len {
-        return Err(SplitError::Empty {
+        return Err(Error::EvalSplitEmpty {
             fraction,
             len,
             held,
@@ -250,16 +204,17 @@ fn held_count(len: usize, fraction: f64) -> Result<usize, SplitError> {
 /// same `len`, `fraction` and `seed` on every machine).
 ///
 /// # Errors
-/// [`SplitError`] for a fraction outside (0, 1) or a split that leaves either side empty.
-pub fn held_out(len: usize, fraction: f64, seed: u64) -> Result<Split, SplitError> {
+/// [`Error`] for a fraction outside (0, 1) or a split that leaves either side empty.
+pub fn held_out(len: usize, fraction: f64, seed: u64) -> Result<Split, Error> {
     let held = held_count(len, fraction)?;
     // The epoch permutation of the training sampler with another stream.
-    let sampler = crate::GlobalSampler::new(len, 1, seed ^ 0x4556_414c_5f53_504c).map_err(|_| SplitError::Empty {
-        fraction,
-        len,
-        held,
-        left: 0,
-    })?;
+    let sampler =
+        crate::GlobalSampler::new(len, 1, seed ^ 0x4556_414c_5f53_504c).map_err(|_| Error::EvalSplitEmpty {
+            fraction,
+            len,
+            held,
+            left: 0,
+        })?;
     let perm = sampler.permutation(0);
     let mut eval = perm[..held].to_vec();
     let mut train = perm[held..].to_vec();
@@ -273,7 +228,7 @@ pub fn held_out(len: usize, fraction: f64, seed: u64) -> Result<Split, SplitErro
 ///
 /// # Errors
 /// As [`held_out`].
-pub fn held_out_tail(len: usize, fraction: f64) -> Result<Split, SplitError> {
+pub fn held_out_tail(len: usize, fraction: f64) -> Result<Split, Error> {
     let held = held_count(len, fraction)?;
     Ok(Split {
         train: (0..len - held).collect(),
@@ -314,10 +269,16 @@ mod tests {
     #[test]
     fn bad_fractions_are_errors() {
         for f in [0.0, 1.0, -0.5, f64::NAN, 2.0] {
-            assert!(matches!(held_out(10, f, 1), Err(SplitError::Fraction(_))), "{f}");
+            assert!(matches!(held_out(10, f, 1), Err(Error::EvalFraction(_))), "{f}");
         }
-        assert!(matches!(held_out(10, 0.01, 1), Err(SplitError::Empty { held: 0, .. })));
-        assert!(matches!(held_out_tail(2, 0.9), Err(SplitError::Empty { left: 0, .. })));
+        assert!(matches!(
+            held_out(10, 0.01, 1),
+            Err(Error::EvalSplitEmpty { held: 0, .. })
+        ));
+        assert!(matches!(
+            held_out_tail(2, 0.9),
+            Err(Error::EvalSplitEmpty { left: 0, .. })
+        ));
     }
 
     #[test]

@@ -24,6 +24,7 @@
 
 use std::sync::{Mutex, OnceLock};
 
+use crate::Error;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 /// Reports kept at most (the oldest are dropped first).
@@ -217,18 +218,6 @@ fn pending_error(_tensors: &[Tensor<1>]) -> Option<String> {
     None
 }
 
-/// Why a device failed its [`canary`].
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{device}: the start-up check (products, a 16x16 matmul and sums with exact answers) failed: {reason}; {likely_cause}")]
-pub struct CanaryError {
-    /// The device checked.
-    pub device: String,
-    /// What went wrong: the backend's error, or the wrong values.
-    pub reason: String,
-    /// What usually causes it on this kind of device, and the fix.
-    pub likely_cause: String,
-}
-
 /// Side of the canary's matrices.
 const CANARY_N: usize = 16;
 
@@ -238,8 +227,8 @@ const CANARY_N: usize = 16;
 /// train, and `ballast doctor` runs it on every device it knows.
 ///
 /// # Errors
-/// [`CanaryError`] naming the device, what went wrong and the likely cause.
-pub fn canary(device: &Device) -> Result<(), CanaryError> {
+/// [`Error`] naming the device, what went wrong and the likely cause.
+pub fn canary(device: &Device) -> Result<(), Error> {
     canary_in(device, DType::F32)
 }
 
@@ -250,7 +239,7 @@ pub fn canary(device: &Device) -> Result<(), CanaryError> {
 ///
 /// # Errors
 /// As [`canary`].
-pub fn canary_in(device: &Device, dtype: DType) -> Result<(), CanaryError> {
+pub fn canary_in(device: &Device, dtype: DType) -> Result<(), Error> {
     let n = CANARY_N;
     let exact = matches!(dtype, DType::F32 | DType::F64);
     let value = |k: usize, m: usize, r: usize| -> f32 {
@@ -276,7 +265,7 @@ pub fn canary_in(device: &Device, dtype: DType) -> Result<(), CanaryError> {
     let seen = reports_recorded();
     let name =
         std::panic::catch_unwind(|| crate::device::device_name(device)).unwrap_or_else(|_| format!("{device:?}"));
-    let fail = |reason: String| CanaryError {
+    let fail = |reason: String| Error::Canary {
         device: name.clone(),
         likely_cause: likely_cause(device, &reason),
         reason,

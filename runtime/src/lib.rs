@@ -31,6 +31,7 @@ pub mod config;
 mod cuda;
 pub mod ddp;
 pub mod device;
+mod error;
 pub mod eval;
 pub mod health;
 #[cfg(feature = "cli")]
@@ -52,6 +53,7 @@ mod transfer;
 pub mod world;
 
 pub use ddp::{
-    Averaging, DataParallel, DdpError, DdpOptions, GradientForm, LossReduction, ReducedGrads, StepOptimizer, StepStats,
+    Averaging, DataParallel, DdpOptions, GradientForm, LossReduction, ReducedGrads, StepOptimizer, StepStats,
 };
+pub use error::{Error, Result};
 pub use sampler::GlobalSampler;

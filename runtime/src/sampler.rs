@@ -22,18 +22,8 @@
 //! assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 0]);
 //! ```
 
+use crate::Error;
 use ballast_balancer::split_proportional;
-
-/// Why a sampler could not be built.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum SamplerError {
-    /// The dataset is empty.
-    #[error("the dataset is empty; give at least one sample")]
-    EmptyDataset,
-    /// The global batch is zero.
-    #[error("global batch must be at least 1, got 0")]
-    ZeroBatch,
-}
 
 /// Deterministic epoch permutations cut into global batches.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,13 +37,13 @@ impl GlobalSampler {
     /// A sampler over `len` samples with global batch `global_batch`, shuffled with `seed`.
     ///
     /// # Errors
-    /// [`SamplerError`] for an empty dataset or a zero batch.
-    pub fn new(len: usize, global_batch: usize, seed: u64) -> Result<Self, SamplerError> {
+    /// [`Error`] for an empty dataset or a zero batch.
+    pub fn new(len: usize, global_batch: usize, seed: u64) -> Result<Self, Error> {
         if len == 0 {
-            return Err(SamplerError::EmptyDataset);
+            return Err(Error::EmptyDataset);
         }
         if global_batch == 0 {
-            return Err(SamplerError::ZeroBatch);
+            return Err(Error::ZeroBatch);
         }
         Ok(Self {
             len,

@@ -23,8 +23,9 @@ use burn::{
 use ballast_balancer::RankPlan;
 use ballast_collectives::{Communicator, CommunicatorExt};
 
+use crate::Error;
 use crate::{
-    ddp::{Averaging, DataParallel, DdpError, DdpOptions},
+    ddp::{Averaging, DataParallel, DdpOptions},
     device::DeviceChoice,
     params::{flatten_params, load_params, param_values},
     GlobalSampler,
@@ -463,8 +464,8 @@ pub struct Outcome {
 /// Returns the outcome and the communicator for further cases.
 ///
 /// # Errors
-/// Any [`DdpError`], including divergence of replicas at the end.
-pub fn run_ddp(comm: Box<dyn Communicator>, case: &Case) -> Result<(Outcome, Box<dyn Communicator>), DdpError> {
+/// Any [`Error`], including divergence of replicas at the end.
+pub fn run_ddp(comm: Box<dyn Communicator>, case: &Case) -> Result<(Outcome, Box<dyn Communicator>), Error> {
     match case.model {
         ModelKind::Mlp => run_ddp_with::<Mlp>(comm, case),
         ModelKind::Conv => run_ddp_with::<ConvNet>(comm, case),
@@ -474,7 +475,7 @@ pub fn run_ddp(comm: Box<dyn Communicator>, case: &Case) -> Result<(Outcome, Box
 fn run_ddp_with<M: Regressor>(
     comm: Box<dyn Communicator>,
     case: &Case,
-) -> Result<(Outcome, Box<dyn Communicator>), DdpError> {
+) -> Result<(Outcome, Box<dyn Communicator>), Error> {
     let rank = comm.rank();
     let device = DeviceChoice::for_rank(&case.devices, rank).device(0)?.autodiff();
     let data = SyntheticSet::new(case.dataset_len, case.seed);
@@ -729,7 +730,7 @@ pub fn sharded_cases() -> Vec<Case> {
 ///
 /// # Errors
 /// A DDP error ends the run.
-pub fn equivalence_report(mut comm: Box<dyn Communicator>, cases: &[Case]) -> Result<Vec<String>, DdpError> {
+pub fn equivalence_report(mut comm: Box<dyn Communicator>, cases: &[Case]) -> Result<Vec<String>, Error> {
     let rank = comm.rank();
     let mut lines = Vec::new();
     for case in cases {
@@ -854,11 +855,8 @@ pub struct StepRecord {
 ///
 /// # Errors
 /// Balancer, DDP and collective errors.
-pub fn balanced_run(
-    comm: Box<dyn Communicator>,
-    run: &BalancedRun,
-) -> Result<BalancedOutcome, crate::balance::BalanceError> {
-    let device = run.device.device(0).map_err(DdpError::from)?.autodiff();
+pub fn balanced_run(comm: Box<dyn Communicator>, run: &BalancedRun) -> Result<BalancedOutcome, crate::Error> {
+    let device = run.device.device(0)?.autodiff();
     // Runs are compared with each other (e.g. with and without an injected fault): rank 0's
     // initial weights, which every rank receives, must not depend on the run.
     device.seed(3);
@@ -885,7 +883,7 @@ fn balanced_loop<M: Regressor>(
     data: &SyntheticSet,
     meter: crate::memory::DeviceMeter,
     device: &Device,
-) -> Result<BalancedOutcome, crate::balance::BalanceError> {
+) -> Result<BalancedOutcome, crate::Error> {
     let (mut ddp, model) = DataParallel::wrap(comm, model, DdpOptions::default())?;
     let outcome = balanced_steps(&mut ddp, run, model, data, meter, device);
     if let Err(e) = &outcome {
@@ -903,7 +901,7 @@ fn balanced_steps<M: Regressor>(
     data: &SyntheticSet,
     meter: crate::memory::DeviceMeter,
     device: &Device,
-) -> Result<BalancedOutcome, crate::balance::BalanceError> {
+) -> Result<BalancedOutcome, crate::Error> {
     use crate::balance::Balancer;
     let sampler = GlobalSampler::new(data.len(), run.global_batch, 3).expect("non-empty");
     let armed = std::cell::Cell::new(false);

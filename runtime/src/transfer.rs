@@ -1,6 +1,7 @@
 //! What crosses between a model's device and the host: the byte counts a step reports, and the
 //! one reader of device tensors the step and the sharded optimizer share.
 
+use crate::Error;
 use burn::{
     module::{Module, ModuleVisitor, Param},
     tensor::{Device, Tensor},
@@ -30,8 +31,8 @@ pub(crate) fn byte_len(n: usize) -> u64 {
 }
 
 /// `t`'s values, read to the host; `what` names the tensor in the error.
-pub(crate) fn to_host(t: Tensor<1>, what: &str) -> Result<Vec<f32>, crate::DdpError> {
-    let err = |message: String| crate::DdpError::Tensor {
+pub(crate) fn to_host(t: Tensor<1>, what: &str) -> Result<Vec<f32>, crate::Error> {
+    let err = |message: String| Error::Tensor {
         path: what.to_string(),
         message,
     };

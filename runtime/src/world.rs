@@ -4,43 +4,14 @@ use ballast_cluster::Launch;
 use ballast_collectives::{CommOptions, Communicator};
 
 use crate::device::DeviceChoice;
-
-/// Why the world could not be joined.
-#[derive(Debug, thiserror::Error)]
-pub enum WorldError {
-    /// The launcher environment is malformed.
-    #[error(transparent)]
-    Launch(#[from] ballast_cluster::Error),
-    /// A collective backend failed to start.
-    #[error(transparent)]
-    Collectives(#[from] ballast_collectives::Error),
-    /// The rank's device is not available in this binary.
-    #[error(transparent)]
-    Device(#[from] crate::device::DeviceError),
-    /// A launcher started us but this binary has no MPI support.
-    #[error(
-        "this process was started by {launcher} (rank {rank} of {world_size}) but ballast was built \
-         without MPI; rebuild with `cargo build --release -p ballast --features mpi`"
-    )]
-    NoMpi {
-        /// The launcher found.
-        launcher: ballast_cluster::Launcher,
-        /// Rank from the environment.
-        rank: usize,
-        /// World size from the environment.
-        world_size: usize,
-    },
-}
+use crate::Error;
 
 /// This process's communicator when a launcher started it (MPI), or `None` when ranks should
 /// run as threads.
 ///
 /// # Errors
-/// [`WorldError::NoMpi`] when launched but built without the `mpi` feature; backend errors.
-pub fn launched_communicator(
-    launch: &Launch,
-    options: CommOptions,
-) -> Result<Option<Box<dyn Communicator>>, WorldError> {
+/// [`Error::NoMpi`] when launched but built without the `mpi` feature; backend errors.
+pub fn launched_communicator(launch: &Launch, options: CommOptions) -> Result<Option<Box<dyn Communicator>>, Error> {
     if !launch.is_launched() {
         return Ok(None);
     }
@@ -52,7 +23,7 @@ pub fn launched_communicator(
     #[cfg(not(feature = "mpi"))]
     {
         let _ = options;
-        Err(WorldError::NoMpi {
+        Err(Error::NoMpi {
             launcher: launch.launcher,
             rank: launch.rank,
             world_size: launch.world_size,
@@ -79,7 +50,7 @@ pub struct LaunchedRank {
 ///
 /// # Errors
 /// As [`launched_communicator`]; no GPU for this local rank; NCCL failing to start.
-pub fn join(launch: &Launch, options: CommOptions) -> Result<Option<LaunchedRank>, WorldError> {
+pub fn join(launch: &Launch, options: CommOptions) -> Result<Option<LaunchedRank>, Error> {
     join_on(launch, options, None)
 }
 
@@ -87,12 +58,12 @@ pub fn join(launch: &Launch, options: CommOptions) -> Result<Option<LaunchedRank
 /// (`cuda` is this local rank's GPU), `wgpu`, `wgpu:cpu` and `flex` take MPI for their data.
 ///
 /// # Errors
-/// As [`join`]; [`WorldError::Device`] when this binary lacks the device's backend.
+/// As [`join`]; [`Error::NotBuilt`] when this binary lacks the device's backend.
 pub fn join_on(
     launch: &Launch,
     options: CommOptions,
     choice: Option<DeviceChoice>,
-) -> Result<Option<LaunchedRank>, WorldError> {
+) -> Result<Option<LaunchedRank>, Error> {
     let Some(comm) = launched_communicator(launch, options)? else {
         return Ok(None);
     };
@@ -115,11 +86,7 @@ pub fn join_on(
 
 /// A launched rank on a GPU (`ordinal`, or this local rank's), with NCCL over `comm`.
 #[cfg(feature = "cuda")]
-fn on_gpu(
-    comm: Box<dyn Communicator>,
-    launch: &Launch,
-    ordinal: Option<usize>,
-) -> Result<Option<LaunchedRank>, WorldError> {
+fn on_gpu(comm: Box<dyn Communicator>, launch: &Launch, ordinal: Option<usize>) -> Result<Option<LaunchedRank>, Error> {
     let gpu = match ordinal {
         Some(gpu) => gpu,
         None => {
@@ -141,8 +108,6 @@ fn on_gpu(
     _comm: Box<dyn Communicator>,
     _launch: &Launch,
     ordinal: Option<usize>,
-) -> Result<Option<LaunchedRank>, WorldError> {
-    Err(WorldError::Device(
-        DeviceChoice::Cuda(ordinal).device(0).expect_err("cuda is not built"),
-    ))
+) -> Result<Option<LaunchedRank>, Error> {
+    Err(DeviceChoice::Cuda(ordinal).device(0).expect_err("cuda is not built"))
 }

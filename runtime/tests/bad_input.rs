@@ -14,7 +14,7 @@ use ballast::{
     checkpoint::{Checkpointer, TrainState},
     collectives::{local, CommOptions, Communicator},
     testing::{Mlp, Regressor, WideMlp},
-    DataParallel, DdpError, DdpOptions,
+    DataParallel, DdpOptions, Error,
 };
 use burn::tensor::Device;
 
@@ -451,7 +451,7 @@ fn bad_input_ranks_hold_different_models() {
             DdpOptions::default(),
         )
         .err()
-        .map(|e| (matches!(e, DdpError::ModelMismatch { .. }), e.to_string()))
+        .map(|e| (matches!(e, Error::ModelMismatch { .. }), e.to_string()))
     });
     for r in results {
         let (mismatch, msg) = r.expect("wrap must fail on every rank");

@@ -333,7 +333,7 @@ mod wgpu {
     fn device_wgpu_step_after_a_failed_kernel_is_not_applied() {
         use ballast::{
             testing::{Mlp, Regressor, SyntheticSet},
-            DataParallel, DdpError, DdpOptions,
+            DataParallel, DdpOptions, Error,
         };
         use burn::{
             nn::loss::{MseLoss, Reduction},
@@ -368,7 +368,7 @@ mod wgpu {
                     Err(e) => results.push(Err(e)),
                 }
             }
-            Ok::<_, DdpError>(results)
+            Ok::<_, Error>(results)
         });
         let results = outcomes.into_iter().next().unwrap().unwrap();
         let err = results[0]
@@ -376,7 +376,7 @@ mod wgpu {
             .expect_err("the step with a failed kernel must not finish");
         println!("{err}");
         let text = err.to_string();
-        assert!(matches!(err, DdpError::DeviceFailed { rank: 0, step: 0, .. }), "{text}");
+        assert!(matches!(err, Error::DeviceFailed { rank: 0, step: 0, .. }), "{text}");
         assert!(text.contains("UnsupportedType"), "{text}");
         assert!(results[1].is_ok(), "{:?}", results[1]);
     }

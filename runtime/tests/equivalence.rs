@@ -7,7 +7,7 @@ mod common;
 use ballast::{
     collectives::{local, CommOptions, Communicator},
     testing::{three_rank_cases, Mlp, Regressor},
-    DataParallel, DdpError, DdpOptions,
+    DataParallel, DdpOptions, Error,
 };
 use burn::tensor::Device;
 
@@ -61,7 +61,7 @@ fn equivalence_refuses_mismatched_models() {
         };
         outcome
             .err()
-            .map(|e| (matches!(e, DdpError::ModelMismatch { .. }), e.to_string()))
+            .map(|e| (matches!(e, Error::ModelMismatch { .. }), e.to_string()))
     });
     for r in results {
         let (is_mismatch, msg) = r.expect("wrap must fail");

@@ -7,9 +7,9 @@ use ballast::{
     collectives::{local, CommOptions},
     memory::DeviceMeter,
     metrics::MetricsWriter,
-    optim::{offload::check_host_memory, HostAdamConfig, HostOffload, OffloadError},
+    optim::{offload::check_host_memory, HostAdamConfig, HostOffload},
     testing::{compare, run_ddp, run_reference, Case, Mlp, ModelKind, OptimKind, Regressor, SyntheticSet},
-    DataParallel, DdpOptions, GlobalSampler,
+    DataParallel, DdpOptions, Error, GlobalSampler,
 };
 use burn::{
     nn::loss::{MseLoss, Reduction},
@@ -69,7 +69,7 @@ fn offload_refuses_low_host_memory() {
     let device = Device::flex().autodiff();
     let model = Mlp::init(&device);
     let err = HostOffload::new(&model, HostAdamConfig::default(), &root).expect_err("must refuse");
-    assert!(matches!(err, OffloadError::HostMemory { .. }), "{err}");
+    assert!(matches!(err, Error::HostMemory { .. }), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("only 819 are usable (1024 available"), "{msg}");
     assert!(msg.contains("proc/meminfo"), "{msg}");

@@ -8,7 +8,7 @@ use ballast::{
     collectives::{conformance, local, CommOptions},
     optim::{shard_counts, HostAdamConfig, ShardPlace, ShardedAdam},
     testing::{run_ddp, sharded_cases, Case, Mlp, ModelKind, OptimKind, Regressor},
-    DataParallel, DdpError, DdpOptions,
+    DataParallel, DdpOptions, Error,
 };
 use burn::tensor::Device;
 
@@ -82,7 +82,7 @@ fn sharded_layouts_that_do_not_fit_are_clear_errors() {
     let model = Mlp::init(&device);
     let n = ballast::params::flatten_params(&model).len();
     let err = ShardedAdam::new(&model, 0, vec![n - 1, 0], HostAdamConfig::default(), ShardPlace::Device).unwrap_err();
-    assert!(matches!(err, DdpError::Shards { .. }), "{err}");
+    assert!(matches!(err, Error::Shards { .. }), "{err}");
     assert!(
         err.to_string().contains(&format!(
             "2 shards of {} parameters in all for rank 0 of a model with {n}",

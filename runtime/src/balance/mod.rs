@@ -34,7 +34,7 @@ use ballast_balancer::{
 use ballast_collectives::CommunicatorExt;
 
 use crate::{
-    ddp::{DataParallel, DdpError, StepStats},
+    ddp::{DataParallel, StepStats},
     memory::{self, DeviceMeter},
     optim::{ShardPlace, ShardedAdam},
     sampler::split_batch,
@@ -46,77 +46,11 @@ mod refit;
 mod step;
 mod table;
 
+use crate::Error;
 use oom::{contain_device_oom, first_line};
 pub use probe::report_from_probes;
 use probe::scratch_copy;
 pub use table::{human_bytes, plan_table, shard_table};
-
-/// Errors of balanced training.
-#[derive(Debug, thiserror::Error)]
-pub enum BalanceError {
-    /// Data-parallel machinery failed.
-    #[error(transparent)]
-    Ddp(#[from] DdpError),
-    /// A collective failed.
-    #[error(transparent)]
-    Collective(#[from] ballast_collectives::Error),
-    /// No plan fits.
-    #[error(transparent)]
-    Plan(#[from] ballast_balancer::Error),
-    /// Offloading could not start.
-    #[error(transparent)]
-    Offload(#[from] crate::optim::offload::OffloadError),
-    /// A single sample does not fit this rank's budget.
-    #[error(
-        "rank {rank}: one sample needs {peak} bytes at peak but the budget is {budget} bytes; give this \
-         device more memory (--device-memory) or a smaller model"
-    )]
-    OutOfMemory {
-        /// The rank.
-        rank: usize,
-        /// Measured peak.
-        peak: u64,
-        /// Its budget.
-        budget: u64,
-    },
-    /// The device failed a micro-batch for another reason than memory (a kernel that did not
-    /// compile or run): nothing of the step was applied.
-    #[error(
-        "rank {rank} ({device}), step {step}: the device failed a micro-batch, so nothing of the step was \
-         applied: {message}"
-    )]
-    DeviceFailed {
-        /// The rank.
-        rank: usize,
-        /// The device, as it names itself.
-        device: String,
-        /// The step.
-        step: u64,
-        /// The backend's report (cubecl's error and the device log).
-        message: String,
-    },
-    /// The device ran out of memory on a micro-batch of one sample.
-    #[error(
-        "rank {rank}: the device ran out of memory on a micro-batch of one sample ({message}); give this \
-         rank a device with more free memory or a smaller model"
-    )]
-    DeviceOutOfMemory {
-        /// The rank.
-        rank: usize,
-        /// What the backend said.
-        message: String,
-    },
-    /// A memory budget was given but this process cannot measure its heap.
-    #[error(
-        "rank {rank}: a memory budget is set but this binary does not count its heap, so every probe would \
-         read 0 bytes; install the counting allocator (`#[global_allocator] static ALLOC: \
-         ballast::memory::CountingAlloc = ballast::memory::CountingAlloc;`) or drop the budget"
-    )]
-    NotCounting {
-        /// The rank.
-        rank: usize,
-    },
-}
 
 /// How the first plan is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,7 +223,7 @@ pub struct ProbePoint {
 impl Balancer {
     /// Allocates this rank's shard where `placed` (and the first plan, which may move a shard
     /// that does not fit beside a sample) puts it, measuring the bytes it takes.
-    fn start_shard<M: Module>(&mut self, rank: usize, model: &M, mut placed: ShardedPlan) -> Result<(), BalanceError> {
+    fn start_shard<M: Module>(&mut self, rank: usize, model: &M, mut placed: ShardedPlan) -> Result<(), Error> {
         // The first plan has the last word on which shards leave their devices.
         for (host, r) in placed.on_host.iter_mut().zip(&self.plan.ranks) {
             *host |= r.offload;
@@ -314,7 +248,7 @@ impl Balancer {
         Ok(())
     }
 
-    fn initial_plan(&self, global_batch: usize) -> Result<Plan, BalanceError> {
+    fn initial_plan(&self, global_batch: usize) -> Result<Plan, Error> {
         let t = &self.options.tunables;
         // Solved in every case: it also checks the reports.
         let measured = solve(&self.reports, global_batch, 0.0, t)?;
@@ -329,8 +263,8 @@ impl Balancer {
     /// comparisons such as naive against balanced DDP). Every rank must call it.
     ///
     /// # Errors
-    /// [`BalanceError::Plan`] when no plan fits.
-    pub fn variant(&self, initial: InitialPlan, rebalance: bool) -> Result<Self, BalanceError> {
+    /// [`Error::Plan`] when no plan fits.
+    pub fn variant(&self, initial: InitialPlan, rebalance: bool) -> Result<Self, Error> {
         let options = BalanceOptions {
             initial,
             rebalance,
@@ -443,7 +377,7 @@ fn place_shards(
     global_batch: usize,
     params: u64,
     options: &BalanceOptions,
-) -> Result<ShardedPlan, BalanceError> {
+) -> Result<ShardedPlan, Error> {
     let state = OptimizerState {
         bytes_per_param: options.optimizer_bytes_per_param,
         ..OptimizerState::adam(params)

@@ -65,7 +65,7 @@ pub(super) fn probe_points<'c, M, F>(
     options: &BalanceOptions,
     peak: &ProbeMeter<'_>,
     mut together: Option<&mut (dyn ballast_collectives::Communicator + 'c)>,
-) -> Result<Vec<ProbePoint>, BalanceError>
+) -> Result<Vec<ProbePoint>, Error>
 where
     M: Module,
     F: FnMut(&M, &[usize]) -> Tensor<1>,
@@ -143,7 +143,7 @@ pub(super) fn time_sizes<'c, M, F>(
     options: &BalanceOptions,
     peak: &ProbeMeter<'_>,
     mut together: Option<&mut (dyn ballast_collectives::Communicator + 'c)>,
-) -> Result<Vec<ProbePoint>, BalanceError>
+) -> Result<Vec<ProbePoint>, Error>
 where
     M: Module,
     F: FnMut(&M, &[usize]) -> Tensor<1>,
@@ -229,7 +229,7 @@ impl Balancer {
     /// counts as device memory.
     ///
     /// # Errors
-    /// Collective errors; [`BalanceError::Plan`] when no plan fits.
+    /// Collective errors; [`Error::Plan`] when no plan fits.
     pub fn probe<M, F>(
         ddp: &mut DataParallel,
         model: &M,
@@ -238,13 +238,13 @@ impl Balancer {
         global_batch: usize,
         meter: DeviceMeter,
         options: BalanceOptions,
-    ) -> Result<Self, BalanceError>
+    ) -> Result<Self, Error>
     where
         M: Module,
         F: FnMut(&M, &[usize]) -> Tensor<1>,
     {
         if options.budget_bytes != u64::MAX && !meter.reads_pool() && !memory::is_counting() {
-            return Err(BalanceError::NotCounting { rank: ddp.rank() });
+            return Err(Error::NotCounting { rank: ddp.rank() });
         }
         let params = model.num_params() as u64;
         let points = measure(ddp, &scratch_copy(model), loss_fn, pool, params, &options, &meter)?;
@@ -277,7 +277,7 @@ impl Balancer {
         meter: DeviceMeter,
         options: BalanceOptions,
         global_batch: usize,
-    ) -> Result<Self, BalanceError> {
+    ) -> Result<Self, Error> {
         let world = reports.len();
         let mut balancer = Self {
             plan: Plan {
@@ -308,7 +308,7 @@ impl Balancer {
     /// If any rank keeps its optimizer state on the host, every rank runs the host Adam's
     /// arithmetic (a GPU rank with it on the GPU, chunk by chunk over managed memory): the
     /// replicas must apply bit-identical updates, and burn's Adam rounds differently.
-    fn start_host_optimizer<M: Module>(&mut self, model: &M) -> Result<(), BalanceError> {
+    fn start_host_optimizer<M: Module>(&mut self, model: &M) -> Result<(), Error> {
         if self.options.host_optimizer || self.plan.ranks.iter().any(|r| r.offload) {
             let host = crate::optim::offload::HostOffload::for_device(
                 model,
@@ -335,7 +335,7 @@ fn measure<M, F>(
     params: u64,
     options: &BalanceOptions,
     meter: &DeviceMeter,
-) -> Result<Vec<ProbePoint>, BalanceError>
+) -> Result<Vec<ProbePoint>, Error>
 where
     M: Module,
     F: FnMut(&M, &[usize]) -> Tensor<1>,

@@ -61,7 +61,7 @@ impl Balancer {
     /// the optimizer update, and possibly a new plan for the next step.
     ///
     /// # Errors
-    /// [`BalanceError::OutOfMemory`] when one sample does not fit; DDP and collective errors.
+    /// [`Error::SampleOverBudget`] when one sample does not fit; DDP and collective errors.
     pub fn step<M, F>(
         &mut self,
         ddp: &mut DataParallel,
@@ -70,7 +70,7 @@ impl Balancer {
         lr: f64,
         batch: &[usize],
         loss_fn: &mut F,
-    ) -> Result<(M, BalancedStep), BalanceError>
+    ) -> Result<(M, BalancedStep), Error>
     where
         M: Module,
         F: FnMut(&M, &[usize]) -> Tensor<1>,
@@ -130,7 +130,7 @@ impl Balancer {
         mine: &[usize],
         loss_fn: &mut F,
         watch: MemoryWatch,
-    ) -> Result<ShareRun, BalanceError>
+    ) -> Result<ShareRun, Error>
     where
         M: Module,
         F: FnMut(&M, &[usize]) -> Tensor<1>,
@@ -172,8 +172,8 @@ impl Balancer {
                     }
                     if m == 1 {
                         return Err(match failed.err() {
-                            Some(message) => BalanceError::DeviceOutOfMemory { rank, message },
-                            None => BalanceError::OutOfMemory {
+                            Some(message) => Error::DeviceOutOfMemory { rank, message },
+                            None => Error::SampleOverBudget {
                                 rank,
                                 peak,
                                 budget: self.options.budget_bytes,
@@ -212,7 +212,7 @@ impl Balancer {
         idx: &[usize],
         loss_fn: &mut F,
         pool: bool,
-    ) -> Result<Result<(Gradients, Tensor<1>), String>, BalanceError>
+    ) -> Result<Result<(Gradients, Tensor<1>), String>, Error>
     where
         M: Module,
         F: FnMut(&M, &[usize]) -> Tensor<1>,
@@ -238,7 +238,7 @@ impl Balancer {
                 ddp.acknowledge_device_log();
                 Ok(Err(first_line(&fault.message)))
             }
-            Err(fault) => Err(BalanceError::DeviceFailed {
+            Err(fault) => Err(Error::MicroBatchFailed {
                 rank: ddp.rank(),
                 device: crate::device::device_name(&crate::transfer::model_device(model)),
                 step: ddp.steps(),

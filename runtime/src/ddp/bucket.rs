@@ -7,8 +7,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use ballast_collectives::{bucket::BucketLayout, BufferError, DeviceBuffer};
 
-use super::DdpError;
 use crate::transfer::{byte_len, to_host, Traffic};
+use crate::Error;
 
 /// The pieces of the fused buffer (tensors laid out back to back) cut at the bucket boundaries of
 /// `layout`: each bucket's parts in order, a piece that straddles a boundary sliced in two.
@@ -85,7 +85,7 @@ impl TensorBucket {
 
     /// The reduced values on the host: the copy kept when the communicator wrote them back,
     /// else read from the device (counted in `traffic`).
-    pub(super) fn into_host(self, traffic: &mut Traffic) -> Result<Vec<f32>, DdpError> {
+    pub(super) fn into_host(self, traffic: &mut Traffic) -> Result<Vec<f32>, Error> {
         traffic.add(self.traffic);
         if let Some(HostCopy { start: 0, values }) = self.written {
             return Ok(values);
@@ -197,7 +197,7 @@ pub(super) struct Reduced {
 impl Reduced {
     /// The reduced values in `range` of the fused buffer, from the host copies where they exist,
     /// else read from the device (counted in `traffic`).
-    pub(super) fn host_range(&mut self, range: Range<usize>, traffic: &mut Traffic) -> Result<Vec<f32>, DdpError> {
+    pub(super) fn host_range(&mut self, range: Range<usize>, traffic: &mut Traffic) -> Result<Vec<f32>, Error> {
         let mut out = Vec::with_capacity(range.len());
         for (b, bucket) in self.layout.buckets().enumerate() {
             let (lo, hi) = (range.start.max(bucket.start), range.end.min(bucket.end));

@@ -8,9 +8,10 @@ use burn::{
     tensor::{Device, Tensor},
 };
 
-use super::{DdpError, StepStats};
+use super::StepStats;
 use crate::params::ParamSlot;
 use crate::transfer::{byte_len, to_host};
+use crate::Error;
 
 /// Where an optimizer wants a step's averaged gradients ([`crate::StepOptimizer::form`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,8 +126,8 @@ impl ReducedGrads {
     /// rank's squared norm travelled in the step's all-reduced tail.
     ///
     /// # Errors
-    /// [`DdpError::Tensor`] when the device cannot give the value back.
-    pub fn norm(&mut self) -> Result<f32, DdpError> {
+    /// [`Error::Tensor`] when the device cannot give the value back.
+    pub fn norm(&mut self) -> Result<f32, Error> {
         if let Some(norm) = self.norm {
             return Ok(norm);
         }
@@ -151,7 +152,7 @@ impl ReducedGrads {
     ///
     /// # Errors
     /// As [`ReducedGrads::norm`].
-    pub fn clip_global_norm(&mut self, max_norm: f32) -> Result<f32, DdpError> {
+    pub fn clip_global_norm(&mut self, max_norm: f32) -> Result<f32, Error> {
         let norm = self.norm()?;
         let coefficient = max_norm / (norm + CLIP_EPSILON);
         if coefficient < 1.0 {
@@ -173,9 +174,9 @@ impl ReducedGrads {
     /// burn's gradients, for any burn optimizer: `optim.step(lr, model, grads.into_params()?)`.
     ///
     /// # Errors
-    /// [`DdpError::GradientForm`] when these gradients are held on the host or sharded (reduced
+    /// [`Error::GradientForm`] when these gradients are held on the host or sharded (reduced
     /// for an offloaded or sharded optimizer: apply them with [`crate::DataParallel::apply`]).
-    pub fn into_params(self) -> Result<GradientsParams, DdpError> {
+    pub fn into_params(self) -> Result<GradientsParams, Error> {
         Ok(self.into_params_and_stats()?.0)
     }
 
@@ -183,10 +184,10 @@ impl ReducedGrads {
     ///
     /// # Errors
     /// As [`ReducedGrads::into_params`].
-    pub fn into_params_and_stats(self) -> Result<(GradientsParams, StepStats), DdpError> {
+    pub fn into_params_and_stats(self) -> Result<(GradientsParams, StepStats), Error> {
         let form = self.form();
         let Held::Device { flat, slots } = self.held else {
-            return Err(DdpError::GradientForm {
+            return Err(Error::GradientForm {
                 wanted: GradientForm::Device,
                 held: form,
             });
@@ -202,11 +203,11 @@ impl ReducedGrads {
     /// statistics (an offloaded optimizer's input).
     ///
     /// # Errors
-    /// [`DdpError::GradientForm`] unless held on the host.
-    pub fn into_host(self) -> Result<(Vec<f32>, StepStats), DdpError> {
+    /// [`Error::GradientForm`] unless held on the host.
+    pub fn into_host(self) -> Result<(Vec<f32>, StepStats), Error> {
         match self.held {
             Held::Host(values) => Ok((values, self.stats)),
-            _ => Err(DdpError::GradientForm {
+            _ => Err(Error::GradientForm {
                 wanted: GradientForm::Host,
                 held: self.form(),
             }),
@@ -218,12 +219,12 @@ impl ReducedGrads {
     /// optimizer's input).
     ///
     /// # Errors
-    /// [`DdpError::GradientForm`] unless sharded.
-    pub fn into_shard(self) -> Result<(Option<Tensor<1>>, Vec<usize>, Device, StepStats), DdpError> {
+    /// [`Error::GradientForm`] unless sharded.
+    pub fn into_shard(self) -> Result<(Option<Tensor<1>>, Vec<usize>, Device, StepStats), Error> {
         let form = self.form();
         match self.held {
             Held::Shard { values, counts, .. } => Ok((values, counts, self.device, self.stats)),
-            _ => Err(DdpError::GradientForm {
+            _ => Err(Error::GradientForm {
                 wanted: GradientForm::Shards {
                     counts: Vec::new(),
                     rank: 0,

@@ -67,80 +67,8 @@ pub use grads::{GradientForm, ReducedGrads};
 use crate::params::{checksum, collect_params, flatten_params, load_params, ParamSlot};
 pub use crate::transfer::Traffic;
 use crate::transfer::{byte_len, model_device};
+use crate::Error;
 pub use step::StepOptimizer;
-
-/// Errors of data-parallel training.
-#[derive(Debug, thiserror::Error)]
-pub enum DdpError {
-    /// A collective failed.
-    #[error(transparent)]
-    Collective(#[from] ballast_collectives::Error),
-    /// Ranks hold different model structures.
-    #[error(
-        "rank {rank} holds a different model than rank 0: {detail}; every rank must build the same \
-         model (same layers, sizes and order) before wrapping it"
-    )]
-    ModelMismatch {
-        /// The first rank that differs from rank 0.
-        rank: usize,
-        /// The first difference.
-        detail: String,
-    },
-    /// The host side of an offloaded optimizer could not be set up.
-    #[error(transparent)]
-    Offload(#[from] crate::optim::offload::OffloadError),
-    /// Replicas diverged (checked with [`DataParallel::verify_replicas`]).
-    #[error("replicas diverged: parameter checksums by rank are {checksums:x?}")]
-    Diverged {
-        /// Each rank's checksum.
-        checksums: Vec<u64>,
-    },
-    /// A step ended with no sample on any rank.
-    #[error("step {step} had no samples on any rank; every step needs at least one sample")]
-    EmptyStep {
-        /// The step.
-        step: u64,
-    },
-    /// The rank's device is not available in this binary.
-    #[error(transparent)]
-    Device(#[from] crate::device::DeviceError),
-    /// A sharded optimizer's layout does not fit the model or the world.
-    #[error("the optimizer shards do not fit: {reason}; plan one shard per rank covering every parameter")]
-    Shards {
-        /// What does not fit.
-        reason: String,
-    },
-    /// The device reported a failure during the step (a kernel that did not compile or run, a
-    /// failed allocation): the step's results were never computed, so it is not applied.
-    #[error("rank {rank}, step {step}: the device failed, so the step was not applied: {message}")]
-    DeviceFailed {
-        /// The rank.
-        rank: usize,
-        /// The step.
-        step: u64,
-        /// The backend's report (cubecl's error and the device log).
-        message: String,
-    },
-    /// Gradients were reduced in one form and handed to an optimizer that takes another.
-    #[error(
-        "the step's gradients are held as {held:?} but the optimizer takes them as {wanted:?}; reduce them \
-         with `ddp.reduce_for(&model, &optim)` for the optimizer that applies them"
-    )]
-    GradientForm {
-        /// The form the optimizer takes.
-        wanted: GradientForm,
-        /// The form the gradients are in.
-        held: GradientForm,
-    },
-    /// A gradient could not be read back from burn.
-    #[error("reading the gradient of parameter {path}: {message}")]
-    Tensor {
-        /// The parameter.
-        path: String,
-        /// burn's message.
-        message: String,
-    },
-}
 
 /// How the loss of a micro-batch was reduced over its samples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -314,19 +242,15 @@ impl DataParallel {
     /// replicas agree bit for bit. Returns the wrapper and the synchronised model.
     ///
     /// # Errors
-    /// [`DdpError::ModelMismatch`] naming the first differing rank and parameter; collective
+    /// [`Error::ModelMismatch`] naming the first differing rank and parameter; collective
     /// errors.
-    pub fn wrap<M: Module>(
-        mut comm: Box<dyn Communicator>,
-        model: M,
-        options: DdpOptions,
-    ) -> Result<(Self, M), DdpError> {
+    pub fn wrap<M: Module>(mut comm: Box<dyn Communicator>, model: M, options: DdpOptions) -> Result<(Self, M), Error> {
         let params = collect_params(&model);
         let structure: Vec<(String, Vec<usize>)> = params.iter().map(|p| (p.path.clone(), p.dims.clone())).collect();
         let all = comm.all_gather(&structure)?;
         for (rank, other) in all.iter().enumerate().skip(1) {
             if let Some(detail) = first_difference(&all[0], other) {
-                return Err(DdpError::ModelMismatch { rank, detail });
+                return Err(Error::ModelMismatch { rank, detail });
             }
         }
         let mut lens: Vec<usize> = params.iter().map(|p| p.dims.iter().product()).collect();
@@ -395,7 +319,7 @@ impl DataParallel {
     ///
     /// # Errors
     /// None today; the signature leaves room for device errors.
-    pub fn backward<M: Module>(&mut self, model: &M, loss: Tensor<1>, samples: usize) -> Result<(), DdpError> {
+    pub fn backward<M: Module>(&mut self, model: &M, loss: Tensor<1>, samples: usize) -> Result<(), Error> {
         let value = loss.clone().inner();
         let grads = self.weighted_loss(loss, samples).backward();
         self.add_weighted_gradients(model, grads, value, samples)
@@ -417,7 +341,7 @@ impl DataParallel {
         grads: Gradients,
         loss: Tensor<1>,
         samples: usize,
-    ) -> Result<(), DdpError> {
+    ) -> Result<(), Error> {
         self.add(model, grads, 1.0, loss, samples);
         Ok(())
     }
@@ -503,9 +427,9 @@ impl DataParallel {
     /// ```
     ///
     /// # Errors
-    /// Collective errors; [`DdpError::EmptyStep`] when no rank processed a sample;
-    /// [`DdpError::DeviceFailed`] when the device reported a failure during the step.
-    pub fn reduce<M: Module>(&mut self, model: &M) -> Result<ReducedGrads, DdpError> {
+    /// Collective errors; [`Error::EmptyStep`] when no rank processed a sample;
+    /// [`Error::DeviceFailed`] when the device reported a failure during the step.
+    pub fn reduce<M: Module>(&mut self, model: &M) -> Result<ReducedGrads, Error> {
         self.reduce_as(model, GradientForm::Device)
     }
 
@@ -515,9 +439,9 @@ impl DataParallel {
     /// [`DataParallel::apply`].
     ///
     /// # Errors
-    /// As [`DataParallel::reduce`]; [`DdpError::Shards`] when a sharded optimizer's layout does
+    /// As [`DataParallel::reduce`]; [`Error::Shards`] when a sharded optimizer's layout does
     /// not fit this model and world.
-    pub fn reduce_for<M: Module, O: StepOptimizer>(&mut self, model: &M, optim: &O) -> Result<ReducedGrads, DdpError> {
+    pub fn reduce_for<M: Module, O: StepOptimizer>(&mut self, model: &M, optim: &O) -> Result<ReducedGrads, Error> {
         self.reduce_as(model, optim.form())
     }
 
@@ -526,7 +450,7 @@ impl DataParallel {
     /// updated model and the step's statistics.
     ///
     /// # Errors
-    /// [`DdpError::GradientForm`] when `grads` were reduced for another form; the optimizer's
+    /// [`Error::GradientForm`] when `grads` were reduced for another form; the optimizer's
     /// errors.
     pub fn apply<M: Module, O: StepOptimizer>(
         &mut self,
@@ -534,10 +458,10 @@ impl DataParallel {
         optim: &mut O,
         grads: ReducedGrads,
         lr: f64,
-    ) -> Result<(M, StepStats), DdpError> {
+    ) -> Result<(M, StepStats), Error> {
         let wanted = optim.form();
         if grads.form() != wanted {
-            return Err(DdpError::GradientForm {
+            return Err(Error::GradientForm {
                 wanted,
                 held: grads.form(),
             });
@@ -555,12 +479,12 @@ impl DataParallel {
         model: M,
         optim: &mut O,
         lr: f64,
-    ) -> Result<(M, StepStats), DdpError> {
+    ) -> Result<(M, StepStats), Error> {
         let grads = self.reduce_for(&model, optim)?;
         self.apply(model, optim, grads, lr)
     }
 
-    fn reduce_as<M: Module>(&mut self, model: &M, form: GradientForm) -> Result<ReducedGrads, DdpError> {
+    fn reduce_as<M: Module>(&mut self, model: &M, form: GradientForm) -> Result<ReducedGrads, Error> {
         let device = model_device(model);
         match form {
             GradientForm::Device => {
@@ -598,13 +522,13 @@ impl DataParallel {
 
     /// Fails unless `counts` cut this model's parameters into one shard per rank and the shard
     /// was made for this rank (`owner`), before any collective runs.
-    fn check_shards(&self, counts: &[usize], owner: usize) -> Result<(), DdpError> {
+    fn check_shards(&self, counts: &[usize], owner: usize) -> Result<(), Error> {
         let n = self.param_count();
         let rank = self.comm.rank();
         if counts.len() == self.comm.world_size() && counts.iter().sum::<usize>() == n && owner == rank {
             return Ok(());
         }
-        Err(DdpError::Shards {
+        Err(Error::Shards {
             reason: format!(
                 "{} shards of {} parameters in all, made for rank {owner}, on rank {rank} of a world of {} \
                  and a model of {n} parameters",
@@ -623,7 +547,7 @@ impl DataParallel {
         counts: &[usize],
         device: &Device,
         stats: &mut StepStats,
-    ) -> Result<Tensor<1>, DdpError> {
+    ) -> Result<Tensor<1>, Error> {
         let before = self.comm.collectives_started();
         let mut mine = TensorBucket::new(mine.into_iter().collect(), device.clone(), None);
         let mut params = TensorBucket::receiving(self.param_count(), device.clone());
@@ -643,7 +567,7 @@ impl DataParallel {
     /// device buckets, reduces each through the communicator, and returns the reduced buckets
     /// with the global sample count (the divisor). The host copies a host communicator leaves
     /// are kept for the tail, and for every bucket when `keep_host` (the host optimizer's input).
-    fn reduce_buckets(&mut self, device: &Device, keep_host: bool) -> Result<(Reduced, StepStats), DdpError> {
+    fn reduce_buckets(&mut self, device: &Device, keep_host: bool) -> Result<(Reduced, StepStats), Error> {
         self.check_device(device)?;
         let (pieces, busy, mut traffic) = self.take_step(device);
         let started = Instant::now();
@@ -696,7 +620,7 @@ impl DataParallel {
         &mut self,
         device: &Device,
         counts: &[usize],
-    ) -> Result<(Option<Tensor<1>>, f32, f32, StepStats), DdpError> {
+    ) -> Result<(Option<Tensor<1>>, f32, f32, StepStats), Error> {
         self.check_device(device)?;
         let (mut grads, busy, mut traffic) = self.take_step(device);
         let mut tail = grads.split_off(self.params.len());
@@ -724,7 +648,7 @@ impl DataParallel {
     /// rank's queued device work, then fails the step when the device reported a fault or its
     /// log recorded a failure since the last check: the step's sums were then never computed,
     /// so they are dropped before any collective runs.
-    fn check_device(&mut self, device: &Device) -> Result<(), DdpError> {
+    fn check_device(&mut self, device: &Device) -> Result<(), Error> {
         if !crate::health::device_log_installed() {
             // Nothing records the device log: the buffers' own errors surface when the
             // collective reads them.
@@ -745,7 +669,7 @@ impl DataParallel {
         self.loss_sum = None;
         self.local_samples = 0;
         self.micro_batches = 0;
-        Err(DdpError::DeviceFailed {
+        Err(Error::DeviceFailed {
             rank: self.comm.rank(),
             step: self.step,
             message: reports.join("\n  "),
@@ -841,12 +765,12 @@ impl DataParallel {
         collectives: usize,
         buckets: usize,
         traffic: Traffic,
-    ) -> Result<(f32, StepStats), DdpError> {
+    ) -> Result<(f32, StepStats), Error> {
         let world = self.comm.world_size();
         let [loss_sum, count] = [t[0], t[2]];
         let per_rank = |r: usize, k: usize| t[3 + TAIL_VALUES_PER_RANK * r + k];
         if count <= 0.0 {
-            return Err(DdpError::EmptyStep { step: self.step });
+            return Err(Error::EmptyStep { step: self.step });
         }
         let rank_samples: Vec<usize> = (0..world).map(|r| per_rank(r, 1) as usize).collect();
         let stats = StepStats {
@@ -880,12 +804,12 @@ impl DataParallel {
     /// All-gathers a checksum of every parameter's bits and fails if any rank differs.
     ///
     /// # Errors
-    /// [`DdpError::Diverged`] with every rank's checksum; collective errors.
-    pub fn verify_replicas<M: Module>(&mut self, model: &M) -> Result<(), DdpError> {
+    /// [`Error::ReplicasDiverged`] with every rank's checksum; collective errors.
+    pub fn verify_replicas<M: Module>(&mut self, model: &M) -> Result<(), Error> {
         let mine = checksum(model);
         let all: Vec<u64> = self.comm.all_gather(&mine)?;
         if all.iter().any(|&c| c != all[0]) {
-            return Err(DdpError::Diverged { checksums: all });
+            return Err(Error::ReplicasDiverged { checksums: all });
         }
         Ok(())
     }

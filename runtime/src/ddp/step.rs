@@ -6,7 +6,8 @@
 
 use burn::{module::Module, optim::ModuleOptimizer};
 
-use super::{DataParallel, DdpError, GradientForm, ReducedGrads, StepStats};
+use super::{DataParallel, GradientForm, ReducedGrads, StepStats};
+use crate::Error;
 
 /// An optimizer that updates a data-parallel model from a step's averaged gradients.
 pub trait StepOptimizer {
@@ -27,7 +28,7 @@ pub trait StepOptimizer {
         model: M,
         grads: ReducedGrads,
         lr: f64,
-    ) -> Result<(M, StepStats), DdpError>;
+    ) -> Result<(M, StepStats), Error>;
 }
 
 /// Any burn optimizer, on the model's device with every parameter's gradient.
@@ -42,7 +43,7 @@ impl StepOptimizer for ModuleOptimizer {
         model: M,
         grads: ReducedGrads,
         lr: f64,
-    ) -> Result<(M, StepStats), DdpError> {
+    ) -> Result<(M, StepStats), Error> {
         let (grads, stats) = grads.into_params_and_stats()?;
         Ok((self.step(lr, model, grads), stats))
     }

@@ -20,16 +20,14 @@ use ballast_cluster::Launch;
 use ballast_collectives::{local, CommOptions, Communicator, CommunicatorExt};
 
 use crate::{
-    balance::{plan_table, shard_table, BalanceError, BalanceOptions, Balancer},
-    checkpoint::{self, CheckpointError, Checkpointer, TrainState},
+    balance::{plan_table, shard_table, BalanceOptions, Balancer},
+    checkpoint::{self, Checkpointer, TrainState},
     device::DeviceChoice,
-    eval::{EvalBatch, EvalError, EvalKind, EvalTotals},
+    eval::{EvalBatch, EvalKind, EvalTotals},
     memory::DeviceMeter,
     metrics::MetricsWriter,
     optim::ShardPlace,
-    sampler::SamplerError,
-    world::WorldError,
-    DataParallel, DdpError, DdpOptions, GlobalSampler,
+    DataParallel, DdpOptions, GlobalSampler,
 };
 use burn::{
     module::Module,
@@ -40,12 +38,11 @@ use serde_json::json;
 
 use crate::config::Settings;
 
-mod error;
 mod output;
 mod resume;
 mod train;
 
-pub use error::JobError;
+use crate::Error;
 pub use output::print_summary;
 use output::{Output, Progress};
 use resume::*;
@@ -129,14 +126,14 @@ pub struct Summary {
     pub note: Option<String>,
 }
 
-type Result<T, E = JobError> = std::result::Result<T, E>;
+type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// This process's place in the job: launched (one rank) or not (ranks as threads).
 ///
 /// # Errors
 /// Launcher variables that are malformed.
 pub fn launch() -> Result<Launch> {
-    Ok(Launch::from_env().map_err(WorldError::from)?)
+    Launch::from_env().map_err(Error::from)
 }
 
 /// Runs `task` with `settings` on every rank of the job and returns rank 0's summary.
@@ -156,7 +153,7 @@ pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Su
     let results = local::run(settings.ranks, options, |comm| {
         let rank = comm.rank();
         let choice = choice(rank).unwrap_or_default();
-        let device = choice.device(0).map_err(WorldError::from)?.autodiff();
+        let device = choice.device(0)?.autodiff();
         let gpu = match choice {
             DeviceChoice::Cuda(ordinal) => Some(ordinal.unwrap_or(0)),
             _ => None,
@@ -171,10 +168,10 @@ pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Su
             Err(e) => errors.push(e),
         }
     }
-    if let Some(e) = errors.into_iter().min_by_key(JobError::is_consequence) {
+    if let Some(e) = errors.into_iter().min_by_key(Error::is_consequence) {
         return Err(e);
     }
-    summary.ok_or(JobError::NoRank)
+    summary.ok_or(Error::NoRank)
 }
 
 /// One rank's whole job, in its phases.
@@ -185,9 +182,12 @@ fn check_devices(comm: &mut dyn Communicator, device: &Device, s: &Settings) -> 
     let rank = comm.rank();
     let mine = crate::health::canary_in(&device.clone().inner(), s.canary_dtype);
     let failed: Vec<bool> = comm.all_gather(&mine.is_err())?;
-    mine.map_err(|failure| JobError::Canary { rank, failure })?;
+    mine.map_err(|failure| Error::RankCanary {
+        rank,
+        source: Box::new(failure),
+    })?;
     match failed.iter().position(|&f| f) {
-        Some(other) => Err(JobError::PeerCanary { rank: other }),
+        Some(other) => Err(Error::PeerCanary { rank: other }),
         None => Ok(()),
     }
 }
@@ -309,17 +309,17 @@ fn build_model<T: Task>(
             comm.barrier()?;
         }
     }
-    let model = built.ok_or(JobError::NoRank)?;
+    let model = built.ok_or(Error::NoRank)?;
     let Some(path) = &s.load else {
         return Ok((model, 0));
     };
     // Every rank reads the same file; DataParallel::wrap checks that the replicas agree.
-    let loaded = checkpoint::load(path, &model).map_err(|source| JobError::Load {
+    let loaded = checkpoint::load(path, &model).map_err(|source| Error::Load {
         path: path.clone(),
-        source,
+        source: Box::new(source),
     })?;
     if loaded.state.job != s.job {
-        return Err(JobError::WrongJob {
+        return Err(Error::WrongJob {
             path: path.clone(),
             found: loaded.state.job,
             expected: s.job.clone(),

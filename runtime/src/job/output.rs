@@ -25,7 +25,7 @@ impl Output {
             std::process::id()
         );
         let run_id: String = ddp.comm().broadcast_value(0, &id)?;
-        let metrics = MetricsWriter::append(&s.metrics).map_err(|source| JobError::Metrics {
+        let metrics = MetricsWriter::append(&s.metrics).map_err(|source| Error::Metrics {
             path: s.metrics.clone(),
             source,
         })?;
@@ -49,7 +49,7 @@ impl Output {
         if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), fields) {
             line.extend(fields);
         }
-        self.metrics.record(&line).map_err(|source| JobError::Metrics {
+        self.metrics.record(&line).map_err(|source| Error::Metrics {
             path: self.path.clone(),
             source,
         })

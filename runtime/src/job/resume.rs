@@ -30,18 +30,18 @@ pub(super) fn barrier_after_write(comm: &mut dyn Communicator, bytes: u64) -> Re
 /// on every rank when the state is not sharded.
 pub(super) fn restore_optimizer(balancer: &mut Balancer, path: PathBuf, saved: checkpoint::AdamMoments) -> Result<()> {
     if let Some(shard) = balancer.shard_mut() {
-        return shard.restore(&saved).map_err(|e| JobError::OptimizerState {
+        return shard.restore(&saved).map_err(|e| Error::OptimizerState {
             path,
             reason: e.to_string(),
         });
     }
-    let host = balancer.host_mut().ok_or_else(|| JobError::OptimizerState {
+    let host = balancer.host_mut().ok_or_else(|| Error::OptimizerState {
         path: path.clone(),
         reason: "the host optimizer is not running".into(),
     })?;
     host.adam_mut()
         .restore(saved.m, saved.v, saved.t)
-        .map_err(|e| JobError::OptimizerState {
+        .map_err(|e| Error::OptimizerState {
             path,
             reason: e.to_string(),
         })
@@ -110,10 +110,10 @@ pub(super) fn resume<M: Module>(
             shards: None,
         });
     }
-    let cp = checkpointer.ok_or(JobError::ResumeWithoutDirectory)?;
+    let cp = checkpointer.ok_or(Error::ResumeWithoutDirectory)?;
     let chosen = if ddp.rank() == 0 { cp.newest()? } else { None };
     let chosen: Option<PathBuf> = ddp.comm().broadcast_value(0, &chosen)?;
-    let path = chosen.ok_or_else(|| JobError::NothingToResume {
+    let path = chosen.ok_or_else(|| Error::NothingToResume {
         dir: cp.dir().to_path_buf(),
     })?;
     let loaded = checkpoint::load(&path, &model)?;

@@ -50,7 +50,7 @@ impl<T: Task> Training<'_, T> {
         let (model, out) = balancer.step(ddp, model, &mut self.optim, lr, &sampler.batch(step), loss_fn)?;
         let step_s = t0.elapsed().as_secs_f64();
         if !out.stats.loss.is_finite() {
-            return Err(JobError::Diverged {
+            return Err(Error::LossDiverged {
                 step,
                 loss: out.stats.loss,
                 lr: s.lr,
@@ -137,7 +137,10 @@ impl<T: Task> Training<'_, T> {
         let (totals, mine) = crate::eval::evaluate(ddp.comm(), task.eval_len(), &shares, micro, |idx| {
             task.evaluate(model, idx, device)
         })
-        .map_err(|source| JobError::Eval { step, source })?;
+        .map_err(|source| Error::Evaluating {
+            step,
+            source: Box::new(source),
+        })?;
         let eval_s = t0.elapsed().as_secs_f64();
         self.out.record(
             "eval",

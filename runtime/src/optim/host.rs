@@ -21,6 +21,7 @@
 use rayon::prelude::*;
 
 use super::offload::StateBuffer;
+use crate::Error;
 
 /// Elements per parallel chunk: 16 Ki f32 = 64 KiB per buffer, four buffers fit in L2.
 const CHUNK: usize = 16 * 1024;
@@ -111,11 +112,11 @@ impl HostAdam {
     /// Replaces the state with saved moments and step count (a resume).
     ///
     /// # Errors
-    /// [`super::OffloadError::StateMismatch`] when the lengths differ from this optimizer's
+    /// [`Error::StateMismatch`] when the lengths differ from this optimizer's
     /// parameter count.
-    pub fn restore(&mut self, m: Vec<f32>, v: Vec<f32>, t: i32) -> Result<(), super::OffloadError> {
+    pub fn restore(&mut self, m: Vec<f32>, v: Vec<f32>, t: i32) -> Result<(), Error> {
         if m.len() != self.m.len() || v.len() != self.v.len() {
-            return Err(super::OffloadError::StateMismatch {
+            return Err(Error::StateMismatch {
                 m: m.len(),
                 v: v.len(),
                 params: self.m.len(),
@@ -152,7 +153,7 @@ impl HostAdam {
     /// The same arithmetic as [`HostAdam::step`], in the same order.
     ///
     /// # Errors
-    /// [`super::OffloadError::Cuda`] when a buffer is not managed memory or a CUDA call fails (the
+    /// [`Error::Cuda`] when a buffer is not managed memory or a CUDA call fails (the
     /// step count is not advanced when a buffer is not managed).
     ///
     /// # Panics
@@ -164,16 +165,16 @@ impl HostAdam {
         params: &mut StateBuffer,
         grads: &StateBuffer,
         lr: f32,
-    ) -> Result<super::managed::ChunkStats, super::OffloadError> {
+    ) -> Result<super::managed::ChunkStats, Error> {
         assert_eq!(params.len(), self.m.len(), "parameter count changed");
         assert_eq!(grads.len(), self.m.len(), "gradient count differs from parameters");
         let (StateBuffer::Managed(p), StateBuffer::Managed(g)) = (params, grads) else {
-            return Err(super::OffloadError::Cuda(
+            return Err(Error::Cuda(
                 "the GPU update needs the parameters and gradients in managed memory".into(),
             ));
         };
         let (StateBuffer::Managed(m), StateBuffer::Managed(v)) = (&mut self.m, &mut self.v) else {
-            return Err(super::OffloadError::Cuda(
+            return Err(Error::Cuda(
                 "the GPU update needs Adam's moments in managed memory".into(),
             ));
         };

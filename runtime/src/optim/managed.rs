@@ -24,12 +24,11 @@
 
 use std::sync::Arc;
 
+use crate::Error;
 use cudarc::{
     driver::{result, sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg},
     nvrtc::{compile_ptx_with_opts, CompileOptions},
 };
-
-use super::OffloadError;
 
 /// A managed allocation of `len` f32 values.
 pub struct ManagedBuffer {
@@ -44,18 +43,18 @@ impl ManagedBuffer {
     /// buffer may be larger than the device's free memory (see the [module docs](self)).
     ///
     /// # Errors
-    /// [`OffloadError::NoCuda`] without the driver; [`OffloadError::Cuda`] on driver errors.
-    pub fn new(ordinal: usize, len: usize) -> Result<Self, OffloadError> {
+    /// [`Error::NoCuda`] without the driver; [`Error::Cuda`] on driver errors.
+    pub fn new(ordinal: usize, len: usize) -> Result<Self, Error> {
         // SAFETY: only tries to load the library.
         if !unsafe { sys::is_culib_present() } {
-            return Err(OffloadError::NoCuda);
+            return Err(Error::NoCuda);
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| OffloadError::Cuda(format!("{e:?}")))?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::Cuda(format!("{e:?}")))?;
         let bytes = len * std::mem::size_of::<f32>();
-        let stream = ctx.new_stream().map_err(|e| OffloadError::Cuda(format!("{e:?}")))?;
+        let stream = ctx.new_stream().map_err(|e| Error::Cuda(format!("{e:?}")))?;
         // SAFETY: a fresh allocation of `bytes` bytes; it is freed once in Drop.
         let ptr = unsafe { result::malloc_managed(bytes, sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL) }
-            .map_err(|e| OffloadError::Cuda(format!("cuMemAllocManaged: {e:?}")))?;
+            .map_err(|e| Error::Cuda(format!("cuMemAllocManaged: {e:?}")))?;
         let buffer = Self {
             ptr,
             len,
@@ -75,9 +74,9 @@ impl ManagedBuffer {
                 sys::CUmem_advise::CU_MEM_ADVISE_SET_PREFERRED_LOCATION,
                 host,
             )
-            .map_err(|e| OffloadError::Cuda(format!("cuMemAdvise(preferred host): {e:?}")))?;
+            .map_err(|e| Error::Cuda(format!("cuMemAdvise(preferred host): {e:?}")))?;
             result::mem_advise(ptr, bytes, sys::CUmem_advise::CU_MEM_ADVISE_SET_ACCESSED_BY, device)
-                .map_err(|e| OffloadError::Cuda(format!("cuMemAdvise(accessed by device): {e:?}")))?;
+                .map_err(|e| Error::Cuda(format!("cuMemAdvise(accessed by device): {e:?}")))?;
         }
         Ok(buffer)
     }
@@ -92,23 +91,23 @@ impl ManagedBuffer {
     /// Starts moving the buffer to the device (asynchronous on this buffer's stream).
     ///
     /// # Errors
-    /// [`OffloadError::Cuda`].
-    pub fn prefetch_to_device(&self) -> Result<(), OffloadError> {
+    /// [`Error::Cuda`].
+    pub fn prefetch_to_device(&self) -> Result<(), Error> {
         self.prefetch(self.device_location())
     }
 
     /// Starts moving the buffer back to the host.
     ///
     /// # Errors
-    /// [`OffloadError::Cuda`].
-    pub fn prefetch_to_host(&self) -> Result<(), OffloadError> {
+    /// [`Error::Cuda`].
+    pub fn prefetch_to_host(&self) -> Result<(), Error> {
         self.prefetch(sys::CUmemLocation {
             type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST,
             id: 0,
         })
     }
 
-    fn prefetch(&self, to: sys::CUmemLocation) -> Result<(), OffloadError> {
+    fn prefetch(&self, to: sys::CUmemLocation) -> Result<(), Error> {
         self.prefetch_range(0..self.len, to, &self.stream)
     }
 
@@ -118,14 +117,14 @@ impl ManagedBuffer {
         range: std::ops::Range<usize>,
         to: sys::CUmemLocation,
         stream: &CudaStream,
-    ) -> Result<(), OffloadError> {
+    ) -> Result<(), Error> {
         assert!(range.end <= self.len, "prefetch past the end of a managed buffer");
         let start = self.ptr + (range.start * std::mem::size_of::<f32>()) as u64;
         let bytes = range.len() * std::mem::size_of::<f32>();
         // SAFETY: the range lies inside this allocation (asserted above) and the stream is a
         // live stream of the same context; prefetching moves pages and changes no value.
         unsafe { result::mem_prefetch_async(start, bytes, to, stream.cu_stream()) }
-            .map_err(|e| OffloadError::Cuda(format!("cuMemPrefetchAsync: {e:?}")))
+            .map_err(|e| Error::Cuda(format!("cuMemPrefetchAsync: {e:?}")))
     }
 
     /// The device address of element `at`.
@@ -136,11 +135,9 @@ impl ManagedBuffer {
     /// Waits for this buffer's prefetches.
     ///
     /// # Errors
-    /// [`OffloadError::Cuda`].
-    pub fn wait(&self) -> Result<(), OffloadError> {
-        self.stream
-            .synchronize()
-            .map_err(|e| OffloadError::Cuda(format!("{e:?}")))
+    /// [`Error::Cuda`].
+    pub fn wait(&self) -> Result<(), Error> {
+        self.stream.synchronize().map_err(|e| Error::Cuda(format!("{e:?}")))
     }
 
     /// The buffer as a host slice (see [`ManagedBuffer::as_mut_slice`]).
@@ -260,12 +257,12 @@ impl ChunkedAdam {
     /// by the device's free memory now ([`super::offload::chunk_len`]).
     ///
     /// # Errors
-    /// [`OffloadError::NoCuda`] without the driver; [`OffloadError::DeviceMemory`] when not even
-    /// two of the smallest chunks fit; [`OffloadError::Cuda`] when NVRTC or the driver fail.
-    pub fn new(ordinal: usize, len: usize) -> Result<Self, OffloadError> {
+    /// [`Error::NoCuda`] without the driver; [`Error::DeviceMemory`] when not even
+    /// two of the smallest chunks fit; [`Error::Cuda`] when NVRTC or the driver fail.
+    pub fn new(ordinal: usize, len: usize) -> Result<Self, Error> {
         let ctx = context(ordinal)?;
         let (free, _total) = ctx.mem_get_info().map_err(cuda("cuMemGetInfo"))?;
-        let chunk_len = super::offload::chunk_len(free as u64, len).ok_or(OffloadError::DeviceMemory {
+        let chunk_len = super::offload::chunk_len(free as u64, len).ok_or(Error::DeviceMemory {
             needed: 4 * 2 * super::offload::CHUNK_BYTES_PER_ELEMENT * 64 * 1024,
             free: free as u64,
         })?;
@@ -276,7 +273,7 @@ impl ChunkedAdam {
     ///
     /// # Errors
     /// As [`ChunkedAdam::new`], without the free-memory check.
-    pub fn with_chunk_len(ordinal: usize, chunk_len: usize) -> Result<Self, OffloadError> {
+    pub fn with_chunk_len(ordinal: usize, chunk_len: usize) -> Result<Self, Error> {
         let ctx = context(ordinal)?;
         let options = CompileOptions {
             fmad: Some(false),
@@ -286,7 +283,7 @@ impl ChunkedAdam {
             ..Default::default()
         };
         let ptx = compile_ptx_with_opts(ADAM_KERNEL, options)
-            .map_err(|e| OffloadError::Cuda(format!("compiling the Adam kernel with NVRTC: {e:?}")))?;
+            .map_err(|e| Error::Cuda(format!("compiling the Adam kernel with NVRTC: {e:?}")))?;
         let module = ctx.load_module(ptx).map_err(cuda("cuModuleLoadData"))?;
         let kernel = module
             .load_function("ballast_adam_chunk")
@@ -309,7 +306,7 @@ impl ChunkedAdam {
     /// chunk on the device; on return every buffer is back on the host and the step is done.
     ///
     /// # Errors
-    /// [`OffloadError::Cuda`] when a prefetch, the launch or the final wait fails.
+    /// [`Error::Cuda`] when a prefetch, the launch or the final wait fails.
     ///
     /// # Panics
     /// If the buffers differ in length.
@@ -320,7 +317,7 @@ impl ChunkedAdam {
         m: &mut ManagedBuffer,
         v: &mut ManagedBuffer,
         args: &AdamArgs,
-    ) -> Result<ChunkStats, OffloadError> {
+    ) -> Result<ChunkStats, Error> {
         let n = p.len;
         assert!(
             g.len == n && m.len == n && v.len == n,
@@ -353,7 +350,7 @@ impl ChunkedAdam {
         v: &ManagedBuffer,
         chunks: usize,
         args: &AdamArgs,
-    ) -> Result<(), OffloadError> {
+    ) -> Result<(), Error> {
         let n = p.len;
         let range = |i: usize| i * self.chunk_len..((i + 1) * self.chunk_len).min(n);
         let device = p.device_location();
@@ -396,7 +393,7 @@ impl ChunkedAdam {
         v: &ManagedBuffer,
         range: std::ops::Range<usize>,
         a: &AdamArgs,
-    ) -> Result<(), OffloadError> {
+    ) -> Result<(), Error> {
         let n = range.len() as u64;
         let [pp, gp, mp, vp] = [p, g, m, v].map(|b| b.address(range.start));
         let threads = 256u32;
@@ -430,20 +427,20 @@ impl ChunkedAdam {
         // every path before the caller can touch the buffers again.
         unsafe { launch.launch(config) }
             .map(|_| ())
-            .map_err(|e| OffloadError::Cuda(format!("launching the Adam kernel: {e:?}")))
+            .map_err(|e| Error::Cuda(format!("launching the Adam kernel: {e:?}")))
     }
 }
 
 /// The primary context of GPU `ordinal`, once the driver is known to be there.
-fn context(ordinal: usize) -> Result<Arc<CudaContext>, OffloadError> {
+fn context(ordinal: usize) -> Result<Arc<CudaContext>, Error> {
     // SAFETY: only tries to load the library.
     if !unsafe { sys::is_culib_present() } {
-        return Err(OffloadError::NoCuda);
+        return Err(Error::NoCuda);
     }
     CudaContext::new(ordinal).map_err(cuda("cuCtxCreate"))
 }
 
-/// Turns a driver error into [`OffloadError::Cuda`] naming the call.
-fn cuda(call: &'static str) -> impl Fn(result::DriverError) -> OffloadError {
-    move |e| OffloadError::Cuda(format!("{call}: {e:?}"))
+/// Turns a driver error into [`Error::Cuda`] naming the call.
+fn cuda(call: &'static str) -> impl Fn(result::DriverError) -> Error {
+    move |e| Error::Cuda(format!("{call}: {e:?}"))
 }

@@ -18,5 +18,5 @@ pub mod offload;
 pub mod sharded;
 
 pub use host::{HostAdam, HostAdamConfig};
-pub use offload::{HostOffload, OffloadError};
+pub use offload::HostOffload;
 pub use sharded::{shard_counts, ShardPlace, ShardedAdam};

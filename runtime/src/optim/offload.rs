@@ -21,63 +21,10 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 
 use super::host::{HostAdam, HostAdamConfig};
-use crate::ddp::{DataParallel, DdpError, GradientForm, ReducedGrads, StepOptimizer, StepStats};
+use crate::ddp::{DataParallel, GradientForm, ReducedGrads, StepOptimizer, StepStats};
 use crate::params::{flatten_params, load_params};
 use crate::transfer::byte_len;
-
-/// Errors of the offload path.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum OffloadError {
-    /// Host RAM cannot hold the offloaded state.
-    #[error(
-        "offloading needs {needed} bytes of host RAM but only {usable} are usable ({available} available \
-         in {path} minus a {margin_pct:.0}% margin); free host memory, put fewer ranks on this host, or \
-         give the device more memory"
-    )]
-    HostMemory {
-        /// Bytes the offloaded state needs.
-        needed: u64,
-        /// Bytes usable after the margin.
-        usable: u64,
-        /// `MemAvailable`.
-        available: u64,
-        /// Margin kept free, percent.
-        margin_pct: f64,
-        /// The meminfo file read.
-        path: String,
-    },
-    /// Host memory facts could not be read.
-    #[error(transparent)]
-    Proc(#[from] ballast_cluster::Error),
-    /// The CUDA driver is absent.
-    #[error("CUDA offload needs the NVIDIA driver (libcuda.so), which is not installed here")]
-    NoCuda,
-    /// The device has too little free memory for the chunked update of offloaded state.
-    #[error(
-        "updating offloaded optimizer state on the GPU needs {needed} bytes of free device memory for \
-         two chunks, but only {free} are free; free device memory (a smaller micro-batch) or offload \
-         on a CPU rank"
-    )]
-    DeviceMemory {
-        /// Bytes asked for.
-        needed: u64,
-        /// Free device bytes.
-        free: u64,
-    },
-    /// A CUDA call failed.
-    #[error("CUDA: {0}")]
-    Cuda(String),
-    /// Saved Adam state does not fit this optimizer.
-    #[error("saved Adam state has {m} and {v} values but the model has {params} parameters")]
-    StateMismatch {
-        /// First moments saved.
-        m: usize,
-        /// Second moments saved.
-        v: usize,
-        /// Parameters of this optimizer.
-        params: usize,
-    },
-}
+use crate::Error;
 
 /// Fraction of `MemAvailable` offload may use by default: the rest stays for the OS page cache,
 /// data loading and the other ranks on the host.
@@ -87,12 +34,12 @@ pub const DEFAULT_HOST_MARGIN: f64 = 0.20;
 /// minus `margin`.
 ///
 /// # Errors
-/// [`OffloadError::HostMemory`] with the numbers; [`OffloadError::Proc`] when meminfo is unreadable.
-pub fn check_host_memory(root: &Path, needed: u64, margin: f64) -> Result<u64, OffloadError> {
+/// [`Error::HostMemory`] with the numbers; [`Error::Cluster`] when meminfo is unreadable.
+pub fn check_host_memory(root: &Path, needed: u64, margin: f64) -> Result<u64, Error> {
     let mem = ballast_cluster::host_memory(root)?;
     let usable = (mem.available as f64 * (1.0 - margin)) as u64;
     if needed > usable {
-        return Err(OffloadError::HostMemory {
+        return Err(Error::HostMemory {
             needed,
             usable,
             available: mem.available,
@@ -174,9 +121,9 @@ impl StateBuffer {
     /// them.
     ///
     /// # Errors
-    /// [`OffloadError::NoCuda`], [`OffloadError::DeviceMemory`] or [`OffloadError::Cuda`].
+    /// [`Error::NoCuda`], [`Error::DeviceMemory`] or [`Error::Cuda`].
     #[cfg(feature = "cuda")]
-    pub fn managed(ordinal: usize, len: usize) -> Result<Self, OffloadError> {
+    pub fn managed(ordinal: usize, len: usize) -> Result<Self, Error> {
         super::managed::ManagedBuffer::new(ordinal, len).map(Self::Managed)
     }
 
@@ -283,8 +230,8 @@ impl HostOffload {
     /// that host RAM (read under `root`, normally `/`) can hold them.
     ///
     /// # Errors
-    /// [`OffloadError::HostMemory`] when it cannot.
-    pub fn new<M: Module>(model: &M, config: HostAdamConfig, root: &Path) -> Result<Self, OffloadError> {
+    /// [`Error::HostMemory`] when it cannot.
+    pub fn new<M: Module>(model: &M, config: HostAdamConfig, root: &Path) -> Result<Self, Error> {
         Self::for_device(model, config, root, None)
     }
 
@@ -293,13 +240,13 @@ impl HostOffload {
     /// ordinal is ignored.
     ///
     /// # Errors
-    /// [`OffloadError::HostMemory`]; with `cuda`, the managed buffer's errors.
+    /// [`Error::HostMemory`]; with `cuda`, the managed buffer's errors.
     pub fn for_device<M: Module>(
         model: &M,
         config: HostAdamConfig,
         root: &Path,
         gpu: Option<usize>,
-    ) -> Result<Self, OffloadError> {
+    ) -> Result<Self, Error> {
         Self::with_state(flatten_params(model), config, root, gpu)
     }
 
@@ -307,17 +254,12 @@ impl HostOffload {
     /// moments in host memory, after the same host-RAM check as [`HostOffload::new`].
     ///
     /// # Errors
-    /// [`OffloadError::HostMemory`] when host RAM cannot hold them.
-    pub fn from_values(master: Vec<f32>, config: HostAdamConfig, root: &Path) -> Result<Self, OffloadError> {
+    /// [`Error::HostMemory`] when host RAM cannot hold them.
+    pub fn from_values(master: Vec<f32>, config: HostAdamConfig, root: &Path) -> Result<Self, Error> {
         Self::with_state(master, config, root, None)
     }
 
-    fn with_state(
-        master: Vec<f32>,
-        config: HostAdamConfig,
-        root: &Path,
-        gpu: Option<usize>,
-    ) -> Result<Self, OffloadError> {
+    fn with_state(master: Vec<f32>, config: HostAdamConfig, root: &Path, gpu: Option<usize>) -> Result<Self, Error> {
         let n = master.len();
         let on_gpu = cfg!(feature = "cuda") && gpu.is_some();
         // Master, moments and, on a GPU, the managed gradient buffer.
@@ -357,8 +299,8 @@ impl HostOffload {
     /// chunk where the state is in managed memory, else on the host.
     ///
     /// # Errors
-    /// [`OffloadError::Cuda`] when the GPU update fails.
-    pub fn step(&mut self, grads: &[f32], lr: f32) -> Result<&[f32], OffloadError> {
+    /// [`Error::Cuda`] when the GPU update fails.
+    pub fn step(&mut self, grads: &[f32], lr: f32) -> Result<&[f32], Error> {
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &mut self.gpu {
             gpu.grads.copy_from_slice(grads);
@@ -451,7 +393,7 @@ impl StepOptimizer for HostOffload {
         model: M,
         grads: ReducedGrads,
         lr: f64,
-    ) -> Result<(M, StepStats), DdpError> {
+    ) -> Result<(M, StepStats), Error> {
         let (grads, mut stats) = grads.into_host()?;
         let params = self.step(&grads, lr as f32)?;
         stats.traffic.to_device += byte_len(params.len());

@@ -23,6 +23,7 @@ use burn::{
     tensor::{Device, Tensor, TensorData},
 };
 
+use crate::Error;
 use crate::{
     balancer::split_proportional,
     checkpoint::AdamMoments,
@@ -30,7 +31,6 @@ use crate::{
     optim::{HostAdamConfig, HostOffload},
     params::{flatten_params, load_params_from_tensor, params_range},
     transfer::{model_device, to_host, Traffic},
-    DdpError,
 };
 
 /// Cuts `params` values into one shard per rank in proportion to `weights` (for example each
@@ -38,9 +38,9 @@ use crate::{
 /// lower rank). A weight of 0 gives that rank no shard.
 ///
 /// # Errors
-/// [`DdpError::Shards`] for negative, non-finite or all-zero weights.
-pub fn shard_counts(params: usize, weights: &[f64]) -> Result<Vec<usize>, DdpError> {
-    split_proportional(params, weights).map_err(|e| DdpError::Shards { reason: e.to_string() })
+/// [`Error::Shards`] for negative, non-finite or all-zero weights.
+pub fn shard_counts(params: usize, weights: &[f64]) -> Result<Vec<usize>, Error> {
+    split_proportional(params, weights).map_err(|e| Error::Shards { reason: e.to_string() })
 }
 
 /// Where a rank keeps the optimizer state of its shard.
@@ -75,19 +75,19 @@ impl ShardedAdam {
     /// same values.
     ///
     /// # Errors
-    /// [`DdpError::Shards`] when `counts` has no entry for `rank` or does not add up to the
-    /// model's parameters; [`DdpError::Offload`] when host RAM cannot hold a host shard's state.
+    /// [`Error::Shards`] when `counts` has no entry for `rank` or does not add up to the
+    /// model's parameters; [`Error::HostMemory`] when host RAM cannot hold a host shard's state.
     pub fn new<M: Module>(
         model: &M,
         rank: usize,
         counts: Vec<usize>,
         config: HostAdamConfig,
         place: ShardPlace,
-    ) -> Result<Self, DdpError> {
+    ) -> Result<Self, Error> {
         let params = model.num_params();
         let total: usize = counts.iter().sum();
         if rank >= counts.len() || total != params {
-            return Err(DdpError::Shards {
+            return Err(Error::Shards {
                 reason: format!(
                     "{} shards of {total} parameters in all for rank {rank} of a model with {params} parameters",
                     counts.len(),
@@ -151,18 +151,18 @@ impl ShardedAdam {
     /// to `traffic`.
     ///
     /// # Errors
-    /// [`DdpError::Tensor`] when the device cannot give a host shard's gradient back;
-    /// [`DdpError::Shards`] when `grads` is not as long as this rank's shard.
+    /// [`Error::Tensor`] when the device cannot give a host shard's gradient back;
+    /// [`Error::Shards`] when `grads` is not as long as this rank's shard.
     pub fn step<M: Module>(
         &mut self,
         model: &M,
         grads: Option<Tensor<1>>,
         lr: f32,
         traffic: &mut Traffic,
-    ) -> Result<Option<Tensor<1>>, DdpError> {
+    ) -> Result<Option<Tensor<1>>, Error> {
         let given = grads.as_ref().map_or(0, |g| g.shape().num_elements());
         if given != self.len() {
-            return Err(DdpError::Shards {
+            return Err(Error::Shards {
                 reason: format!(
                     "rank {} was given {given} averaged gradients for a shard of {} parameters",
                     self.rank,
@@ -221,8 +221,8 @@ impl ShardedAdam {
     /// gathered in rank order, are the whole model's).
     ///
     /// # Errors
-    /// [`DdpError::Tensor`] when the device cannot give them back.
-    pub fn moments(&self) -> Result<(Vec<f32>, Vec<f32>), DdpError> {
+    /// [`Error::Tensor`] when the device cannot give them back.
+    pub fn moments(&self) -> Result<(Vec<f32>, Vec<f32>), Error> {
         match &self.state {
             ShardState::Host(host) => {
                 let (m, v) = host.adam().moments();
@@ -236,11 +236,11 @@ impl ShardedAdam {
     /// ranks: the shard is cut out of them here).
     ///
     /// # Errors
-    /// [`DdpError::Shards`] when `saved` does not hold one moment per parameter.
-    pub fn restore(&mut self, saved: &AdamMoments) -> Result<(), DdpError> {
+    /// [`Error::Shards`] when `saved` does not hold one moment per parameter.
+    pub fn restore(&mut self, saved: &AdamMoments) -> Result<(), Error> {
         let total: usize = self.counts.iter().sum();
         if saved.m.len() != total || saved.v.len() != total {
-            return Err(DdpError::Shards {
+            return Err(Error::Shards {
                 reason: format!(
                     "the saved Adam state holds {} and {} moments for a model of {total} parameters",
                     saved.m.len(),
@@ -254,7 +254,7 @@ impl ShardedAdam {
             ShardState::Host(host) => host
                 .adam_mut()
                 .restore(m, v, saved.t)
-                .map_err(|e| DdpError::Shards { reason: e.to_string() }),
+                .map_err(|e| Error::Shards { reason: e.to_string() }),
             ShardState::Device(adam) => {
                 adam.restore(m, v, saved.t);
                 Ok(())
@@ -264,7 +264,7 @@ impl ShardedAdam {
 }
 
 /// Reads a moment tensor to the host (empty for an empty shard).
-fn read(t: &Option<Tensor<1>>, name: &str) -> Result<Vec<f32>, DdpError> {
+fn read(t: &Option<Tensor<1>>, name: &str) -> Result<Vec<f32>, Error> {
     match t {
         Some(t) => to_host(t.clone(), &format!("the optimizer shard's moment {name}")),
         None => Ok(Vec::new()),
@@ -362,7 +362,7 @@ impl StepOptimizer for ShardedAdam {
         model: M,
         grads: ReducedGrads,
         lr: f64,
-    ) -> Result<(M, StepStats), DdpError> {
+    ) -> Result<(M, StepStats), Error> {
         // The counts and the rank were checked against the world before the collectives.
         let (shard, counts, device, mut stats) = grads.into_shard()?;
         let mine = self.step(&model, shard, lr as f32, &mut stats.traffic)?;

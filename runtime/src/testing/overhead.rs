@@ -18,11 +18,12 @@ use burn::{
 use ballast_collectives::{local, CommOptions};
 
 use crate::{
-    ddp::{DataParallel, DdpError, DdpOptions},
+    ddp::{DataParallel, DdpOptions},
     params::{flatten_params, load_params},
 };
 
 use super::relative_difference;
+use crate::Error;
 
 /// Steps of each loop run before timing starts (kernel compilation, pool growth).
 pub const WARMUP_STEPS: usize = 3;
@@ -58,7 +59,7 @@ impl Overhead {
 /// `samples` samples.
 ///
 /// # Errors
-/// A [`DdpError`] of our loop.
+/// A [`Error`] of our loop.
 pub fn measure_overhead<M: Module + Clone>(
     model: M,
     micro_batches: usize,
@@ -66,7 +67,7 @@ pub fn measure_overhead<M: Module + Clone>(
     steps: usize,
     lr: f64,
     loss: impl Fn(&M, usize) -> Tensor<1>,
-) -> Result<Overhead, DdpError> {
+) -> Result<Overhead, Error> {
     let comm = local::world(1, CommOptions::default()).pop().expect("one rank");
     let mut plain = model.clone();
     let (mut ddp, mut ours) = DataParallel::wrap(Box::new(comm), model, DdpOptions::default())?;
