@@ -40,21 +40,6 @@ fn launch(bin: &str, ranks: usize, args: &[&str], envs: &[(&str, &str)]) -> Outp
     })
 }
 
-/// As [`mpirun`], in directory `dir`, with owned arguments.
-pub fn mpirun_in(dir: &std::path::Path, ranks: usize, args: &[String], envs: &[(&str, &str)]) -> Output {
-    let _one_at_a_time = serial();
-    let mut cmd = Command::new("mpirun");
-    cmd.current_dir(dir)
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", &ranks.to_string()]);
-    for (k, v) in envs {
-        cmd.args(["-x", &format!("{k}={v}")]);
-    }
-    cmd.arg(env!("CARGO_BIN_EXE_ballast")).args(args);
-    cmd.output().unwrap_or_else(|e| {
-        panic!("cannot start mpirun ({e}); install it with: apt-get install -y openmpi-bin libopenmpi-dev")
-    })
-}
-
 /// The lines of stdout that start with `prefix`, sorted.
 pub fn lines_with(out: &Output, prefix: &str) -> Vec<String> {
     let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)

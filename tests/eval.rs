@@ -13,9 +13,7 @@ use ballast_examples::{
     text::TextSet,
 };
 
-mod common;
-
-use common::{one_job, text};
+use ballast_tests::{one_job, text};
 
 /// A single rank with room for any micro-batch (the model flags come first).
 const ONE_RANK: [&str; 6] = ["--ranks", "1", "--speeds", "1", "--device-memory", "64MiB"];
@@ -106,7 +104,7 @@ fn no_held_out_byte_is_a_training_target() {
 fn evaluation_on_three_unequal_ranks_equals_one_rank() {
     let _alone = one_job();
     let d = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_resnet");
+    let bin = ballast_tests::bin("resnet");
     let common = ["--synthetic-images", "400", "--width", "8", "--global-batch", "32"];
     let mut args: Vec<&str> = common.to_vec();
     args.extend([
@@ -121,7 +119,7 @@ fn evaluation_on_three_unequal_ranks_equals_one_rank() {
         "--metrics",
         "three.jsonl",
     ]);
-    let out = run(bin, d.path(), &args);
+    let out = run(&bin, d.path(), &args);
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -146,7 +144,7 @@ fn evaluation_on_three_unequal_ranks_equals_one_rank() {
     let mut args: Vec<&str> = common.to_vec();
     args.extend(ONE_RANK);
     args.extend(["--eval-only", "--load", "m.safetensors", "--metrics", "one.jsonl"]);
-    let out = run(bin, d.path(), &args);
+    let out = run(&bin, d.path(), &args);
     assert!(out.status.success(), "{}", text(&out));
     let one = evals(&d.path().join("one.jsonl"));
     assert_eq!(one.len(), 1, "{one:?}");
@@ -175,8 +173,9 @@ fn bad_input_evaluation_set() {
     std::fs::write(d.path().join("empty.bin"), b"").unwrap();
     std::fs::create_dir(d.path().join("no-test")).unwrap();
     std::fs::write(d.path().join("short.txt"), "tiny").unwrap();
-    let resnet = env!("CARGO_BIN_EXE_resnet");
-    let transformer = env!("CARGO_BIN_EXE_transformer");
+    let resnet = ballast_tests::bin("resnet");
+    let transformer = ballast_tests::bin("transformer");
+    let (resnet, transformer) = (resnet.as_str(), transformer.as_str());
     for (bin, args, expected) in [
         (resnet, vec!["--eval-data", "cut.bin"], "not a multiple of 3073"),
         (resnet, vec!["--eval-data", "empty.bin"], "empty.bin is empty"),
@@ -224,7 +223,7 @@ mod under_mpirun {
     fn evaluation_under_mpirun_equals_one_rank() {
         let _alone = one_job();
         let d = tempfile::tempdir().unwrap();
-        let bin = env!("CARGO_BIN_EXE_resnet");
+        let bin = ballast_tests::bin("resnet");
         let common = ["--synthetic-images", "400", "--width", "8", "--global-batch", "32"];
         let mut args: Vec<&str> = common.to_vec();
         args.extend(ONE_RANK);
@@ -236,24 +235,24 @@ mod under_mpirun {
             "--metrics",
             "train.jsonl",
         ]);
-        let out = run(bin, d.path(), &args);
+        let out = run(&bin, d.path(), &args);
         assert!(out.status.success(), "{}", text(&out));
         let one = evals(&d.path().join("train.jsonl"));
         assert_eq!(one.len(), 1, "{one:?}");
 
-        let pin = concat!(env!("CARGO_MANIFEST_DIR"), "/../cluster/pin-by-rank.sh");
+        let pin = ballast_tests::workspace_file("cluster/pin-by-rank.sh");
         let out = Command::new("mpirun")
             .args([
                 "--allow-run-as-root",
                 "--oversubscribe",
                 "-np",
                 "3",
-                pin,
+                &pin,
                 "0",
                 "1",
                 "1",
                 "--",
-                bin,
+                &bin,
             ])
             .args(common)
             .args([

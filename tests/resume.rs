@@ -3,8 +3,6 @@
 //! (the jobs' default) and whole on every rank; a writer killed mid-save never leaves a
 //! checkpoint that is picked but cannot be loaded.
 
-mod common;
-
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
@@ -33,7 +31,7 @@ const FIXED: &[&str] = &[
 ];
 
 fn demo(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ballast"))
+    Command::new(ballast_tests::bin("ballast"))
         .arg("demo")
         .args(FIXED)
         .args(args)
@@ -185,7 +183,7 @@ fn resume_under_mpirun_is_bit_identical_and_close_on_other_ranks() {
 
 #[cfg(feature = "mpi")]
 fn resume_under_mpirun(sharding: &str) {
-    use common::{dump, mpirun_in};
+    use ballast_tests::{mpirun_in, text};
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let args = |extra: &[&str]| -> Vec<String> {
@@ -198,7 +196,7 @@ fn resume_under_mpirun(sharding: &str) {
         v
     };
     let full = mpirun_in(dir, 3, &args(&["--checkpoint-dir", "full"]), &[]);
-    assert!(full.status.success(), "{}", dump(&full));
+    assert!(full.status.success(), "{}", text(&full));
     assert_sharding(&full, sharding, 3);
     let crashed = mpirun_in(
         dir,
@@ -206,10 +204,10 @@ fn resume_under_mpirun(sharding: &str) {
         &args(&["--checkpoint-dir", "cut", "--crash-at-step", "21"]),
         &[],
     );
-    assert!(!crashed.status.success(), "{}", dump(&crashed));
+    assert!(!crashed.status.success(), "{}", text(&crashed));
     assert!(!dir.join("cut/step-0000000040.safetensors").exists());
     let resumed = mpirun_in(dir, 3, &args(&["--checkpoint-dir", "cut", "--resume"]), &[]);
-    assert!(resumed.status.success(), "{}", dump(&resumed));
+    assert!(resumed.status.success(), "{}", text(&resumed));
     assert_eq!(
         checksum_line(&full),
         checksum_line(&resumed),
@@ -224,7 +222,7 @@ fn resume_under_mpirun(sharding: &str) {
     )
     .unwrap();
     let other = mpirun_in(dir, 2, &args(&["--checkpoint-dir", "on2", "--resume"]), &[]);
-    assert!(other.status.success(), "{}", dump(&other));
+    assert!(other.status.success(), "{}", text(&other));
     assert_sharding(&other, sharding, 2);
     let rel = max_rel_diff(&step40(dir, "full"), &step40(dir, "on2"));
     println!(
@@ -255,7 +253,7 @@ fn resume_after_crash_during_save_never_picks_a_partial_checkpoint() {
     let mut mid_write = 0;
     let mut checked = 0;
     for (trial, delay) in delays(20).into_iter().enumerate() {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ballast-selftest"))
+        let mut child = Command::new(ballast_tests::bin("ballast-selftest"))
             .args(["checkpoint-writer", "--width", &width.to_string(), "--out-dir"])
             .arg(&dir)
             .stdout(Stdio::piped())

@@ -76,7 +76,7 @@ fn python_safetensors_reads_a_ballast_checkpoint() {
     assert_eq!(loaded.params, params, "ballast reads back what it wrote");
     let expected_path = d.path().join("expected.json");
     std::fs::write(&expected_path, serde_json::Value::Object(expected).to_string()).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/read_checkpoint.py");
+    let script = ballast_tests::suite_file("python/read_checkpoint.py");
     let out = Command::new("python3")
         .arg(script)
         .arg(&path)

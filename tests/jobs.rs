@@ -6,9 +6,7 @@ use std::{
     time::Instant,
 };
 
-mod common;
-
-use common::{one_job, text};
+use ballast_tests::{one_job, text};
 
 /// (first, last) from the summary line "loss A -> B".
 fn loss_change(out: &Output) -> (f64, f64) {
@@ -38,7 +36,7 @@ fn main_command_trains_resnet_on_simulated_devices() {
     let _alone = one_job();
     let d = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_resnet"))
+    let out = Command::new(ballast_tests::bin("resnet"))
         .current_dir(d.path())
         .output()
         .unwrap();
@@ -88,7 +86,7 @@ fn number_after(line: &str, label: &str) -> f64 {
 fn transformer_main_run_beats_a_unigram_model_and_writes_text() {
     let _alone = one_job();
     let d = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_transformer"))
+    let out = Command::new(ballast_tests::bin("transformer"))
         .args(["--sample", "200"])
         .current_dir(d.path())
         .output()
@@ -266,12 +264,12 @@ mod under_mpirun {
 
     #[test]
     fn resnet_under_mpirun_with_budgets_3_2_1() {
-        check_job(env!("CARGO_BIN_EXE_resnet"), "30MiB,20MiB,10MiB");
+        check_job(&ballast_tests::bin("resnet"), "30MiB,20MiB,10MiB");
     }
 
     #[test]
     fn transformer_under_mpirun_with_budgets_3_2_1() {
-        check_job(env!("CARGO_BIN_EXE_transformer"), "12MiB,8MiB,4MiB");
+        check_job(&ballast_tests::bin("transformer"), "12MiB,8MiB,4MiB");
     }
 }
 
@@ -279,12 +277,12 @@ mod under_mpirun {
 /// Vulkan device runs its start-up check in `bf16`, which cubecl cannot compile there (a real
 /// failure on cubecl's device thread, reported only in its log). Every rank stops at once, the
 /// job exits with code 2 naming rank 0, the check and cubecl's words, and no step is trained.
-#[cfg(all(feature = "wgpu", feature = "testkit"))]
+#[cfg(feature = "wgpu")]
 #[test]
 fn a_device_whose_kernels_do_not_compile_stops_the_job_before_step_0() {
     let _alone = one_job();
     let d = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_resnet"))
+    let out = Command::new(ballast_tests::bin("resnet"))
         .args([
             "--device",
             "wgpu:cpu,flex,flex",

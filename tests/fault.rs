@@ -2,8 +2,6 @@
 //! never leaves the others hanging. Run with `cargo test --release -p ballast --features mpi fault`.
 #![cfg(feature = "mpi")]
 
-mod common;
-
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -24,7 +22,7 @@ fn start_job(dir: &Path, envs: &[(&str, &str)]) -> Child {
     for (k, v) in envs {
         cmd.args(["-x", &format!("{k}={v}")]);
     }
-    cmd.arg(env!("CARGO_BIN_EXE_ballast-selftest"))
+    cmd.arg(ballast_tests::bin("ballast-selftest"))
         .args([
             "balance",
             "--steps",
@@ -158,7 +156,7 @@ fn delay(trial: u64) -> Duration {
 
 #[test]
 fn fault_kill9_of_any_rank_ends_the_job() {
-    let _one_at_a_time = common::serial();
+    let _one_at_a_time = ballast_tests::one_job();
     for victim in 0..3usize {
         for trial in 0..5u64 {
             let dir = trial_dir(&format!("kill-{victim}-{trial}"));
@@ -185,7 +183,7 @@ fn fault_kill9_of_any_rank_ends_the_job() {
 
 #[test]
 fn fault_sigstop_is_a_timeout_naming_the_rank() {
-    let _one_at_a_time = common::serial();
+    let _one_at_a_time = ballast_tests::one_job();
     for victim in 0..3usize {
         for trial in 0..2u64 {
             let dir = trial_dir(&format!("stop-{victim}-{trial}"));
