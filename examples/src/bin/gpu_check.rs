@@ -23,8 +23,7 @@ use ballast::{
     device::DeviceChoice,
     optim::{
         managed::{ChunkedAdam, ManagedBuffer},
-        offload::StateBuffer,
-        HostAdam, HostAdamConfig,
+        HostAdam, HostAdamConfig, StateBuffer,
     },
     testing::{
         balanced_run, compare, device_cases, device_only::DeviceBuffersOnly, equivalence_report, linear_fit,

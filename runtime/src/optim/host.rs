@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use super::offload::StateBuffer;
+use super::state::StateBuffer;
 use crate::Error;
 
 /// Elements per parallel chunk: 16 Ki f32 = 64 KiB per buffer, four buffers fit in L2.

@@ -11,7 +11,7 @@
 //! [`ChunkedAdam`] updates state larger than the device's free memory: chunk `i + 1` of the
 //! parameters, gradients and moments is prefetched to the device on a copy stream while chunk
 //! `i` is updated by a kernel on a compute stream, and each chunk is prefetched back to the host
-//! once updated ([`super::offload::chunk_schedule`]), so at most two chunks are on the device at once
+//! once updated ([`super::chunks::chunk_schedule`]), so at most two chunks are on the device at once
 //! and the whole state crosses PCIe once each way per step. The kernel is compiled at first use
 //! by NVRTC without FMA contraction, with IEEE division and square root, and performs the host
 //! Adam's operations in the host Adam's order: its results are meant to equal the host's bit
@@ -254,7 +254,7 @@ impl std::fmt::Debug for ChunkedAdam {
 
 impl ChunkedAdam {
     /// Compiles the kernel for GPU `ordinal` and sizes the chunks of a state of `len` values
-    /// by the device's free memory now ([`super::offload::chunk_len`]).
+    /// by the device's free memory now ([`super::chunks::chunk_len`]).
     ///
     /// # Errors
     /// [`Error::NoCuda`] without the driver; [`Error::DeviceMemory`] when not even
@@ -262,8 +262,8 @@ impl ChunkedAdam {
     pub fn new(ordinal: usize, len: usize) -> Result<Self, Error> {
         let ctx = context(ordinal)?;
         let (free, _total) = ctx.mem_get_info().map_err(cuda("cuMemGetInfo"))?;
-        let chunk_len = super::offload::chunk_len(free as u64, len).ok_or(Error::DeviceMemory {
-            needed: 4 * 2 * super::offload::CHUNK_BYTES_PER_ELEMENT * 64 * 1024,
+        let chunk_len = super::chunks::chunk_len(free as u64, len).ok_or(Error::DeviceMemory {
+            needed: 4 * 2 * super::chunks::CHUNK_BYTES_PER_ELEMENT * 64 * 1024,
             free: free as u64,
         })?;
         Self::with_chunk_len(ordinal, chunk_len)
@@ -360,20 +360,20 @@ impl ChunkedAdam {
         };
         let mut loaded = Vec::with_capacity(chunks);
         let mut updated = Vec::with_capacity(chunks);
-        for op in super::offload::chunk_schedule(chunks) {
+        for op in super::chunks::chunk_schedule(chunks) {
             match op {
-                super::offload::ChunkOp::Load(i) => {
+                super::chunks::ChunkOp::Load(i) => {
                     for b in [p, g, m, v] {
                         b.prefetch_range(range(i), device, &self.copy)?;
                     }
                     loaded.push(self.copy.record_event(None).map_err(cuda("cuEventRecord"))?);
                 }
-                super::offload::ChunkOp::Update(i) => {
+                super::chunks::ChunkOp::Update(i) => {
                     self.compute.wait(&loaded[i]).map_err(cuda("cuStreamWaitEvent"))?;
                     self.launch(p, g, m, v, range(i), args)?;
                     updated.push(self.compute.record_event(None).map_err(cuda("cuEventRecord"))?);
                 }
-                super::offload::ChunkOp::Unload(i) => {
+                super::chunks::ChunkOp::Unload(i) => {
                     self.copy.wait(&updated[i]).map_err(cuda("cuStreamWaitEvent"))?;
                     for b in [p, g, m, v] {
                         b.prefetch_range(range(i), host, &self.copy)?;

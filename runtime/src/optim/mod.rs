@@ -9,14 +9,19 @@
 //!   each shard on its rank's device or in its host memory.
 //! - [`HostAdam`]: the Adam arithmetic on flat host buffers, burn's `Adam` step for step; the
 //!   offloaded and host-sharded paths run it, and the device and kernel forms are tested against it.
+//! - [`StateBuffer`]: where that state lives (a host vector, or CUDA managed memory), and
+//!   [`chunks`], the schedule by which the GPU updates managed state two chunks at a time.
 //! - `managed` (feature `cuda`): state in CUDA managed memory and the NVRTC kernel that updates it.
 
+pub mod chunks;
 mod host;
 #[cfg(feature = "cuda")]
 pub mod managed;
 pub mod offload;
 pub mod sharded;
+mod state;
 
 pub use host::{HostAdam, HostAdamConfig};
 pub use offload::HostOffload;
 pub use sharded::{shard_counts, ShardPlace, ShardedAdam};
+pub use state::StateBuffer;
