@@ -69,6 +69,29 @@ pub enum Error {
         likely_cause: String,
     },
 
+    /// The text names no precision.
+    #[error("unknown precision {0:?}; use f32 or bf16")]
+    UnknownPrecision(String),
+    /// The device cannot compute in the precision asked for.
+    #[error("{device} cannot compute in {precision}; train it in f32, or put it on a device that has {precision} (flex, cuda)")]
+    PrecisionNotSupported {
+        /// The device.
+        device: String,
+        /// The precision asked for.
+        precision: crate::ddp::Precision,
+    },
+    /// The optimizer keeps its own master copy in f32 only and cannot update a low-precision
+    /// replica yet.
+    #[error(
+        "{optimizer} does not update a {precision} replica yet; use a burn optimizer with ddp.step, or train in f32"
+    )]
+    PrecisionOptimizer {
+        /// The optimizer.
+        optimizer: &'static str,
+        /// The replica's precision.
+        precision: crate::ddp::Precision,
+    },
+
     // ----- data
     /// The dataset is empty.
     #[error("the dataset is empty; give at least one sample")]

@@ -103,6 +103,9 @@ enum Check {
     /// Adam with its state sharded unevenly over three ranks against one device on the whole
     /// batch.
     Sharded,
+    /// Replicas in bf16 (f32 sums, master and Adam state) on three ranks against one device
+    /// running the same recipe on the whole batch.
+    Precision,
     /// Balanced training with per-rank memory budgets; prints one JSON record per rank.
     Balance,
     /// Writes checkpoints of a `--width` MLP into `--out-dir` forever, printing `saved STEP`
@@ -123,9 +126,10 @@ fn run(args: &Args) -> Result<ExitCode> {
             .map_or_else(|| Ok(conformance::short_timeout_options()), |_| CommOptions::from_env())?,
     };
     let check = args.check;
-    if let Check::Equivalence | Check::Sharded = check {
+    if let Check::Equivalence | Check::Sharded | Check::Precision = check {
         let cases = match (check, args.device.as_deref()) {
             (Check::Sharded, _) => ballast::testing::sharded_cases(),
+            (Check::Precision, _) => ballast::testing::precision_cases(),
             (_, None) => ballast::testing::three_rank_cases(),
             (_, Some(list)) => {
                 let world = if launch.is_launched() {
@@ -172,7 +176,7 @@ fn one(comm: &mut dyn Communicator, check: Check) -> (usize, usize, &'static str
         Check::MissingRank => conformance::check_missing_rank(comm, last).map_err(|e| e.to_string()),
         Check::CountsMismatch => conformance::check_counts_mismatch(comm).map_err(|e| e.to_string()),
         Check::LongerDeadline => conformance::check_longer_deadline(comm).map_err(|e| e.to_string()),
-        Check::Equivalence | Check::Sharded | Check::Balance | Check::CheckpointWriter => {
+        Check::Equivalence | Check::Sharded | Check::Precision | Check::Balance | Check::CheckpointWriter => {
             Err("has its own runner".into())
         }
     };

@@ -10,14 +10,14 @@ pub mod device_only;
 pub mod overhead;
 
 use burn::{
-    module::Module,
+    module::{Module, ModuleVisitor, Param},
     nn::{
         conv::{Conv2d, Conv2dConfig},
         loss::{MseLoss, Reduction},
         Linear, LinearConfig, PaddingConfig2d, Relu,
     },
     optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig},
-    tensor::{Device, Tensor, TensorData},
+    tensor::{Device, FloatDType, Tensor, TensorData},
 };
 
 use ballast_balancer::RankPlan;
@@ -25,7 +25,7 @@ use ballast_collectives::{Communicator, CommunicatorExt};
 
 use crate::Error;
 use crate::{
-    ddp::{Averaging, DataParallel, DdpOptions},
+    ddp::{cast_params, Averaging, DataParallel, DdpOptions, Precision},
     device::DeviceChoice,
     params::{flatten_params, load_params, param_values},
     GlobalSampler,
@@ -343,6 +343,9 @@ pub struct Case {
     /// in ±0.25) before the first broadcast, so that separate runs start from the same point;
     /// `None`: burn's random initialisation, which differs from run to run.
     pub init_seed: Option<u64>,
+    /// The float type the replicas compute in ([`crate::DdpOptions::with_precision`]); the
+    /// reference runs the same recipe on one device.
+    pub precision: Precision,
 }
 
 impl Case {
@@ -364,6 +367,7 @@ impl Case {
             shards: Vec::new(),
             host_shards: Vec::new(),
             init_seed: None,
+            precision: Precision::F32,
         }
     }
 
@@ -434,6 +438,9 @@ impl Case {
         if self.weight_decay != 0.0 {
             label.push_str(&format!("/decay {}", self.weight_decay));
         }
+        if self.precision.is_mixed() {
+            label.push_str(&format!("/{}", self.precision));
+        }
         label
     }
 }
@@ -458,6 +465,9 @@ pub struct Outcome {
     /// Largest relative difference `‖p_r − p_0‖ / ‖p_0‖` of any rank's final parameters from
     /// rank 0's: 0 when the replicas were verified bit-identical (every case on one backend).
     pub replica_rel: f64,
+    /// The final f32 master parameters of a mixed-precision run, flat; empty in f32, where
+    /// [`Outcome::params`] are the master.
+    pub master: Vec<f32>,
 }
 
 /// Trains `case` data-parallel on `comm` (whose world size must equal the number of shares).
@@ -479,7 +489,10 @@ fn run_ddp_with<M: Regressor>(
     let rank = comm.rank();
     let device = DeviceChoice::for_rank(&case.devices, rank).device(0)?.autodiff();
     let data = SyntheticSet::new(case.dataset_len, case.seed);
-    let mut options = DdpOptions::default().with_averaging(case.averaging);
+    let mut options = DdpOptions::default()
+        .with_averaging(case.averaging)
+        .with_precision(case.precision);
+    let dtype = case.precision.compute_dtype();
     if let Some(cap) = case.bucket_cap_bytes {
         options = options.with_bucket_cap_bytes(cap);
     }
@@ -489,7 +502,11 @@ fn run_ddp_with<M: Regressor>(
         model = load_params(model, &values);
     }
     let (mut ddp, mut model) = DataParallel::wrap(comm, model, options)?;
-    let initial = flatten_params(&model);
+    // The f32 values the run starts from: the master copy in a mixed precision.
+    let initial = match ddp.master_params()? {
+        Some(master) => master,
+        None => flatten_params(&model),
+    };
     let mut optim = case.optim.init(case.weight_decay);
     let config = crate::optim::HostAdamConfig {
         weight_decay: case.weight_decay,
@@ -533,6 +550,7 @@ fn run_ddp_with<M: Regressor>(
         buckets: Vec::new(),
         traffic: Vec::new(),
         replica_rel: 0.0,
+        master: Vec::new(),
     };
     for step in 0..case.steps {
         let batch = sampler.batch(step);
@@ -542,7 +560,7 @@ fn run_ddp_with<M: Regressor>(
         for m in plan.micro_batches() {
             let (x, y) = data.batch(&mine[offset..offset + m], &device);
             offset += m;
-            let loss = MseLoss::new().forward(model.forward(x), y, Reduction::Mean);
+            let loss = MseLoss::new().forward(model.forward(x.cast(dtype)), y.cast(dtype), Reduction::Mean);
             ddp.backward(&model, loss, m)?;
         }
         let (next, stats) = match (host.as_mut(), sharded.as_mut()) {
@@ -564,6 +582,7 @@ fn run_ddp_with<M: Regressor>(
         ddp.verify_replicas(&model)?;
     }
     outcome.params = param_values(&model);
+    outcome.master = ddp.master_params()?.unwrap_or_default();
     Ok((outcome, ddp.into_comm()))
 }
 
@@ -583,7 +602,10 @@ fn seeded_values(len: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Trains `case` on one device (rank 0's) with the whole global batch per step, from `initial`
-/// parameters, with a plain burn loop (no ballast code in the step).
+/// parameters, with a plain burn loop (no ballast code in the step but the parameter cast). In a
+/// mixed [`Precision`] it runs the recipe by hand: the f32 master cast to the compute type,
+/// forward and backward in it on the whole batch, the gradients cast to f32, and burn's optimizer
+/// on the f32 master.
 ///
 /// # Panics
 /// When rank 0's device is not built into this binary (the DDP run fails first).
@@ -600,18 +622,26 @@ fn run_reference_with<M: Regressor>(case: &Case, initial: &[f32]) -> Outcome {
         .unwrap_or_else(|e| panic!("{e}"))
         .autodiff();
     let data = SyntheticSet::new(case.dataset_len, case.seed);
-    let mut model = load_params(M::init(&device), initial);
+    let dtype = case.precision.compute_dtype();
+    let mut master = load_params(M::init(&device), initial);
     let mut optim = case.optim.init(case.weight_decay);
     let sampler = GlobalSampler::new(data.len(), case.global_batch(), case.seed).expect("non-empty case");
     let mut losses = Vec::new();
     for step in 0..case.steps {
+        let model = cast_params(master.clone(), dtype);
         let (x, y) = data.batch(&sampler.batch(step), &device);
-        let loss = MseLoss::new().forward(model.forward(x), y, Reduction::Mean);
-        losses.push(f64::from(loss.clone().into_scalar::<f32>()));
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(case.optim.lr(), model, grads);
+        let loss = MseLoss::new().forward(model.forward(x.cast(dtype)), y.cast(dtype), Reduction::Mean);
+        losses.push(f64::from(loss.clone().cast(FloatDType::F32).into_scalar::<f32>()));
+        let grads = grads_in_f32(GradientsParams::from_grads(loss.backward(), &model), &model);
+        master = optim.step(case.optim.lr(), master, grads);
     }
+    let model = cast_params(master.clone(), dtype);
     Outcome {
+        master: if case.precision.is_mixed() {
+            flatten_params(&master)
+        } else {
+            Vec::new()
+        },
         params: param_values(&model),
         losses,
         initial: initial.to_vec(),
@@ -621,6 +651,20 @@ fn run_reference_with<M: Regressor>(case: &Case, initial: &[f32]) -> Outcome {
         traffic: vec![crate::ddp::Traffic::default(); case.steps as usize],
         replica_rel: 0.0,
     }
+}
+
+/// `grads` with every gradient of `model`'s parameters cast to f32.
+fn grads_in_f32<M: Module>(mut grads: GradientsParams, model: &M) -> GradientsParams {
+    struct ToF32<'a>(&'a mut GradientsParams);
+    impl ModuleVisitor for ToF32<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.remove::<D>(param.id) {
+                self.0.register(param.id, g.cast(FloatDType::F32));
+            }
+        }
+    }
+    model.visit(&mut ToF32(&mut grads));
+    grads
 }
 
 /// Largest per-tensor relative difference `‖a − b‖ / ‖b‖` of the parameters, and the largest
@@ -724,6 +768,62 @@ pub fn sharded_cases() -> Vec<Case> {
     cases
 }
 
+/// The mixed-precision cases for three ranks: bf16 compute with f32 sums, master and Adam
+/// state, on the MLP and the conv net, shares 5/2/1 in micro-batches of at most 3/2/1, 50 steps,
+/// from seeded parameters; the reference runs the same recipe on one device.
+pub fn precision_cases() -> Vec<Case> {
+    [ModelKind::Mlp, ModelKind::Conv]
+        .into_iter()
+        .map(|model| {
+            let mut case = Case::new(model, OptimKind::Adam, &[5, 2, 1], &[3, 2, 1]);
+            case.steps = 50;
+            case.precision = Precision::Bf16;
+            case.init_seed = Some(11);
+            case
+        })
+        .collect()
+}
+
+/// How far the mixed-precision recipe on one device moves when only its micro-batching
+/// changes: the largest relative difference from [`run_reference`] (the whole batch at once) of
+/// the same case on one rank in micro-batches of 1 and of 3. bf16 rounds each micro-batch's
+/// forward and backward, so a different cut of the same batch gives other bits; this spread is
+/// what the recipe itself cannot tell apart, and the bound a run on unequal ranks (whose
+/// micro-batches are other cuts) is held to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    /// Largest per-tensor relative difference of the parameters, replica or f32 master.
+    pub params: f64,
+    /// Largest relative difference of a step's loss.
+    pub losses: f64,
+}
+
+/// The [`Spread`] of `case`'s recipe, from `initial` (run on a world of one thread).
+///
+/// # Errors
+/// Any [`Error`] of the runs.
+pub fn micro_batch_spread(case: &Case, initial: &[f32]) -> Result<Spread, Error> {
+    let mut spread = Spread {
+        params: 0.0,
+        losses: 0.0,
+    };
+    let reference = run_reference(case, initial);
+    for cap in [1, 3] {
+        let mut one = case.clone();
+        (one.shares, one.caps) = (vec![case.global_batch()], vec![cap]);
+        let runs = ballast_collectives::local::run(1, ballast_collectives::CommOptions::default(), |comm| {
+            run_ddp(Box::new(comm), &one).map(|(outcome, _)| outcome)
+        });
+        let outcome = runs.into_iter().next().expect("one rank")?;
+        debug_assert_eq!(outcome.initial, initial, "seeded cases start alike");
+        let (params, losses) = compare(&outcome, &reference);
+        let master = relative_difference(&outcome.master, &reference.master);
+        spread.params = spread.params.max(params).max(master);
+        spread.losses = spread.losses.max(losses);
+    }
+    Ok(spread)
+}
+
 /// Runs `cases` on `comm`; on rank 0 compares each with the single-device reference and returns
 /// one report line per case (`OK`, or `FAIL` with the reason). Other ranks return their own
 /// lines about replica agreement. An unweighted case passes when it *exceeds* the tolerance.
@@ -757,16 +857,24 @@ pub fn equivalence_report(mut comm: Box<dyn Communicator>, cases: &[Case]) -> Re
         }
         let reference = run_reference(case, &outcome.initial);
         let (param_rel, loss_rel) = compare(&outcome, &reference);
-        let tol = case.tolerance();
+        let param_rel = param_rel.max(relative_difference(&outcome.master, &reference.master));
+        let (tol, loss_tol) = if case.precision.is_mixed() {
+            let spread = micro_batch_spread(case, &outcome.initial)?;
+            (2.0 * spread.params, 2.0 * spread.losses)
+        } else {
+            (case.tolerance(), 1e-5)
+        };
         let verdict = match case.averaging {
-            Averaging::BySamples if param_rel <= tol && loss_rel <= 1e-5 && collectives_as_planned && replicas_ok => {
+            Averaging::BySamples
+                if param_rel <= tol && loss_rel <= loss_tol && collectives_as_planned && replicas_ok =>
+            {
                 "OK"
             }
             Averaging::PerRankMean if param_rel > tol => "OK (differs, as expected)",
             _ => "FAIL",
         };
         lines.push(format!(
-            "equivalence rank 0 {}: max_rel_param {param_rel:.3e} tol {tol:.0e} max_rel_loss {loss_rel:.3e} \
+            "equivalence rank 0 {}: max_rel_param {param_rel:.3e} tol {tol:.1e} max_rel_loss {loss_rel:.3e} \
              collectives_per_step {:?} buckets_per_step {:?} micro_batches {:?} final_loss {:.5} {replicas} {verdict}",
             case.label(),
             outcome.collectives.first(),

@@ -325,6 +325,28 @@ mod wgpu {
         assert!(text.contains("check the Vulkan driver"), "{text}");
     }
 
+    /// Mesa's Vulkan device has no bf16 arithmetic (Vulkan allows conversions only), and burn
+    /// says so: a bf16 replica on it is refused when wrapped, on every rank, naming the fix,
+    /// before any kernel runs in bf16.
+    #[test]
+    fn device_wgpu_refuses_a_bf16_replica() {
+        use ballast::{testing::Regressor, DataParallel, DdpOptions, Precision};
+        let _pool = pool_lock();
+        let device = WGPU.device(0).unwrap();
+        assert!(!device.supports_dtype(burn::tensor::FloatDType::BF16));
+        let results = local::run(2, CommOptions::default(), |comm| {
+            let model = ballast::testing::Mlp::init(&device.clone().autodiff());
+            let options = DdpOptions::default().with_precision(Precision::Bf16);
+            DataParallel::wrap(Box::new(comm), model, options).map(drop)
+        });
+        for r in results {
+            let text = r.expect_err("wgpu:cpu cannot compute in bf16").to_string();
+            println!("{text}");
+            assert!(text.contains("cannot compute in bf16"), "{text}");
+            assert!(text.contains("train it in f32"), "{text}");
+        }
+    }
+
     /// A user's own loop: a kernel that cubecl cannot compile runs during a step (a `bf16`
     /// computation on Mesa's Vulkan device, which panics on cubecl's device thread and is only
     /// logged), and `DataParallel` refuses to finish that step, naming the rank, the step and

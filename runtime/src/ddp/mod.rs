@@ -47,13 +47,14 @@
 
 mod bucket;
 mod grads;
+mod precision;
 mod step;
 
 use std::time::{Duration, Instant};
 
 use burn::{
     module::{Module, ModuleVisitor, Param},
-    tensor::{Device, Gradients, Tensor, TensorData},
+    tensor::{Device, FloatDType, Gradients, Tensor, TensorData},
 };
 
 use ballast_collectives::{
@@ -63,8 +64,11 @@ use ballast_collectives::{
 
 use bucket::{bucket_parts, Reduced, TensorBucket};
 pub use grads::{GradientForm, ReducedGrads};
+pub use precision::{cast_params, Precision};
 
-use crate::params::{checksum, collect_params, flatten_params, load_params, ParamSlot};
+use crate::params::{
+    checksum, collect_params, flatten_params, load_params, load_params_from_tensor, params_range, ParamSlot,
+};
 pub use crate::transfer::Traffic;
 use crate::transfer::{byte_len, model_device};
 use crate::Error;
@@ -100,6 +104,8 @@ pub struct DdpOptions {
     pub averaging: Averaging,
     /// Largest fused bucket in bytes (default 25 MiB).
     pub bucket_cap_bytes: usize,
+    /// The float type the replica computes in (default f32); see [`Precision`].
+    pub precision: Precision,
 }
 
 impl Default for DdpOptions {
@@ -108,6 +114,7 @@ impl Default for DdpOptions {
             loss: LossReduction::Mean,
             averaging: Averaging::BySamples,
             bucket_cap_bytes: DEFAULT_BUCKET_CAP_BYTES,
+            precision: Precision::F32,
         }
     }
 }
@@ -128,6 +135,14 @@ impl DdpOptions {
     /// Sets the bucket cap.
     pub fn with_bucket_cap_bytes(mut self, bytes: usize) -> Self {
         self.bucket_cap_bytes = bytes;
+        self
+    }
+
+    /// Sets the precision the replica computes in: with [`Precision::Bf16`] the forward and
+    /// backward passes run in bf16, while gradient sums, the all-reduce, the master parameters
+    /// and the optimizer's state stay f32 (see [`Precision`]).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
         self
     }
 }
@@ -194,6 +209,9 @@ pub struct DataParallel {
     grads: Vec<Option<Tensor<1>>>,
     /// This step's sample-weighted loss sum, a one-element tensor on the model's device.
     loss_sum: Option<Tensor<1>>,
+    /// With a mixed [`Precision`], the f32 master parameters, flat in [`crate::params`] order
+    /// on the model's device; `None` in f32, where the replica is its own master.
+    master: Option<Tensor<1>>,
     /// Bytes this step moved between device and host.
     traffic: Traffic,
     local_samples: usize,
@@ -266,6 +284,7 @@ impl DataParallel {
             layout,
             grads,
             loss_sum: None,
+            master: None,
             traffic: Traffic::default(),
             local_samples: 0,
             micro_batches: 0,
@@ -280,7 +299,65 @@ impl DataParallel {
         ddp.comm.broadcast_f32(0, &mut flat)?;
         let model = load_params(model, &flat);
         ddp.verify_replicas(&model)?;
+        let model = ddp.keep_master(model)?;
         Ok((ddp, model))
+    }
+
+    /// With a mixed precision, keeps `model`'s f32 parameters as the master copy and returns
+    /// the replica in the compute type, after checking the device computes in it.
+    fn keep_master<M: Module>(&mut self, model: M) -> Result<M, Error> {
+        let precision = self.options.precision;
+        if !precision.is_mixed() {
+            return Ok(model);
+        }
+        let device = model_device(&model);
+        if !device.supports_dtype(precision.compute_dtype()) {
+            return Err(Error::PrecisionNotSupported {
+                device: crate::device::device_name(&device),
+                precision,
+            });
+        }
+        self.master = params_range(&model, 0..self.param_count());
+        Ok(cast_params(model, precision.compute_dtype()))
+    }
+
+    /// Updates the f32 master copy with `update` (an optimizer step on an f32 view of `model`
+    /// that shares its parameter ids) and returns the replica: the updated master cast to the
+    /// compute type. In f32 it is `update(model)`.
+    pub(crate) fn update_master<M: Module>(&mut self, model: M, update: impl FnOnce(M) -> M) -> M {
+        let Some(master) = self.master.take() else {
+            return update(model);
+        };
+        let full = update(load_params_from_tensor(model, master));
+        self.master = params_range(&full, 0..self.param_count());
+        cast_params(full, self.options.precision.compute_dtype())
+    }
+
+    /// Refuses an `optimizer` that keeps its own f32 state and cannot update a low-precision
+    /// replica.
+    pub(crate) fn require_f32(&self, optimizer: &'static str) -> Result<(), Error> {
+        match self.options.precision {
+            Precision::F32 => Ok(()),
+            precision => Err(Error::PrecisionOptimizer { optimizer, precision }),
+        }
+    }
+
+    /// The precision the replica computes in.
+    pub fn precision(&self) -> Precision {
+        self.options.precision
+    }
+
+    /// The f32 master parameters, flat in [`crate::params::flatten_params`] order, read to the
+    /// host (for checkpoints and checks; not part of a step): `None` in f32, where the replica's
+    /// own parameters are the master.
+    ///
+    /// # Errors
+    /// [`Error::Tensor`] when the device cannot be read.
+    pub fn master_params(&self) -> Result<Option<Vec<f32>>, Error> {
+        self.master
+            .clone()
+            .map(|m| crate::transfer::to_host(m, "the master parameters"))
+            .transpose()
     }
 
     /// This rank.
@@ -328,8 +405,14 @@ impl DataParallel {
     /// `loss` weighted by its micro-batch's sample count as the loss convention asks: back-
     /// propagating it gives gradients ready for [`DataParallel::add_weighted_gradients`], with
     /// the weighting done once on the scalar instead of once per gradient element.
+    /// In a mixed precision the loss is left as it is and the weight is applied to the f32
+    /// gradients instead, so that the weighting adds no rounding in the low type.
     pub(crate) fn weighted_loss(&self, loss: Tensor<1>, samples: usize) -> Tensor<1> {
-        scaled(loss, self.loss_scale(samples))
+        if self.options.precision.is_mixed() {
+            loss
+        } else {
+            scaled(loss, self.loss_scale(samples))
+        }
     }
 
     /// Adds the gradients of one micro-batch's [`DataParallel::weighted_loss`] (the balancer
@@ -342,7 +425,12 @@ impl DataParallel {
         loss: Tensor<1>,
         samples: usize,
     ) -> Result<(), Error> {
-        self.add(model, grads, 1.0, loss, samples);
+        let grad_scale = if self.options.precision.is_mixed() {
+            self.loss_scale(samples)
+        } else {
+            1.0
+        };
+        self.add(model, grads, grad_scale, loss, samples);
         Ok(())
     }
 
@@ -360,7 +448,10 @@ impl DataParallel {
             self.loss_sum = None;
         }
         self.accumulate(model, grads, grad_scale);
-        let loss = scaled(loss.inner().reshape([1]), self.loss_scale(samples));
+        let loss = scaled(
+            loss.inner().cast(FloatDType::F32).reshape([1]),
+            self.loss_scale(samples),
+        );
         self.loss_sum = Some(match self.loss_sum.take() {
             Some(sum) => sum + loss,
             None => loss,
@@ -400,7 +491,8 @@ impl DataParallel {
                 };
                 let Some(grad) = grad else { return };
                 let n = grad.shape().num_elements();
-                let grad = scaled(grad.reshape([n]), self.scale);
+                // Summed in f32 whatever the compute type (a no-op in f32).
+                let grad = scaled(grad.cast(FloatDType::F32).reshape([n]), self.scale);
                 self.sums[i] = Some(match self.sums[i].take() {
                     Some(sum) => sum + grad,
                     None => grad,

@@ -39,12 +39,14 @@ impl StepOptimizer for ModuleOptimizer {
 
     fn apply<M: Module>(
         &mut self,
-        _ddp: &mut DataParallel,
+        ddp: &mut DataParallel,
         model: M,
         grads: ReducedGrads,
         lr: f64,
     ) -> Result<(M, StepStats), Error> {
         let (grads, stats) = grads.into_params_and_stats()?;
-        Ok((self.step(lr, model, grads), stats))
+        // In a mixed precision the optimizer steps the f32 master copy (so its state is f32 too).
+        let model = ddp.update_master(model, |model| self.step(lr, model, grads));
+        Ok((model, stats))
     }
 }

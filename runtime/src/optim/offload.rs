@@ -261,11 +261,12 @@ impl StepOptimizer for HostOffload {
 
     fn apply<M: Module>(
         &mut self,
-        _ddp: &mut DataParallel,
+        ddp: &mut DataParallel,
         model: M,
         grads: ReducedGrads,
         lr: f64,
     ) -> Result<(M, StepStats), Error> {
+        ddp.require_f32("HostOffload")?;
         let (grads, mut stats) = grads.into_host()?;
         let params = self.step(&grads, lr as f32)?;
         stats.traffic.to_device += byte_len(params.len());

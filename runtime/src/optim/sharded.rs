@@ -363,6 +363,7 @@ impl StepOptimizer for ShardedAdam {
         grads: ReducedGrads,
         lr: f64,
     ) -> Result<(M, StepStats), Error> {
+        ddp.require_f32("ShardedAdam")?;
         // The counts and the rank were checked against the world before the collectives.
         let (shard, counts, device, mut stats) = grads.into_shard()?;
         let mine = self.step(&model, shard, lr as f32, &mut stats.traffic)?;

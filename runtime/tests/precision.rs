@@ -1,0 +1,154 @@
+//! Mixed precision: replicas that compute in bf16, with f32 gradient sums, master parameters
+//! and Adam state, against one device running the same recipe on the whole batch.
+//!
+//! The bound. On one rank with the whole batch as one micro-batch, ballast's step performs the
+//! recipe's operations in the recipe's order, so it must equal the recipe bit for bit (replica,
+//! f32 master and losses). On unequal ranks the batch is cut into other micro-batches, and bf16
+//! rounds each micro-batch's forward and backward: the results differ the way the recipe
+//! itself differs from a run of it in other micro-batches on one device (`micro_batch_spread`:
+//! micro-batches of 1 and of 3). The 3-rank run is held to twice that spread. The spread is
+//! printed with every result.
+//!
+//! Run with `cargo test --release -p ballast --features testkit,mpi,cli --test precision`.
+
+mod common;
+
+use ballast::{
+    collectives::{local, CommOptions, Communicator},
+    optim::{shard_counts, HostAdamConfig, ShardPlace, ShardedAdam},
+    testing::{precision_cases, relative_difference, run_ddp, run_reference, Mlp, Regressor, SyntheticSet},
+    DataParallel, DdpOptions, Error, Precision,
+};
+use burn::{
+    module::{Module, ModuleVisitor, Param},
+    nn::loss::{MseLoss, Reduction},
+    optim::GradientsParams,
+    tensor::{DType, Device, FloatDType, Tensor},
+};
+
+/// Back-propagates one bf16 micro-batch of 4 samples into `ddp`'s sums.
+fn one_micro_batch(ddp: &mut DataParallel, model: &Mlp, device: &Device) -> Result<(), Error> {
+    let (x, y) = SyntheticSet::new(8, 1).batch(&[0, 1, 2, 3], device);
+    let out = model.forward(x.cast(FloatDType::BF16));
+    let loss = MseLoss::new().forward(out, y.cast(FloatDType::BF16), Reduction::Mean);
+    ddp.backward(model, loss, 4)
+}
+
+fn assert_report(lines: &[String]) {
+    let rank0: Vec<&String> = lines.iter().filter(|l| l.starts_with("equivalence rank 0 ")).collect();
+    assert_eq!(rank0.len(), precision_cases().len(), "{lines:#?}");
+    for line in lines {
+        assert!(line.ends_with(" OK"), "{line}");
+        assert!(line.contains("replicas identical"), "{line}");
+    }
+}
+
+#[test]
+fn bf16_one_rank_whole_batch_is_the_recipe_bit_for_bit() {
+    for mut case in precision_cases() {
+        (case.shares, case.caps) = (vec![case.global_batch()], vec![case.global_batch()]);
+        let runs = local::run(1, CommOptions::default(), |comm| {
+            run_ddp(Box::new(comm), &case)
+                .map(|(o, _)| o)
+                .map_err(|e| e.to_string())
+        });
+        let ours = runs.into_iter().next().unwrap().unwrap_or_else(|e| panic!("{e}"));
+        let reference = run_reference(&case, &ours.initial);
+        assert_eq!(
+            ours.master.len(),
+            ours.initial.len(),
+            "the run keeps an f32 master copy"
+        );
+        assert_eq!(ours.master, reference.master, "{}: f32 master", case.label());
+        assert_eq!(ours.params, reference.params, "{}: bf16 replica", case.label());
+        assert_eq!(ours.losses, reference.losses, "{}: losses", case.label());
+        // The replica holds the master rounded to bf16: not the f32 values themselves.
+        let replica: Vec<f32> = ours.params.concat();
+        assert_ne!(replica, ours.master, "{}: the replica computes in bf16", case.label());
+        assert!(
+            relative_difference(&replica, &ours.master) < 2f64.powi(-8),
+            "{}",
+            case.label()
+        );
+        println!(
+            "{}: one rank, whole batch: master, replica and losses equal the recipe's bits",
+            case.label()
+        );
+    }
+}
+
+#[test]
+fn bf16_on_three_unequal_ranks_as_threads_equals_the_recipe_within_its_micro_batch_spread() {
+    assert_report(&common::equivalence_on_threads(3, &precision_cases()));
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn bf16_on_three_unequal_ranks_under_mpirun_equals_the_recipe_within_its_micro_batch_spread() {
+    assert_report(&common::equivalence_under_mpirun("precision", precision_cases().len()));
+}
+
+/// The replica's parameters are bf16 and the reduced gradients that reach the optimizer are
+/// f32 (the sums were never bf16), read from the tensors themselves.
+#[test]
+fn bf16_replica_hands_the_optimizer_f32_gradients() {
+    struct Dtypes<'a>(&'a GradientsParams, Vec<(DType, DType)>);
+    impl ModuleVisitor for Dtypes<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let grad = self.0.get::<D>(param.id).expect("every parameter has a gradient");
+            self.1.push((param.val().dtype(), grad.dtype()));
+        }
+    }
+    let results = local::run(2, CommOptions::default(), |comm| {
+        let device = Device::flex().autodiff();
+        let options = DdpOptions::default().with_precision(Precision::Bf16);
+        let (mut ddp, model) = DataParallel::wrap(Box::new(comm), Mlp::init(&device), options)?;
+        assert_eq!(ddp.precision(), Precision::Bf16);
+        one_micro_batch(&mut ddp, &model, &device)?;
+        let grads = ddp.reduce(&model)?.into_params()?;
+        let mut seen = Dtypes(&grads, Vec::new());
+        model.visit(&mut seen);
+        Ok::<_, Error>(seen.1)
+    });
+    for r in results {
+        let dtypes = r.unwrap();
+        assert_eq!(dtypes.len(), 4, "{dtypes:?}");
+        for (param, grad) in dtypes {
+            assert_eq!((param, grad), (DType::BF16, DType::F32));
+        }
+    }
+}
+
+/// ballast's own Adams keep f32 state of the replica's values; on a bf16 replica they are
+/// refused with a message naming what works, on every rank.
+#[test]
+fn bf16_with_sharded_adam_is_refused_naming_the_fix() {
+    let results = local::run(2, CommOptions::default(), |comm| {
+        let device = Device::flex().autodiff();
+        let rank = comm.rank();
+        let options = DdpOptions::default().with_precision(Precision::Bf16);
+        let (mut ddp, model) = DataParallel::wrap(Box::new(comm), Mlp::init(&device), options)?;
+        let counts = shard_counts(ddp.param_count(), &[1.0, 1.0])?;
+        let mut adam = ShardedAdam::new(&model, rank, counts, HostAdamConfig::default(), ShardPlace::Device)?;
+        one_micro_batch(&mut ddp, &model, &device)?;
+        ddp.step(model, &mut adam, 1e-3).map(drop)
+    });
+    for r in results {
+        let text = r
+            .expect_err("a bf16 replica with ShardedAdam must be refused")
+            .to_string();
+        assert!(
+            text.contains("ShardedAdam does not update a bf16 replica yet"),
+            "{text}"
+        );
+        assert!(text.contains("use a burn optimizer with ddp.step"), "{text}");
+    }
+}
+
+#[test]
+fn precision_parses_and_names_the_choices() {
+    assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
+    assert_eq!("f32".parse::<Precision>().unwrap(), Precision::F32);
+    let text = "fp8".parse::<Precision>().unwrap_err().to_string();
+    assert!(text.contains("unknown precision \"fp8\"; use f32 or bf16"), "{text}");
+}
