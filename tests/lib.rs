@@ -8,13 +8,9 @@
 //! profile's target folder. Cargo hands `CARGO_BIN_EXE_*` only to a binary's own package, so
 //! this is how a suite outside the binaries' packages reaches them.
 
-use std::{
-    path::Path,
-    process::{Command, Output},
-    sync::{Mutex, MutexGuard},
-};
+use std::{path::Path, process::Output};
 
-static ONE_JOB: Mutex<()> = Mutex::new(());
+use ballast::testing::launch;
 
 /// The path of the workspace binary `name` (`ballast`, `ballast-selftest`, `resnet`,
 /// `transformer`), in the target folder of the running test.
@@ -48,63 +44,20 @@ pub fn workspace_file(relative: &str) -> String {
     format!("{}/../{relative}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// One job at a time within a test binary, until the guard is dropped: jobs side by side would
-/// share the cores and spoil timing- and pinning-sensitive checks.
-pub fn one_job() -> MutexGuard<'static, ()> {
-    ONE_JOB.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub use ballast::testing::launch::{lines_with, one_job, output_text as text};
 
-/// Runs `ballast <args>` on `ranks` MPI processes (oversubscribed, allowed as root) and returns
-/// the output. Panics with the full output when `mpirun` cannot be started: these tests are
-/// compiled only with the `mpi` feature, whose build already needs an MPI installation.
+/// Runs `ballast <args>` on `ranks` MPI processes (see [`ballast::testing::launch::mpirun`]).
 pub fn mpirun(ranks: usize, args: &[&str], envs: &[(&str, &str)]) -> Output {
-    launch(&bin("ballast"), None, ranks, args, envs)
+    launch::mpirun(&bin("ballast"), None, ranks, args, envs)
 }
 
 /// Runs `ballast-selftest <args>` as [`mpirun`] runs `ballast`.
 pub fn selftest(ranks: usize, args: &[&str], envs: &[(&str, &str)]) -> Output {
-    launch(&bin("ballast-selftest"), None, ranks, args, envs)
+    launch::mpirun(&bin("ballast-selftest"), None, ranks, args, envs)
 }
 
 /// As [`mpirun`], in directory `dir`, with owned arguments.
 pub fn mpirun_in(dir: &Path, ranks: usize, args: &[String], envs: &[(&str, &str)]) -> Output {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    launch(&bin("ballast"), Some(dir), ranks, &args, envs)
-}
-
-fn launch(bin: &str, dir: Option<&Path>, ranks: usize, args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let _one_at_a_time = one_job();
-    let mut cmd = Command::new("mpirun");
-    if let Some(dir) = dir {
-        cmd.current_dir(dir);
-    }
-    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", &ranks.to_string()]);
-    for (k, v) in envs {
-        cmd.args(["-x", &format!("{k}={v}")]);
-    }
-    cmd.arg(bin).args(args);
-    cmd.output().unwrap_or_else(|e| {
-        panic!("cannot start mpirun ({e}); install it with: apt-get install -y openmpi-bin libopenmpi-dev")
-    })
-}
-
-/// The lines of stdout that start with `prefix`, sorted.
-pub fn lines_with(out: &Output, prefix: &str) -> Vec<String> {
-    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .map(str::to_string)
-        .collect();
-    lines.sort();
-    lines
-}
-
-/// A finished process's status and everything it printed, for assertion messages.
-pub fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    launch::mpirun(&bin("ballast"), Some(dir), ranks, &args, envs)
 }

@@ -7,6 +7,7 @@
 //! plain burn loop; [`compare`] reports the largest per-tensor relative difference.
 
 pub mod device_only;
+pub mod launch;
 pub mod overhead;
 
 use burn::{
@@ -864,6 +865,11 @@ pub fn equivalence_report(mut comm: Box<dyn Communicator>, cases: &[Case]) -> Re
         } else {
             (case.tolerance(), 1e-5)
         };
+        let tol_text = if case.precision.is_mixed() {
+            format!("{tol:.2e} (twice the recipe's micro-batch spread)")
+        } else {
+            format!("{tol:.0e}")
+        };
         let verdict = match case.averaging {
             Averaging::BySamples
                 if param_rel <= tol && loss_rel <= loss_tol && collectives_as_planned && replicas_ok =>
@@ -874,7 +880,7 @@ pub fn equivalence_report(mut comm: Box<dyn Communicator>, cases: &[Case]) -> Re
             _ => "FAIL",
         };
         lines.push(format!(
-            "equivalence rank 0 {}: max_rel_param {param_rel:.3e} tol {tol:.1e} max_rel_loss {loss_rel:.3e} \
+            "equivalence rank 0 {}: max_rel_param {param_rel:.3e} tol {tol_text} max_rel_loss {loss_rel:.3e} \
              collectives_per_step {:?} buckets_per_step {:?} micro_batches {:?} final_loss {:.5} {replicas} {verdict}",
             case.label(),
             outcome.collectives.first(),

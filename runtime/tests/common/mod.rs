@@ -2,63 +2,22 @@
 
 #![allow(dead_code)]
 
-use std::{
-    process::{Command, Output},
-    sync::{Mutex, MutexGuard},
-};
+use std::process::Output;
 
-static MPI_JOBS: Mutex<()> = Mutex::new(());
+use ballast::testing::launch;
 
-/// One `mpirun` job at a time per test binary: jobs running side by side would share the
-/// cores and spoil timing- and pinning-sensitive checks.
-pub fn serial() -> MutexGuard<'static, ()> {
-    MPI_JOBS.lock().unwrap_or_else(|e| e.into_inner())
-}
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use ballast::testing::launch::{lines_with, one_job as serial, output_text as dump};
 
-/// Runs `ballast <args>` on `ranks` MPI processes (oversubscribed, allowed as root) and returns
-/// the output. Panics with the full output when `mpirun` cannot be started: these tests are
-/// compiled only with the `mpi` feature, whose build already needs an MPI installation.
+/// Runs `ballast <args>` on `ranks` MPI processes (see [`ballast::testing::launch::mpirun`]).
 pub fn mpirun(ranks: usize, args: &[&str], envs: &[(&str, &str)]) -> Output {
-    launch(env!("CARGO_BIN_EXE_ballast"), ranks, args, envs)
+    launch::mpirun(env!("CARGO_BIN_EXE_ballast"), None, ranks, args, envs)
 }
 
 /// Runs `ballast-selftest <args>` as [`mpirun`] runs `ballast`.
 pub fn selftest(ranks: usize, args: &[&str], envs: &[(&str, &str)]) -> Output {
-    launch(env!("CARGO_BIN_EXE_ballast-selftest"), ranks, args, envs)
-}
-
-fn launch(bin: &str, ranks: usize, args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let _one_at_a_time = serial();
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", &ranks.to_string()]);
-    for (k, v) in envs {
-        cmd.args(["-x", &format!("{k}={v}")]);
-    }
-    cmd.arg(bin).args(args);
-    cmd.output().unwrap_or_else(|e| {
-        panic!("cannot start mpirun ({e}); install it with: apt-get install -y openmpi-bin libopenmpi-dev")
-    })
-}
-
-/// The lines of stdout that start with `prefix`, sorted.
-pub fn lines_with(out: &Output, prefix: &str) -> Vec<String> {
-    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .map(str::to_string)
-        .collect();
-    lines.sort();
-    lines
-}
-
-/// Everything the run printed, for failure messages.
-pub fn dump(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    launch::mpirun(env!("CARGO_BIN_EXE_ballast-selftest"), None, ranks, args, envs)
 }
 
 /// The equivalence report of `cases` on `ranks` ranks as threads, every rank's lines, printed.
