@@ -70,7 +70,7 @@ pub enum Error {
     },
 
     /// The text names no precision.
-    #[error("unknown precision {0:?}; use f32 or bf16")]
+    #[error("unknown precision {0:?}; use f32, bf16 or f16")]
     UnknownPrecision(String),
     /// The device cannot compute in the precision asked for.
     #[error("{device} cannot compute in {precision}; train it in f32, or put it on a device that has {precision} (flex, cuda)")]

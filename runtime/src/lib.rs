@@ -53,7 +53,8 @@ mod transfer;
 pub mod world;
 
 pub use ddp::{
-    Averaging, DataParallel, DdpOptions, GradientForm, LossReduction, Precision, ReducedGrads, StepOptimizer, StepStats,
+    Averaging, DataParallel, DdpOptions, GradientForm, LossReduction, LossScaling, Precision, ReducedGrads,
+    StepOptimizer, StepStats,
 };
 pub use error::{Error, Result};
 pub use sampler::GlobalSampler;

@@ -334,6 +334,11 @@ mod wgpu {
         let _pool = pool_lock();
         let device = WGPU.device(0).unwrap();
         assert!(!device.supports_dtype(burn::tensor::FloatDType::BF16));
+        println!(
+            "wgpu:cpu: bf16 {}, f16 (shader-f16) {}",
+            device.supports_dtype(burn::tensor::FloatDType::BF16),
+            device.supports_dtype(burn::tensor::FloatDType::F16)
+        );
         let results = local::run(2, CommOptions::default(), |comm| {
             let model = ballast::testing::Mlp::init(&device.clone().autodiff());
             let options = DdpOptions::default().with_precision(Precision::Bf16);
@@ -345,6 +350,14 @@ mod wgpu {
             assert!(text.contains("cannot compute in bf16"), "{text}");
             assert!(text.contains("train it in f32"), "{text}");
         }
+    }
+
+    /// Mesa's Vulkan device computes in f16 (burn reports shader-f16): the f16 run with dynamic
+    /// loss scaling on three ranks of it skips the same steps on every rank and trains on.
+    #[test]
+    fn device_wgpu_f16_loss_scaling_skips_the_same_steps_and_trains_on() {
+        let _pool = pool_lock();
+        super::common::f16_loss_scaling_run(WGPU);
     }
 
     /// A user's own loop: a kernel that cubecl cannot compile runs during a step (a `bf16`

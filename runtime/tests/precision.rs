@@ -150,5 +150,15 @@ fn precision_parses_and_names_the_choices() {
     assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
     assert_eq!("f32".parse::<Precision>().unwrap(), Precision::F32);
     let text = "fp8".parse::<Precision>().unwrap_err().to_string();
-    assert!(text.contains("unknown precision \"fp8\"; use f32 or bf16"), "{text}");
+    assert!(
+        text.contains("unknown precision \"fp8\"; use f32, bf16 or f16"),
+        "{text}"
+    );
+}
+
+/// f16 with dynamic loss scaling on three unequal ranks of `flex` (see
+/// `common::f16_loss_scaling_run`).
+#[test]
+fn f16_loss_scaling_skips_the_same_steps_on_every_rank_and_trains_on() {
+    common::f16_loss_scaling_run(ballast::device::DeviceChoice::Flex);
 }

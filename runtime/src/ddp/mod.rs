@@ -64,7 +64,8 @@ use ballast_collectives::{
 
 use bucket::{bucket_parts, Reduced, TensorBucket};
 pub use grads::{GradientForm, ReducedGrads};
-pub use precision::{cast_params, Precision};
+use precision::LossScaler;
+pub use precision::{cast_params, LossScaling, Precision};
 
 use crate::params::{
     checksum, collect_params, flatten_params, load_params, load_params_from_tensor, params_range, ParamSlot,
@@ -106,6 +107,8 @@ pub struct DdpOptions {
     pub bucket_cap_bytes: usize,
     /// The float type the replica computes in (default f32); see [`Precision`].
     pub precision: Precision,
+    /// Dynamic loss scaling, used with [`Precision::F16`].
+    pub loss_scaling: LossScaling,
 }
 
 impl Default for DdpOptions {
@@ -115,6 +118,7 @@ impl Default for DdpOptions {
             averaging: Averaging::BySamples,
             bucket_cap_bytes: DEFAULT_BUCKET_CAP_BYTES,
             precision: Precision::F32,
+            loss_scaling: LossScaling::default(),
         }
     }
 }
@@ -145,6 +149,12 @@ impl DdpOptions {
         self.precision = precision;
         self
     }
+
+    /// Sets the dynamic loss scaling of [`Precision::F16`].
+    pub fn with_loss_scaling(mut self, loss_scaling: LossScaling) -> Self {
+        self.loss_scaling = loss_scaling;
+        self
+    }
 }
 
 /// What one step did, on this rank and globally.
@@ -158,6 +168,11 @@ pub struct StepStats {
     pub micro_batches: usize,
     /// Samples over all ranks.
     pub global_samples: usize,
+    /// Whether the reduced gradients held an infinite or NaN value under [`Precision::F16`]'s
+    /// loss scaling: the step was skipped on every rank (nothing applied) and the scale lowered.
+    pub overflow: bool,
+    /// The scale this step's losses were multiplied by before backward (1 without scaling).
+    pub loss_scale: f32,
     /// Mean loss over the global batch.
     pub loss: f64,
     /// Wall time this rank spent between the previous step's end and this all-reduce.
@@ -212,6 +227,8 @@ pub struct DataParallel {
     /// With a mixed [`Precision`], the f32 master parameters, flat in [`crate::params`] order
     /// on the model's device; `None` in f32, where the replica is its own master.
     master: Option<Tensor<1>>,
+    /// With [`Precision::F16`], the loss scale in force.
+    scaler: Option<LossScaler>,
     /// Bytes this step moved between device and host.
     traffic: Traffic,
     local_samples: usize,
@@ -277,6 +294,10 @@ impl DataParallel {
         lens.push(3 + TAIL_VALUES_PER_RANK * comm.world_size());
         let layout = BucketLayout::new(&lens, options.bucket_cap_bytes, std::mem::size_of::<f32>())?;
         let grads = vec![None; params.len()];
+        let scaler = options
+            .precision
+            .scales_loss()
+            .then(|| LossScaler::new(options.loss_scaling));
         let mut ddp = Self {
             comm,
             options,
@@ -285,6 +306,7 @@ impl DataParallel {
             grads,
             loss_sum: None,
             master: None,
+            scaler,
             traffic: Traffic::default(),
             local_samples: 0,
             micro_batches: 0,
@@ -408,7 +430,9 @@ impl DataParallel {
     /// In a mixed precision the loss is left as it is and the weight is applied to the f32
     /// gradients instead, so that the weighting adds no rounding in the low type.
     pub(crate) fn weighted_loss(&self, loss: Tensor<1>, samples: usize) -> Tensor<1> {
-        if self.options.precision.is_mixed() {
+        if let Some(scaler) = &self.scaler {
+            loss.mul_scalar(scaler.scale())
+        } else if self.options.precision.is_mixed() {
             loss
         } else {
             scaled(loss, self.loss_scale(samples))
@@ -426,7 +450,7 @@ impl DataParallel {
         samples: usize,
     ) -> Result<(), Error> {
         let grad_scale = if self.options.precision.is_mixed() {
-            self.loss_scale(samples)
+            self.loss_scale(samples) / self.scaler.map_or(1.0, |s| s.scale())
         } else {
             1.0
         };
@@ -558,6 +582,14 @@ impl DataParallel {
                 held: grads.form(),
             });
         }
+        if let Some(scaler) = &mut self.scaler {
+            let overflow = grads.stats().overflow;
+            scaler.update(overflow);
+            if overflow {
+                // Every rank reduced the same gradients, so every rank skips this step.
+                return Ok((model, grads.stats().clone()));
+            }
+        }
         optim.apply(self, model, grads, lr)
     }
 
@@ -586,6 +618,12 @@ impl DataParallel {
                 let flat = Tensor::cat(reduced.buckets, 0)
                     .slice(0..self.param_count())
                     .div_scalar(reduced.count);
+                let mut stats = stats;
+                if self.scaler.is_some() {
+                    // One value read per step: whether every reduced gradient is finite.
+                    stats.overflow = !flat.clone().is_finite().all().into_scalar::<bool>();
+                    stats.traffic.to_host += 1;
+                }
                 let slots = (0..self.params.len())
                     .map(|i| (self.params[i].clone(), self.layout.tensor(i)))
                     .collect();
@@ -870,6 +908,8 @@ impl DataParallel {
             local_samples: self.local_samples,
             micro_batches: self.micro_batches,
             global_samples: rank_samples.iter().sum(),
+            overflow: false,
+            loss_scale: self.scaler.map_or(1.0, |s| s.scale()),
             loss: f64::from(loss_sum) / f64::from(count),
             compute: busy,
             all_reduce,

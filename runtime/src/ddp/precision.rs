@@ -15,6 +15,15 @@
 //! This is the recipe of PyTorch AMP with bf16 and of DeepSpeed's bf16 mode (bf16 compute, f32
 //! master weights and optimizer state, f32 gradient accumulation). bf16 keeps f32's exponent
 //! range, so it needs no loss scaling.
+//!
+//! [`Precision::F16`] is the same recipe in f16, whose range ends at 65504 and whose small
+//! gradients underflow, so it adds **dynamic loss scaling** ([`LossScaling`], PyTorch's
+//! `GradScaler` defaults): each micro-batch's loss is multiplied by the scale before backward,
+//! and the f32 gradients are divided by it again as they are summed. The reduced gradients are
+//! checked once per step: if any is infinite or NaN, the step is skipped (nothing is applied;
+//! [`super::StepStats::overflow`]) and the scale is halved; after `growth_interval` good steps in
+//! a row it doubles. The reduced gradients are the same on every rank, so every rank skips the
+//! same steps and holds the same scale.
 
 use std::{fmt, str::FromStr};
 
@@ -33,6 +42,8 @@ pub enum Precision {
     F32,
     /// bf16 forward and backward; f32 gradient sums, master parameters and optimizer state.
     Bf16,
+    /// As [`Precision::Bf16`] in f16, with dynamic loss scaling ([`LossScaling`]).
+    F16,
 }
 
 impl Precision {
@@ -41,7 +52,13 @@ impl Precision {
         match self {
             Self::F32 => FloatDType::F32,
             Self::Bf16 => FloatDType::BF16,
+            Self::F16 => FloatDType::F16,
         }
+    }
+
+    /// Whether losses are scaled (f16's narrow range).
+    pub fn scales_loss(self) -> bool {
+        self == Self::F16
     }
 
     /// Whether the replica computes in a type narrower than f32 (and the update runs on a
@@ -56,6 +73,7 @@ impl fmt::Display for Precision {
         f.write_str(match self {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
+            Self::F16 => "f16",
         })
     }
 }
@@ -67,7 +85,69 @@ impl FromStr for Precision {
         match s {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
             other => Err(crate::Error::UnknownPrecision(other.to_string())),
+        }
+    }
+}
+
+/// Dynamic loss scaling for [`Precision::F16`] (the defaults are PyTorch `GradScaler`'s).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossScaling {
+    /// The first scale.
+    pub init_scale: f32,
+    /// Factor the scale grows by after `growth_interval` steps without overflow.
+    pub growth_factor: f32,
+    /// Factor the scale shrinks by after an overflow.
+    pub backoff_factor: f32,
+    /// Steps without overflow before the scale grows.
+    pub growth_interval: u32,
+}
+
+impl Default for LossScaling {
+    fn default() -> Self {
+        Self {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
+}
+
+/// The scale in force and the good steps since it last changed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct LossScaler {
+    config: LossScaling,
+    scale: f32,
+    good_steps: u32,
+}
+
+impl LossScaler {
+    pub(crate) fn new(config: LossScaling) -> Self {
+        Self {
+            config,
+            scale: config.init_scale,
+            good_steps: 0,
+        }
+    }
+
+    pub(crate) fn scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// After a step's reduced gradients were checked: shrinks the scale on an overflow, grows
+    /// it after `growth_interval` good steps in a row.
+    pub(crate) fn update(&mut self, overflow: bool) {
+        if overflow {
+            self.scale *= self.config.backoff_factor;
+            self.good_steps = 0;
+        } else {
+            self.good_steps += 1;
+            if self.good_steps >= self.config.growth_interval {
+                self.scale *= self.config.growth_factor;
+                self.good_steps = 0;
+            }
         }
     }
 }
