@@ -54,49 +54,97 @@ pub(super) const PROBE_RUNS: u32 = 2;
 /// Sizes timed on each side of the chosen size after the first sweep.
 pub(super) const REFINE_SLOTS: usize = 4;
 
-/// Times forward and backward at the probe sizes; then, around the size the planner would
-/// pick from those (see [`refine_sizes`]), at a few sizes in between.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn probe_points<'c, M, F>(
-    model: &M,
-    loss_fn: &mut F,
-    pool: &[usize],
-    params: u64,
-    options: &BalanceOptions,
-    peak: &ProbeMeter<'_>,
-    mut together: Option<&mut (dyn ballast_collectives::Communicator + 'c)>,
-) -> Result<Vec<ProbePoint>, Error>
+/// What one rank's probes run on: the scratch model, its loss on pool samples, the meter of
+/// its peak memory and, when ranks time each size at the same moment, their communicator.
+struct Sweep<'s, 'c, M, F> {
+    model: &'s M,
+    loss_fn: &'s mut F,
+    pool: &'s [usize],
+    options: &'s BalanceOptions,
+    peak: &'s ProbeMeter<'s>,
+    together: Option<&'s mut (dyn ballast_collectives::Communicator + 'c)>,
+}
+
+impl<M, F> Sweep<'_, '_, M, F>
 where
     M: Module,
     F: FnMut(&M, &[usize]) -> Tensor<1>,
 {
-    let sizes: Vec<usize> = options
-        .probe_sizes
-        .iter()
-        .copied()
-        .filter(|&m| m <= pool.len())
-        .collect();
-    // Warm up at the largest size first: the allocator's pools (and its threshold for handing
-    // big blocks straight to the OS) settle, so the sweep sees steady-state speeds.
-    if let Some(&largest) = sizes.iter().max() {
-        for _ in 0..PROBE_WARMUP {
-            drop(loss_fn(model, &pool[..largest]).backward());
+    /// Times forward and backward at the probe sizes; then, around the size the planner would
+    /// pick from those (see [`refine_sizes`]), at a few sizes in between.
+    fn points(&mut self, params: u64) -> Result<Vec<ProbePoint>, Error> {
+        let (model, pool, options) = (self.model, self.pool, self.options);
+        let sizes: Vec<usize> = options
+            .probe_sizes
+            .iter()
+            .copied()
+            .filter(|&m| m <= pool.len())
+            .collect();
+        // Warm up at the largest size first: the allocator's pools (and its threshold for handing
+        // big blocks straight to the OS) settle, so the sweep sees steady-state speeds.
+        if let Some(&largest) = sizes.iter().max() {
+            for _ in 0..PROBE_WARMUP {
+                drop((self.loss_fn)(model, &pool[..largest]).backward());
+            }
         }
+        let mut points = self.time(&sizes)?;
+        let report = report_from_probes(&points, params, options);
+        let mut extra: Vec<usize> = refine_sizes(&report, &options.tunables);
+        // Ranks time the same sizes at the same time (every rank's refinements), so a rank that
+        // shares a core never times a size while its partner idles.
+        if let Some(comm) = self.together.as_deref_mut() {
+            extra = comm.all_gather(&extra)?.concat();
+        }
+        extra.sort_unstable();
+        extra.dedup();
+        extra.retain(|&m| m <= pool.len() && !sizes.contains(&m));
+        points.extend(self.time(&extra)?);
+        points.sort_by_key(|p| p.samples);
+        Ok(points)
     }
-    let mut points = time_sizes(model, loss_fn, pool, &sizes, options, peak, together.as_deref_mut())?;
-    let report = report_from_probes(&points, params, options);
-    let mut extra: Vec<usize> = refine_sizes(&report, &options.tunables);
-    // Ranks time the same sizes at the same time (every rank's refinements), so a rank that
-    // shares a core never times a size while its partner idles.
-    if let Some(comm) = together.as_deref_mut() {
-        extra = comm.all_gather(&extra)?.concat();
+
+    /// Seconds per micro-batch at each of `sizes` (the same on every rank in `together`, which
+    /// start each window at a barrier).
+    fn time(&mut self, sizes: &[usize]) -> Result<Vec<ProbePoint>, Error> {
+        // Seconds per micro-batch over a window of several runs, the median of three windows: a
+        // slow spell of the machine spoils one window, and so does a lucky one (a rank sharing a
+        // core whose partner is briefly idle runs up to twice as fast). All ranks start each window
+        // together, and a window spans several runs and the scheduler's time slices, so ranks that
+        // share a core measure the speed they get when both run. The sizes are swept three times,
+        // so a spell costs one window of several sizes, not every window of one.
+        let mut points: Vec<ProbePoint> = sizes
+            .iter()
+            .map(|&m| ProbePoint {
+                samples: m,
+                peak_bytes: 0,
+                seconds: 0.0,
+            })
+            .collect();
+        let mut windows = vec![Vec::with_capacity(PROBE_WINDOWS); points.len()];
+        for _ in 0..PROBE_WINDOWS {
+            for (point, times) in points.iter_mut().zip(&mut windows) {
+                if let Some(comm) = self.together.as_deref_mut() {
+                    comm.barrier()?;
+                }
+                let m = point.samples;
+                let started = Instant::now();
+                let mut runs = 0u32;
+                while runs < PROBE_RUNS || started.elapsed() < PROBE_WINDOW {
+                    self.peak.reset();
+                    let grads = (self.loss_fn)(self.model, &self.pool[..m]).backward();
+                    point.peak_bytes = point.peak_bytes.max(self.peak.read());
+                    drop(grads);
+                    runs += 1;
+                }
+                times.push(started.elapsed().as_secs_f64() / f64::from(runs) * self.options.slowdown.max(1.0));
+            }
+        }
+        for (point, mut times) in points.iter_mut().zip(windows) {
+            times.sort_by(f64::total_cmp);
+            point.seconds = times[times.len() / 2];
+        }
+        Ok(points)
     }
-    extra.sort_unstable();
-    extra.dedup();
-    extra.retain(|&m| m <= pool.len() && !sizes.contains(&m));
-    points.extend(time_sizes(model, loss_fn, pool, &extra, options, peak, together)?);
-    points.sort_by_key(|p| p.samples);
-    Ok(points)
 }
 
 /// Sizes worth timing after the first sweep: around the micro-batch the planner would choose
@@ -131,61 +179,6 @@ pub(super) fn refine_sizes(report: &DeviceReport, t: &Tunables) -> Vec<usize> {
     sizes.sort_unstable();
     sizes.dedup();
     sizes
-}
-
-/// Seconds per micro-batch at each of `sizes` (the same on every rank in `together`, which
-/// start each window at a barrier).
-pub(super) fn time_sizes<'c, M, F>(
-    model: &M,
-    loss_fn: &mut F,
-    pool: &[usize],
-    sizes: &[usize],
-    options: &BalanceOptions,
-    peak: &ProbeMeter<'_>,
-    mut together: Option<&mut (dyn ballast_collectives::Communicator + 'c)>,
-) -> Result<Vec<ProbePoint>, Error>
-where
-    M: Module,
-    F: FnMut(&M, &[usize]) -> Tensor<1>,
-{
-    // Seconds per micro-batch over a window of several runs, the median of three windows: a
-    // slow spell of the machine spoils one window, and so does a lucky one (a rank sharing a
-    // core whose partner is briefly idle runs up to twice as fast). All ranks start each window
-    // together, and a window spans several runs and the scheduler's time slices, so ranks that
-    // share a core measure the speed they get when both run. The sizes are swept three times,
-    // so a spell costs one window of several sizes, not every window of one.
-    let mut points: Vec<ProbePoint> = sizes
-        .iter()
-        .map(|&m| ProbePoint {
-            samples: m,
-            peak_bytes: 0,
-            seconds: 0.0,
-        })
-        .collect();
-    let mut windows = vec![Vec::with_capacity(PROBE_WINDOWS); points.len()];
-    for _ in 0..PROBE_WINDOWS {
-        for (point, times) in points.iter_mut().zip(&mut windows) {
-            if let Some(comm) = together.as_deref_mut() {
-                comm.barrier()?;
-            }
-            let m = point.samples;
-            let started = Instant::now();
-            let mut runs = 0u32;
-            while runs < PROBE_RUNS || started.elapsed() < PROBE_WINDOW {
-                peak.reset();
-                let grads = loss_fn(model, &pool[..m]).backward();
-                point.peak_bytes = point.peak_bytes.max(peak.read());
-                drop(grads);
-                runs += 1;
-            }
-            times.push(started.elapsed().as_secs_f64() / f64::from(runs) * options.slowdown.max(1.0));
-        }
-    }
-    for (point, mut times) in points.iter_mut().zip(windows) {
-        times.sort_by(f64::total_cmp);
-        point.seconds = times[times.len() / 2];
-    }
-    Ok(points)
 }
 
 /// A device report from probe measurements: the memory line through (samples, peak)
@@ -356,7 +349,15 @@ where
                 } else {
                     ProbeMeter::Heap(base)
                 };
-                mine = probe_points(scratch, loss_fn, pool, params, options, &source, None)?;
+                mine = Sweep {
+                    model: scratch,
+                    loss_fn: &mut *loss_fn,
+                    pool,
+                    options,
+                    peak: &source,
+                    together: None,
+                }
+                .points(params)?;
             }
             ddp.comm().barrier()?;
         }
@@ -364,7 +365,15 @@ where
         mine
     } else {
         let source = ProbeMeter::Device(meter);
-        probe_points(scratch, loss_fn, pool, params, options, &source, Some(ddp.comm()))?
+        Sweep {
+            model: scratch,
+            loss_fn,
+            pool,
+            options,
+            peak: &source,
+            together: Some(ddp.comm()),
+        }
+        .points(params)?
     };
     if let Some(speed) = options.simulated_speed(ddp.rank()) {
         for p in &mut points {
