@@ -2,7 +2,8 @@
 # The GPU kit: every check ballast runs on a GPU, built here and run on a machine without Rust or
 # network.
 #
-#   scripts/gpu-kit.sh build   (here) builds the `gpu-check` binary with --features cuda, strips
+#   scripts/gpu-kit.sh build   (here) builds the `gpu-check` binary with the tests' features
+#                              (`cuda` among them; scripts/features.sh), strips
 #                              and compresses it into gpu-kit/ (ignored by git, ≤ 60 MiB); the last
 #                              line printed is the kit's path and size.
 #   scripts/gpu-kit.sh run     (there) unpacks the binary, puts the folders of the CUDA libraries
@@ -24,8 +25,10 @@ checks=(doctor canary nccl probes equivalence hetero sharded resnet managed oom)
 
 build() {
   ./scripts/setup-cuda-build.sh >/dev/null
-  local features=ballast-examples/cuda,ballast-examples/testkit,ballast-examples/wgpu,ballast/cli,ballast/testkit
-  cargo build --release -p ballast-examples --bin gpu-check --features "$features"
+  # The test build's own feature set and profile (scripts/features.sh): after
+  # scripts/test-all.sh every unit is already built, so this only links, and a fresh machine does
+  # not build burn, cubecl and the CUDA crates a second time (twice the disk and time).
+  cargo build --release --workspace --bin gpu-check --features "$(./scripts/features.sh)"
   mkdir -p "$kit"
   rm -f "$kit/gpu-check.xz"
   strip -o "$kit/gpu-check" target/release/gpu-check
