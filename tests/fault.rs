@@ -202,3 +202,71 @@ fn fault_sigstop_is_a_timeout_naming_the_rank() {
         }
     }
 }
+
+/// Runs the collectives self-test on 2 ranks with their heartbeats in `heartbeat_dir`.
+fn selftest_with_heartbeats(heartbeat_dir: &Path) -> std::process::Output {
+    let dir = heartbeat_dir.display().to_string();
+    ballast::testing::launch::mpirun(
+        &ballast_tests::bin("ballast-selftest"),
+        None,
+        2,
+        &["collectives"],
+        &[("BALLAST_HEARTBEAT_DIR", &dir)],
+    )
+}
+
+/// Asserts that the job was refused with ballast's message naming `reason`, with exit code 2.
+fn assert_refused(out: &std::process::Output, path: &Path, reason: &str) {
+    let text = ballast::testing::launch::output_text(out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    let message = format!("the heartbeat directory {} is refused on rank", path.display());
+    assert!(text.contains(&message), "no refusal naming {}:\n{text}", path.display());
+    assert!(text.contains(reason), "the refusal must say {reason:?}:\n{text}");
+    assert!(
+        text.contains("set BALLAST_HEARTBEAT_DIR"),
+        "the refusal must name the fix:\n{text}"
+    );
+}
+
+#[test]
+fn fault_heartbeat_directory_planted_as_a_link_is_refused() {
+    let dir = trial_dir("heartbeat-link");
+    let target = dir.join("elsewhere");
+    std::fs::create_dir(&target).unwrap();
+    let link = dir.join("heartbeat");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let out = selftest_with_heartbeats(&link);
+    assert_refused(&out, &link, &format!("it is a symbolic link (to {})", target.display()));
+    let written: Vec<_> = std::fs::read_dir(&target).unwrap().collect();
+    assert!(written.is_empty(), "files were written through the link: {written:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn fault_heartbeat_directory_open_to_others_or_of_another_user_is_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = trial_dir("heartbeat-loose");
+    let loose = dir.join("heartbeat");
+    std::fs::create_dir(&loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = selftest_with_heartbeats(&loose);
+    assert_refused(&out, &loose, "its mode is 0777, open to other users");
+    assert_eq!(std::fs::read_dir(&loose).unwrap().count(), 0, "files were written");
+    // Another user's directory: as root one handed to `nobody`, else one that root owns.
+    let me = std::fs::metadata(&dir).unwrap().uid();
+    let foreign = if me == 0 {
+        let foreign = dir.join("theirs");
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+        foreign
+    } else {
+        PathBuf::from("/")
+    };
+    let out = selftest_with_heartbeats(&foreign);
+    assert_refused(&out, &foreign, "not to this process's user");
+    if me == 0 {
+        assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 0, "files were written");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -4,5 +4,6 @@
 pub const TIMEOUT_SECS: &str = "BALLAST_TIMEOUT_SECS";
 
 /// Directory of the MPI ranks' heartbeat files, shared by the ranks of a host (default
-/// `/tmp/ballast-heartbeat-<launcher pid>`).
+/// `$XDG_RUNTIME_DIR/ballast-heartbeat-<uid>-<launcher pid>`, in the temporary directory
+/// without `XDG_RUNTIME_DIR`). It must be private to the user: see `Error::HeartbeatDir`.
 pub const HEARTBEAT_DIR: &str = "BALLAST_HEARTBEAT_DIR";

@@ -154,6 +154,22 @@ pub enum Error {
         /// What was wrong.
         detail: String,
     },
+    /// The directory of the host's heartbeat files is not private to this user, so writing
+    /// process ids into it could be steered by someone else.
+    #[error(
+        "the heartbeat directory {} is refused on rank {rank}: {reason}. Remove it if nobody \
+         of yours uses it (another user may have created it), or set BALLAST_HEARTBEAT_DIR to a \
+         directory of your own with mode 0700",
+        path.display()
+    )]
+    HeartbeatDir {
+        /// The rank reporting.
+        rank: usize,
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A value could not be encoded or decoded for the wire.
     #[error("could not (de)serialise a value for {op} on rank {rank}: {message}")]
     Codec {

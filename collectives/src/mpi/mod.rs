@@ -39,6 +39,7 @@
 //! `MPI_Ibcast`, `MPI_Iallgatherv`, `MPI_Iallreduce`), §6.9.6 (`MPI_IN_PLACE`).
 
 mod handshake;
+mod heartbeat;
 mod watchdog;
 
 use std::{
@@ -125,7 +126,7 @@ impl MpiCommunicator {
         let rank = rank as usize;
         // MPI_Comm_dup is collective over the world: a rank that never starts would hold it
         // forever, so the watchdog bounds it like any data-phase call.
-        let watchdog = Watchdog::spawn(rank, size as usize);
+        let watchdog = Watchdog::spawn(rank, size as usize)?;
         watchdog.arm("MPI_Comm_dup", 0, options.timeout);
         let dups = dup(world_raw, rank).and_then(|control| Ok((control, dup(world_raw, rank)?)));
         watchdog.disarm();

@@ -5,7 +5,6 @@
 
 use std::{
     ffi::c_int,
-    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicI32, Ordering},
         Arc, Condvar, Mutex,
@@ -13,20 +12,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::EXIT_STALLED;
+use super::{
+    heartbeat::{self, HeartbeatDir},
+    EXIT_STALLED,
+};
 
 /// Ends the process if a data-phase call outlives its deadline (see the module docs), naming
 /// the peers that stopped.
 ///
 /// Inside an MPI collective nothing says which peer is missing, so every rank's watchdog thread
 /// also writes a heartbeat file (its rank, refreshed twice a second) in a directory shared by
-/// the ranks of a host ([`crate::env::HEARTBEAT_DIR`], default `/tmp/ballast-heartbeat-<launcher
-/// pid>`). A stopped or dead process stops refreshing its file; when a stall is detected the
+/// the ranks of a host ([`crate::env::HEARTBEAT_DIR`], default
+/// `$XDG_RUNTIME_DIR/ballast-heartbeat-<uid>-<launcher pid>`, private to the user: see
+/// [`super::heartbeat`]). A stopped or dead process stops refreshing its file; when a stall is detected the
 /// stale files name the culprits. Ranks on other hosts without a shared directory are not seen
 /// and the message says so.
 pub(super) struct Watchdog {
     shared: Arc<(Mutex<WatchState>, Condvar)>,
-    heartbeat: Option<PathBuf>,
+    heartbeat: Arc<HeartbeatDir>,
 }
 
 #[derive(Default)]
@@ -44,24 +47,20 @@ const HEARTBEAT_STALE: Duration = Duration::from_secs(2);
 const EXIT_SETTLE: Duration = Duration::from_millis(300);
 
 impl Watchdog {
-    pub(super) fn spawn(rank: usize, size: usize) -> Self {
-        let dir = std::env::var_os(crate::env::HEARTBEAT_DIR)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                // SAFETY: getppid has no preconditions.
-                let parent = unsafe { libc::getppid() };
-                std::env::temp_dir().join(format!("ballast-heartbeat-{parent}"))
-            });
-        let heartbeat = std::fs::create_dir_all(&dir).ok().map(|_| dir);
+    /// Starts the watchdog of `rank` and writes its first heartbeat.
+    ///
+    /// # Errors
+    /// [`crate::Error::HeartbeatDir`] when the heartbeat directory is not private to this user
+    /// (see [`super::heartbeat`]).
+    pub(super) fn spawn(rank: usize, size: usize) -> crate::Result<Self> {
+        let heartbeat = Arc::new(HeartbeatDir::open(&heartbeat::default_path(), rank)?);
         // The first heartbeat is written before this rank takes part in any collective, so a
         // peer that outlives it can always read its process id.
-        if let Some(dir) = &heartbeat {
-            beat(dir, rank);
-        }
-        report_exited_peers_on_sigterm(rank, size, heartbeat.clone());
+        heartbeat.beat(rank);
+        report_exited_peers_on_sigterm(rank, size, Arc::clone(&heartbeat));
         let shared = Arc::new((Mutex::new(WatchState::default()), Condvar::new()));
         let theirs = Arc::clone(&shared);
-        let hb = heartbeat.clone();
+        let hb = Arc::clone(&heartbeat);
         std::thread::Builder::new()
             .name("ballast-mpi-watchdog".into())
             .spawn(move || {
@@ -72,22 +71,21 @@ impl Watchdog {
                     if state.stop {
                         return;
                     }
-                    if let Some(dir) = &hb {
-                        if last_beat.is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY / 2) {
-                            beat(dir, rank);
-                            last_beat = Some(Instant::now());
-                        }
+                    if last_beat.is_none_or(|t| t.elapsed() >= HEARTBEAT_EVERY / 2) {
+                        hb.beat(rank);
+                        last_beat = Some(Instant::now());
                     }
                     let now = Instant::now();
                     let wait = match state.armed {
                         Some((op, seq, deadline, timeout)) if now >= deadline => {
-                            let suspects = hb.as_deref().map(|d| stale_ranks(d, size, rank));
-                            let named = match suspects {
-                                Some(s) if !s.is_empty() => format!("rank(s) {s:?} stopped responding"),
-                                _ => format!(
-                                    "no rank on this host stopped (a rank on another host may have; heartbeats in {:?})",
-                                    hb.as_deref().map(|d| d.display().to_string())
-                                ),
+                            let suspects = stale_ranks(&hb, size, rank);
+                            let named = if suspects.is_empty() {
+                                format!(
+                                    "no rank on this host stopped (a rank on another host may have; heartbeats in {})",
+                                    hb.path().display()
+                                )
+                            } else {
+                                format!("rank(s) {suspects:?} stopped responding")
                             };
                             eprintln!(
                                 "ballast: fatal: {op} #{seq} stalled in its data phase (or while finalising) for {timeout:?} on rank {rank} \
@@ -106,7 +104,7 @@ impl Watchdog {
                 }
             })
             .expect("spawning the MPI watchdog thread");
-        Self { shared, heartbeat }
+        Ok(Self { shared, heartbeat })
     }
 
     pub(super) fn arm(&self, op: &'static str, seq: u64, timeout: Duration) {
@@ -124,32 +122,15 @@ impl Watchdog {
         let (lock, cv) = &*self.shared;
         lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
         cv.notify_one();
-        if let Some(dir) = &self.heartbeat {
-            let _ = std::fs::remove_file(dir.join(format!("rank-{rank}")));
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
-}
-
-fn beat(dir: &Path, rank: usize) {
-    // The file's modification time is the heartbeat; its content the process id. Written under
-    // another name and renamed, so a process killed halfway through never leaves an empty file.
-    let tmp = dir.join(format!(".rank-{rank}.tmp"));
-    if std::fs::write(&tmp, format!("{}\n", std::process::id())).is_ok() {
-        let _ = std::fs::rename(&tmp, dir.join(format!("rank-{rank}")));
+        self.heartbeat.remove(rank);
     }
 }
 
 /// Ranks (other than `me`) whose heartbeat file names a process that no longer runs.
-fn exited_ranks(dir: &Path, size: usize, me: usize) -> Vec<usize> {
+fn exited_ranks(dir: &HeartbeatDir, size: usize, me: usize) -> Vec<usize> {
     (0..size)
         .filter(|&r| r != me)
-        .filter(|&r| {
-            std::fs::read_to_string(dir.join(format!("rank-{r}")))
-                .ok()
-                .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
-                .is_some_and(|pid| !process_runs(pid))
-        })
+        .filter(|&r| dir.pid_of(r).is_some_and(|pid| !process_runs(pid)))
         .collect()
 }
 
@@ -173,7 +154,7 @@ fn process_runs(pid: libc::pid_t) -> bool {
 
 /// Ranks of this host that exited, waiting up to [`EXIT_SETTLE`] for one to show: the launcher
 /// can stop this rank while the one that died is still being torn down.
-fn exited_ranks_settled(dir: &Path, size: usize, me: usize) -> Vec<usize> {
+fn exited_ranks_settled(dir: &HeartbeatDir, size: usize, me: usize) -> Vec<usize> {
     let until = Instant::now() + EXIT_SETTLE;
     loop {
         let gone = exited_ranks(dir, size, me);
@@ -200,7 +181,7 @@ extern "C" fn on_sigterm(_signal: c_int) {
 /// (their heartbeat files name processes that are gone), then exits with 143 as SIGTERM's
 /// default action would. Installed only while SIGTERM has its default action: a program's own
 /// handler stays in place.
-fn report_exited_peers_on_sigterm(rank: usize, size: usize, heartbeat: Option<PathBuf>) {
+fn report_exited_peers_on_sigterm(rank: usize, size: usize, heartbeat: Arc<HeartbeatDir>) {
     // SAFETY: an all-zero sigaction is a valid value of the C struct.
     let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
     // SAFETY: with a null new action, sigaction only writes the current one into `current`.
@@ -224,10 +205,11 @@ fn report_exited_peers_on_sigterm(rank: usize, size: usize, heartbeat: Option<Pa
             if unsafe { libc::read(read_end, std::ptr::from_mut(&mut byte).cast(), 1) } != 1 {
                 return;
             }
-            let named = match heartbeat.as_deref().map(|d| exited_ranks_settled(d, size, rank)) {
-                Some(gone) if !gone.is_empty() => format!("rank(s) {gone:?} exited before it"),
-                Some(_) => "no other rank on this host had exited (a rank on another host may have)".into(),
-                None => "no heartbeat directory tells which rank exited".into(),
+            let gone = exited_ranks_settled(&heartbeat, size, rank);
+            let named = if gone.is_empty() {
+                "no other rank on this host had exited (a rank on another host may have)".to_string()
+            } else {
+                format!("rank(s) {gone:?} exited before it")
             };
             eprintln!(
                 "ballast: rank {rank} (host {}) stopped by the launcher (SIGTERM): {named}",
@@ -260,17 +242,10 @@ fn report_exited_peers_on_sigterm(rank: usize, size: usize, heartbeat: Option<Pa
 
 /// Ranks (other than `me`) whose heartbeat file exists but was last touched more than
 /// [`HEARTBEAT_STALE`] ago.
-fn stale_ranks(dir: &Path, size: usize, me: usize) -> Vec<usize> {
-    let now = std::time::SystemTime::now();
+fn stale_ranks(dir: &HeartbeatDir, size: usize, me: usize) -> Vec<usize> {
     (0..size)
         .filter(|&r| r != me)
-        .filter(|&r| {
-            std::fs::metadata(dir.join(format!("rank-{r}")))
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| now.duration_since(t).ok())
-                .is_some_and(|age| age > HEARTBEAT_STALE)
-        })
+        .filter(|&r| dir.age_of(r).is_some_and(|age| age > HEARTBEAT_STALE))
         .collect()
 }
 
