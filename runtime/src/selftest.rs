@@ -75,6 +75,9 @@ struct Args {
     /// (fills the memory budget).
     #[arg(long, default_value = "fastest")]
     micro_batch: String,
+    /// `balance`: the float type the replicas compute in (f32, bf16, f16).
+    #[arg(long, default_value = "f32")]
+    precision: ballast::Precision,
     /// `balance`: write each rank's full record to DIR/rank-R.json (stdout gets a summary).
     #[arg(long)]
     out_dir: Option<std::path::PathBuf>,
@@ -276,6 +279,7 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
             },
             device_oom_at_step: None,
             oom_in_device_log: false,
+            precision: args.precision,
             balance: BalanceOptions {
                 budget_bytes: budget,
                 initial,
@@ -300,7 +304,7 @@ fn balance(launch: &Launch, options: CommOptions, args: &Args) -> Result<ExitCod
             (h ^ u64::from(v.to_bits())).wrapping_mul(0x0100_0000_01b3)
         });
         let json = serde_json::json!({
-            "rank": rank, "budget": budget, "reports": reports, "records": records,
+            "rank": rank, "budget": budget, "reports": reports, "records": records, "param_count": params.len(),
             "params_checksum": format!("{checksum:016x}"), "params_head": &params[..4.min(params.len())],
             // Every parameter of small models only: JSON values of millions of them take more
             // memory than a run under an address-space limit has.

@@ -919,6 +919,8 @@ pub struct BalancedRun {
     /// writes it with `log::warn!` under its own target; the caller's thread sees no panic, and
     /// the micro-batch's outputs look computed.
     pub oom_in_device_log: bool,
+    /// The float type the replicas compute in ([`crate::DdpOptions::with_precision`]).
+    pub precision: Precision,
 }
 
 /// The panic text of [`BalancedRun::device_oom_at_step`]: cubecl's `IoError::OutOfMemory`.
@@ -998,7 +1000,7 @@ fn balanced_loop<M: Regressor>(
     meter: crate::memory::DeviceMeter,
     device: &Device,
 ) -> Result<BalancedOutcome, crate::Error> {
-    let (mut ddp, model) = DataParallel::wrap(comm, model, DdpOptions::default())?;
+    let (mut ddp, model) = DataParallel::wrap(comm, model, DdpOptions::default().with_precision(run.precision))?;
     let outcome = balanced_steps(&mut ddp, run, model, data, meter, device);
     if let Err(e) = &outcome {
         // Said while the communicator still lives: dropping it finalises MPI, which waits for
@@ -1030,7 +1032,8 @@ fn balanced_steps<M: Regressor>(
             );
         }
         let (x, y) = data.batch(idx, device);
-        MseLoss::new().forward(m.forward(x), y, Reduction::Mean)
+        let dtype = run.precision.compute_dtype();
+        MseLoss::new().forward(m.forward(x.cast(dtype)), y.cast(dtype), Reduction::Mean)
     };
     let largest_probe = run.balance.probe_sizes.iter().copied().max().unwrap_or(0);
     let pool: Vec<usize> = (0..largest_probe.max(64)).collect();

@@ -305,3 +305,58 @@ fn doctor_finds_a_libnccl_installed_as_so_2_only() {
     assert_eq!(links.len(), 1, "one private link folder: {links:?}");
     assert_eq!(std::fs::read_link(links[0].path().join("libnccl.so")).unwrap(), lib);
 }
+
+/// `ballast plan --precision`: the plan names its precision and counts bf16's bytes per
+/// parameter (a 2-byte replica, its 4-byte f32 master, 4 bytes of f32 gradient sums, 8 of
+/// Adam's f32 moments: 18, against f32's 16); with activations per sample halved, as measured
+/// in bf16, the micro-batches of the memory-bound cards grow.
+#[test]
+fn plan_counts_the_precision() {
+    let plan = |precision: &str, per_sample: &str| {
+        let mut args = CLUSTER.to_vec();
+        args[10] = per_sample;
+        args.extend(["256", "--json", "--optimizer-sharding", "off", "--precision", precision]);
+        let out = ballast(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let (f32_plan, bf16_plan) = (plan("f32", "1500MiB"), plan("bf16", "750MiB"));
+    assert_eq!(f32_plan["precision"], "f32");
+    assert_eq!(bf16_plan["precision"], "bf16");
+    assert_eq!(f32_plan["bytes_per_param"], 16);
+    assert_eq!(bf16_plan["bytes_per_param"], 18);
+    let fixed = |v: &serde_json::Value| v["reports"][0]["fixed_bytes"].as_u64().unwrap();
+    assert_eq!(
+        fixed(&bf16_plan) - fixed(&f32_plan),
+        2 * 25_000_000,
+        "2 more bytes per parameter"
+    );
+    let caps = |v: &serde_json::Value| -> Vec<u64> {
+        v["plan"]["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["micro_batch"].as_u64().unwrap())
+            .collect()
+    };
+    let (f32_caps, bf16_caps) = (caps(&f32_plan), caps(&bf16_plan));
+    assert!(
+        bf16_caps.iter().zip(&f32_caps).all(|(b, f)| b >= f) && bf16_caps[2] > f32_caps[2],
+        "bf16 caps {bf16_caps:?} against f32's {f32_caps:?}"
+    );
+    let out = ballast(&[
+        "plan",
+        "--device",
+        "8GiB:1",
+        "--params",
+        "1M",
+        "--bytes-per-sample",
+        "1MiB",
+        "--global-batch",
+        "8",
+        "--precision",
+        "fp8",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown precision \"fp8\"; use f32, bf16 or f16"));
+}

@@ -193,6 +193,7 @@ mod wgpu {
             device: WGPU,
             device_oom_at_step,
             oom_in_device_log,
+            precision: ballast::Precision::F32,
             balance: BalanceOptions {
                 budget_bytes,
                 initial: InitialPlan::Equal,

@@ -343,6 +343,7 @@ fn balanced(budget_bytes: u64, global_batch: usize, probe_sizes: &[usize], oom_a
         device: GPU,
         device_oom_at_step: oom_at,
         oom_in_device_log: false,
+        precision: ballast::Precision::F32,
         balance: BalanceOptions {
             budget_bytes,
             initial: InitialPlan::Equal,

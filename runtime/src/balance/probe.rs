@@ -342,8 +342,9 @@ where
         for turn in 0..ddp.world_size() {
             if turn == ddp.rank() {
                 // A device with a pool of its own is measured there; a simulated one is the
-                // shared heap above what every rank holds now, less this model's copy.
-                let base = memory::in_use().saturating_sub(4 * params);
+                // shared heap above what every rank holds now, less this rank's parameters
+                // (the replica, and its f32 master in a mixed precision), which a pool counts.
+                let base = memory::in_use().saturating_sub(ddp.precision().resident_bytes_per_param() * params);
                 let source = if meter.reads_pool() {
                     ProbeMeter::Device(meter)
                 } else {

@@ -25,9 +25,14 @@ pub struct Args {
     /// Samples per optimizer step over all devices.
     #[arg(long)]
     global_batch: usize,
-    /// Optimizer: adam (16 bytes per parameter with gradients) or sgd (8).
+    /// Optimizer: adam (16 bytes per parameter with gradients in f32) or sgd (8).
     #[arg(long, default_value = "adam")]
     optimizer: String,
+    /// The float type the replicas compute in: f32, bf16 or f16. A low type adds an f32 master
+    /// copy (4 bytes per parameter) to a 2-byte replica, while the gradient sums and the
+    /// optimizer's moments stay f32; give `--bytes-per-sample` as measured in that type.
+    #[arg(long, default_value = "f32")]
+    precision: ballast::Precision,
     /// Samples per second of a device with relative speed 1.0.
     #[arg(long, default_value_t = 100.0)]
     samples_per_sec: f64,
@@ -66,9 +71,12 @@ pub struct Args {
 /// Runs the command.
 pub fn run(args: &Args) -> Result<ExitCode> {
     let params = parse_count(&args.params)?;
-    let per_param = match args.optimizer.as_str() {
-        "adam" | "adamw" => 16,
-        "sgd" => 8,
+    // The replica's parameters (and master), the f32 gradient sums, and Adam's two f32 moments.
+    let stateless_per_param =
+        args.precision.resident_bytes_per_param() + ballast::balance::GRADIENT_SUM_BYTES_PER_PARAM;
+    let moments_per_param = match args.optimizer.as_str() {
+        "adam" | "adamw" => 8,
+        "sgd" => 0,
         other => bail!("unknown optimizer {other:?}: use adam, adamw or sgd"),
     };
     let per_sample = parse_bytes(&args.bytes_per_sample).map_err(anyhow::Error::msg)?;
@@ -90,11 +98,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     // gradients) as fixed bytes.
     let state = OptimizerState {
         params,
-        bytes_per_param: if per_param == 16 { 8 } else { 0 },
+        bytes_per_param: moments_per_param,
         device_params_per_sec: args.optimizer_rate,
         host_params_per_sec: args.host_optimizer_rate,
     };
-    let stateless = params * (per_param - state.bytes_per_param);
+    let stateless = params * stateless_per_param;
     let offload = match args.offload.as_str() {
         "never" => OffloadPolicy::Never,
         "when-needed" => OffloadPolicy::WhenNeeded,
@@ -152,10 +160,22 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         println!(
             "{}",
             json!({"reports": planned, "plan": chosen.plan, "optimizer": chosen, "replicated": replicated,
-                   "state": state, "tunables": tunables})
+                   "state": state, "tunables": tunables, "precision": args.precision,
+                   "bytes_per_param": stateless_per_param + moments_per_param})
         );
         return Ok(ExitCode::SUCCESS);
     }
+    println!(
+        "precision {}: {} bytes per parameter ({} replica{}, 4 gradient sums, {moments_per_param} optimizer state)",
+        args.precision,
+        stateless_per_param + moments_per_param,
+        args.precision.replica_bytes_per_param(),
+        if args.precision.is_mixed() {
+            " + 4 f32 master"
+        } else {
+            ""
+        }
+    );
     match &replicated {
         Some(Ok(p)) => {
             println!("replicated optimizer state (--optimizer-sharding off):");
