@@ -91,6 +91,13 @@ pub enum Error {
         /// The replica's precision.
         precision: crate::ddp::Precision,
     },
+    /// The f32 master copy is held in shards by a sharded optimizer, so it cannot be read
+    /// whole or stepped by another optimizer.
+    #[error(
+        "the f32 master parameters are held in shards by ShardedAdam (each rank its own shard); read them \
+         with ShardedAdam::master_shard, and keep stepping this model with that optimizer"
+    )]
+    MasterSharded,
 
     // ----- data
     /// The dataset is empty.

@@ -583,7 +583,11 @@ fn run_ddp_with<M: Regressor>(
         ddp.verify_replicas(&model)?;
     }
     outcome.params = param_values(&model);
-    outcome.master = ddp.master_params()?.unwrap_or_default();
+    outcome.master = match &sharded {
+        // Each rank holds its shard of the master: all of them, in rank order, are the model's.
+        Some(shard) if case.precision.is_mixed() => ddp.comm().all_gather(&shard.master_shard()?)?.concat(),
+        _ => ddp.master_params()?.unwrap_or_default(),
+    };
     Ok((outcome, ddp.into_comm()))
 }
 
@@ -772,8 +776,12 @@ pub fn sharded_cases() -> Vec<Case> {
 /// The mixed-precision cases for three ranks: bf16 compute with f32 sums, master and Adam
 /// state, on the MLP and the conv net, shares 5/2/1 in micro-batches of at most 3/2/1, 50 steps,
 /// from seeded parameters; the reference runs the same recipe on one device.
+///
+/// Then the same with Adam's state sharded (ballast's `ShardedAdam`: f32 master values and
+/// moments per shard, the all-gather in bf16): the MLP with an empty shard on rank 2, the conv
+/// net with shards 60/30/10 %.
 pub fn precision_cases() -> Vec<Case> {
-    [ModelKind::Mlp, ModelKind::Conv]
+    let plain: Vec<Case> = [ModelKind::Mlp, ModelKind::Conv]
         .into_iter()
         .map(|model| {
             let mut case = Case::new(model, OptimKind::Adam, &[5, 2, 1], &[3, 2, 1]);
@@ -782,7 +790,15 @@ pub fn precision_cases() -> Vec<Case> {
             case.init_seed = Some(11);
             case
         })
-        .collect()
+        .collect();
+    let sharded = plain
+        .iter()
+        .zip([[7.0, 3.0, 0.0], [6.0, 3.0, 1.0]])
+        .map(|(case, shards)| Case {
+            shards: shards.to_vec(),
+            ..case.clone()
+        });
+    plain.clone().into_iter().chain(sharded).collect()
 }
 
 /// How far the mixed-precision recipe on one device moves when only its micro-batching
@@ -812,6 +828,8 @@ pub fn micro_batch_spread(case: &Case, initial: &[f32]) -> Result<Spread, Error>
     for cap in [1, 3] {
         let mut one = case.clone();
         (one.shares, one.caps) = (vec![case.global_batch()], vec![cap]);
+        // The recipe's spread: burn's optimizer on one device, whatever the case shards.
+        (one.shards, one.host_shards) = (Vec::new(), Vec::new());
         let runs = ballast_collectives::local::run(1, ballast_collectives::CommOptions::default(), |comm| {
             run_ddp(Box::new(comm), &one).map(|(outcome, _)| outcome)
         });

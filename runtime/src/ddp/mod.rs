@@ -47,6 +47,7 @@
 
 mod bucket;
 mod grads;
+mod packed;
 mod precision;
 mod step;
 
@@ -64,6 +65,7 @@ use ballast_collectives::{
 
 use bucket::{bucket_parts, Reduced, TensorBucket};
 pub use grads::{GradientForm, ReducedGrads};
+use packed::PackedHalves;
 use precision::LossScaler;
 pub use precision::{cast_params, LossScaling, Precision};
 
@@ -227,6 +229,9 @@ pub struct DataParallel {
     /// With a mixed [`Precision`], the f32 master parameters, flat in [`crate::params`] order
     /// on the model's device; `None` in f32, where the replica is its own master.
     master: Option<Tensor<1>>,
+    /// Whether a sharded optimizer took the master copy over, each rank keeping its shard's
+    /// ([`DataParallel::take_master_range`]).
+    master_sharded: bool,
     /// With [`Precision::F16`], the loss scale in force.
     scaler: Option<LossScaler>,
     /// Bytes this step moved between device and host.
@@ -306,6 +311,7 @@ impl DataParallel {
             grads,
             loss_sum: None,
             master: None,
+            master_sharded: false,
             scaler,
             traffic: Traffic::default(),
             local_samples: 0,
@@ -346,13 +352,36 @@ impl DataParallel {
     /// Updates the f32 master copy with `update` (an optimizer step on an f32 view of `model`
     /// that shares its parameter ids) and returns the replica: the updated master cast to the
     /// compute type. In f32 it is `update(model)`.
-    pub(crate) fn update_master<M: Module>(&mut self, model: M, update: impl FnOnce(M) -> M) -> M {
+    ///
+    /// # Errors
+    /// [`Error::MasterSharded`] when a sharded optimizer holds the master copy in shards.
+    pub(crate) fn update_master<M: Module>(&mut self, model: M, update: impl FnOnce(M) -> M) -> Result<M, Error> {
+        if self.master_sharded {
+            return Err(Error::MasterSharded);
+        }
         let Some(master) = self.master.take() else {
-            return update(model);
+            return Ok(update(model));
         };
         let full = update(load_params_from_tensor(model, master));
         self.master = params_range(&full, 0..self.param_count());
-        cast_params(full, self.options.precision.compute_dtype())
+        Ok(cast_params(full, self.options.precision.compute_dtype()))
+    }
+
+    /// Hands the f32 master values of `range` (a sharded optimizer's shard) to the caller and
+    /// drops the whole copy: from here on each rank keeps only its shard's master. `None` in
+    /// f32, where the replica is its own master, and for an empty range.
+    ///
+    /// # Errors
+    /// [`Error::MasterSharded`] when the master copy was handed over before.
+    pub(crate) fn take_master_range(&mut self, range: std::ops::Range<usize>) -> Result<Option<Tensor<1>>, Error> {
+        if self.master_sharded {
+            return Err(Error::MasterSharded);
+        }
+        let Some(master) = self.master.take() else {
+            return Ok(None);
+        };
+        self.master_sharded = true;
+        Ok((!range.is_empty()).then(|| master.slice(range)))
     }
 
     /// Refuses an `optimizer` that keeps its own f32 state and cannot update a low-precision
@@ -374,8 +403,13 @@ impl DataParallel {
     /// own parameters are the master.
     ///
     /// # Errors
-    /// [`Error::Tensor`] when the device cannot be read.
+    /// [`Error::Tensor`] when the device cannot be read; [`Error::MasterSharded`] when a sharded
+    /// optimizer holds the master in shards (each rank's is
+    /// [`crate::optim::ShardedAdam::master_shard`]).
     pub fn master_params(&self) -> Result<Option<Vec<f32>>, Error> {
+        if self.master_sharded {
+            return Err(Error::MasterSharded);
+        }
         self.master
             .clone()
             .map(|m| crate::transfer::to_host(m, "the master parameters"))
@@ -686,6 +720,27 @@ impl DataParallel {
         stats.traffic.add(mine.traffic);
         stats.traffic.add(params.traffic);
         Ok(params.reduced.expect("written by the all-gather"))
+    }
+
+    /// As [`DataParallel::gather_shards`] for shards in a 2-byte type (`dtype`: bf16 or f16),
+    /// carried two values to a word: half the bytes on the wire and across the device.
+    pub(crate) fn gather_shards_packed(
+        &mut self,
+        mine: Option<Tensor<1>>,
+        counts: &[usize],
+        device: &Device,
+        dtype: FloatDType,
+        stats: &mut StepStats,
+    ) -> Result<Tensor<1>, Error> {
+        let before = self.comm.collectives_started();
+        let mut mine = PackedHalves::sending(mine, dtype, device.clone());
+        let mut params = PackedHalves::receiving(counts, dtype, device.clone());
+        self.comm
+            .all_gather_device(&mut mine, &PackedHalves::word_counts(counts), &mut params)?;
+        stats.collectives += (self.comm.collectives_started() - before) as usize;
+        stats.traffic.add(mine.traffic);
+        stats.traffic.add(params.traffic);
+        Ok(params.gathered.expect("written by the all-gather"))
     }
 
     /// Parameters of the model (the fused buffer without its tail).

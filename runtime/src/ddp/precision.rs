@@ -10,7 +10,10 @@
 //! - The update runs in f32 on the master copy: burn's optimizer (through
 //!   [`super::DataParallel::step`] or [`super::DataParallel::apply`]) steps an f32 view of the
 //!   model, whose moments are therefore f32, and the replica is the updated master cast to bf16.
-//!   Every rank casts the same f32 bits, so the replicas stay bit-identical.
+//!   Every rank casts the same f32 bits, so the replicas stay bit-identical. With ballast's
+//!   [`crate::optim::ShardedAdam`] each rank keeps only its shard of the master (f32 values and
+//!   moments), updates it in f32, and the shards' casts are all-gathered in the low type: half
+//!   the bytes of f32.
 //!
 //! This is the recipe of PyTorch AMP with bf16 and of DeepSpeed's bf16 mode (bf16 compute, f32
 //! master weights and optimizer state, f32 gradient accumulation). bf16 keeps f32's exponent

@@ -46,7 +46,7 @@ impl StepOptimizer for ModuleOptimizer {
     ) -> Result<(M, StepStats), Error> {
         let (grads, stats) = grads.into_params_and_stats()?;
         // In a mixed precision the optimizer steps the f32 master copy (so its state is f32 too).
-        let model = ddp.update_master(model, |model| self.step(lr, model, grads));
+        let model = ddp.update_master(model, |model| self.step(lr, model, grads))?;
         Ok((model, stats))
     }
 }

@@ -59,6 +59,12 @@ pub struct ShardedAdam {
     counts: Vec<usize>,
     offset: usize,
     state: ShardState,
+    /// In a mixed precision, this shard's f32 master values, taken from the
+    /// [`crate::DataParallel`]'s master copy at the first step (`None` for an empty shard and in
+    /// f32, where the shard's values are read from the replica).
+    master: Option<Tensor<1>>,
+    /// Whether the master copy was taken over (every rank takes it, empty shards too).
+    master_taken: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +114,8 @@ impl ShardedAdam {
             counts,
             offset,
             state,
+            master: None,
+            master_taken: false,
         })
     }
 
@@ -193,9 +201,16 @@ impl ShardedAdam {
                 Ok(Some(Tensor::from_data(TensorData::new(values, [n]), &device)))
             }
             ShardState::Device(adam) => {
-                let values =
-                    params_range(model, range).expect("a non-empty shard covers parameters (checked at construction)");
-                Ok(Some(adam.step(values, grads, lr)))
+                let values = match self.master.take() {
+                    Some(master) => master,
+                    None => params_range(model, range)
+                        .expect("a non-empty shard covers parameters (checked at construction)"),
+                };
+                let updated = adam.step(values, grads, lr);
+                if self.master_taken {
+                    self.master = Some(updated.clone());
+                }
+                Ok(Some(updated))
             }
         }
     }
@@ -207,6 +222,16 @@ impl ShardedAdam {
             ShardState::Device(adam) => adam.state_bytes(),
             ShardState::Host(host) => host.host_bytes(),
         }
+    }
+
+    /// In a mixed precision, this rank's shard of the f32 master parameters, read to the host
+    /// (every rank's, all-gathered in rank order, are the whole model's master); empty in f32,
+    /// before the first step and for an empty shard.
+    ///
+    /// # Errors
+    /// [`Error::Tensor`] when the device cannot give it back.
+    pub fn master_shard(&self) -> Result<Vec<f32>, Error> {
+        read(&self.master, "the optimizer shard's f32 master values")
     }
 
     /// Steps taken.
@@ -228,7 +253,10 @@ impl ShardedAdam {
                 let (m, v) = host.adam().moments();
                 Ok((m.to_vec(), v.to_vec()))
             }
-            ShardState::Device(adam) => Ok((read(&adam.m, "m")?, read(&adam.v, "v")?)),
+            ShardState::Device(adam) => Ok((
+                read(&adam.m, "the optimizer shard's moment m")?,
+                read(&adam.v, "the optimizer shard's moment v")?,
+            )),
         }
     }
 
@@ -263,10 +291,10 @@ impl ShardedAdam {
     }
 }
 
-/// Reads a moment tensor to the host (empty for an empty shard).
-fn read(t: &Option<Tensor<1>>, name: &str) -> Result<Vec<f32>, Error> {
+/// Reads a shard's tensor (`what`) to the host (empty for an empty shard).
+fn read(t: &Option<Tensor<1>>, what: &str) -> Result<Vec<f32>, Error> {
     match t {
-        Some(t) => to_host(t.clone(), &format!("the optimizer shard's moment {name}")),
+        Some(t) => to_host(t.clone(), what),
         None => Ok(Vec::new()),
     }
 }
@@ -363,11 +391,29 @@ impl StepOptimizer for ShardedAdam {
         grads: ReducedGrads,
         lr: f64,
     ) -> Result<(M, StepStats), Error> {
-        ddp.require_f32("ShardedAdam")?;
+        let precision = ddp.precision();
+        if precision.is_mixed() {
+            if self.place() == ShardPlace::Host {
+                return Err(Error::PrecisionOptimizer {
+                    optimizer: "ShardedAdam with a host shard",
+                    precision,
+                });
+            }
+            if !self.master_taken {
+                self.master = ddp.take_master_range(self.offset..self.offset + self.len())?;
+                self.master_taken = true;
+            }
+        }
         // The counts and the rank were checked against the world before the collectives.
         let (shard, counts, device, mut stats) = grads.into_shard()?;
         let mine = self.step(&model, shard, lr as f32, &mut stats.traffic)?;
-        let flat = ddp.gather_shards(mine, &counts, &device, &mut stats)?;
+        let flat = if precision.is_mixed() {
+            // The replicas take the cast of the f32 shards: the all-gather carries the low type.
+            let dtype = precision.compute_dtype();
+            ddp.gather_shards_packed(mine.map(|t| t.cast(dtype)), &counts, &device, dtype, &mut stats)?
+        } else {
+            ddp.gather_shards(mine, &counts, &device, &mut stats)?
+        };
         Ok((load_params_from_tensor(model, flat), stats))
     }
 }

@@ -8,8 +8,17 @@
 //! reads each buffer once and writes each result once behind them, as it does in a job.
 //! Control-plane calls (barrier, bytes, `u64`/`f64` sums) and `broadcast_f32` pass:
 //! [`crate::DataParallel::wrap`] broadcasts rank 0's initial weights once, before any step.
+//!
+//! It also adds up the bytes each device-buffer all-gather delivers (4 per word of the
+//! gathered buffer) into a counter the caller keeps ([`DeviceBuffersOnly::gathered_bytes`]).
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use ballast_collectives::{Communicator, DeviceBuffer, Error, Result};
 
@@ -17,12 +26,23 @@ use ballast_collectives::{Communicator, DeviceBuffer, Error, Result};
 pub struct DeviceBuffersOnly {
     inner: Box<dyn Communicator>,
     refused: usize,
+    gathered: Arc<AtomicU64>,
 }
 
 impl DeviceBuffersOnly {
     /// Wraps `inner`.
     pub fn new(inner: Box<dyn Communicator>) -> Self {
-        Self { inner, refused: 0 }
+        Self {
+            inner,
+            refused: 0,
+            gathered: Arc::default(),
+        }
+    }
+
+    /// The counter of bytes delivered by device-buffer all-gathers, which outlives the wrapper
+    /// (a step takes the communicator over).
+    pub fn gathered_bytes(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.gathered)
     }
 
     /// Host-slice calls refused so far.
@@ -125,6 +145,7 @@ impl Communicator for DeviceBuffersOnly {
         counts: &[usize],
         out: &mut dyn DeviceBuffer,
     ) -> Result<()> {
+        self.gathered.fetch_add(4 * out.len() as u64, Ordering::Relaxed);
         self.inner.all_gather_device(shard, counts, out)
     }
 }
