@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kit="${GPU_KIT_DIR:-gpu-kit}"
-checks=(doctor canary nccl probes equivalence hetero sharded resnet managed oom)
+checks=(doctor canary nccl probes equivalence hetero sharded resnet managed oom precision)
 
 build() {
   ./scripts/setup-cuda-build.sh >/dev/null

@@ -14,7 +14,7 @@ use burn::{
         Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig,
         PaddingConfig2d, Relu,
     },
-    tensor::{Device, Int, Tensor},
+    tensor::{Device, FloatDType, Int, Tensor},
 };
 
 /// Shape of a [`ResNet`].
@@ -134,8 +134,10 @@ impl ResNet {
         }
     }
 
-    /// Class logits `[n, classes]` of images `[n, 3, 32, 32]`.
+    /// Class logits `[n, classes]` of images `[n, 3, 32, 32]`, computed in the float type of
+    /// the net's parameters (the images are cast to it: bf16 for a bf16 replica).
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        let images = images.cast(FloatDType::from(self.stem.weight.val().dtype()));
         let mut h = self.act.forward(self.stem_norm.forward(self.stem.forward(images)));
         for block in &self.blocks {
             h = block.forward(h);
@@ -186,7 +188,8 @@ impl TransformerLm {
         }
     }
 
-    /// Next-token logits `[n * seq, vocab]` of tokens `[n, seq]`.
+    /// Next-token logits `[n * seq, vocab]` of tokens `[n, seq]`, in the float type of the
+    /// model's parameters.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
         let [n, seq] = tokens.dims();
         let device = tokens.device();

@@ -112,6 +112,11 @@ pub struct TrainArgs {
     /// host Adam) [default: memory].
     #[arg(long, value_name = "off|even|memory")]
     pub optimizer_sharding: Option<String>,
+    /// The float type the replicas compute in: `f32`, `bf16` (forward and backward in bf16;
+    /// gradient sums, the all-reduce, an f32 master copy and Adam's state in f32) or `f16` (the
+    /// same with dynamic loss scaling) [default: f32].
+    #[arg(long, value_name = "f32|bf16|f16")]
+    pub precision: Option<String>,
     /// Held-out data to evaluate on (the job's --help says which format: CIFAR-10
     /// `test_batch.bin`, or a text file); never trained on.
     #[arg(long, value_name = "PATH", conflicts_with = "eval_fraction")]
@@ -234,6 +239,8 @@ pub struct Settings {
     pub micro_batch_policy: ballast_balancer::MicroBatchPolicy,
     /// Where the optimizer state lives.
     pub optimizer_sharding: ballast_balancer::Sharding,
+    /// The float type the replicas compute in.
+    pub precision: crate::Precision,
     /// Held-out data file or directory.
     pub eval_data: Option<PathBuf>,
     /// Fraction of the training data to hold out (validated: strictly between 0 and 1).
@@ -459,6 +466,19 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
     if resume && checkpoint_dir.is_none() {
         bail!("--resume needs --checkpoint-dir: the directory to resume from");
     }
+    let precision: crate::Precision = match pick!(precision) {
+        None => crate::Precision::F32,
+        Some(text) => text
+            .parse()
+            .map_err(|e: crate::Error| anyhow::anyhow!("--precision: {e}"))?,
+    };
+    if precision.is_mixed() && checkpoint_dir.is_some() {
+        bail!(
+            "--precision {precision} with --checkpoint-dir: checkpoints do not hold the f32 master copy yet, so a \
+             resumed {precision} run would not continue the same training; train in f32 to checkpoint, or leave out \
+             --checkpoint-dir"
+        );
+    }
     let eval_fraction = pick!(eval_fraction);
     if let Some(f) = eval_fraction {
         if !(f.is_finite() && f > 0.0 && f < 1.0) {
@@ -526,6 +546,7 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
                 .parse()
                 .map_err(|e: ballast_balancer::Error| anyhow::anyhow!("--optimizer-sharding: {e}"))?,
         },
+        precision,
         eval_data,
         eval_fraction,
         eval_every: pick!(eval_every).unwrap_or(50),

@@ -30,11 +30,12 @@ use ballast::{
         overhead::measure_overhead, probe_peaks, relative_difference, run_ddp, run_reference, sharded_cases,
         BalancedRun, Case, ModelKind, OptimKind,
     },
+    DataParallel, DdpOptions, Precision,
 };
 use ballast_examples::models::{ResNet, ResNetShape};
 use burn::{
     nn::loss::CrossEntropyLossConfig,
-    tensor::{Distribution, Int, Tensor, TensorData},
+    tensor::{Distribution, FloatDType, Int, Tensor, TensorData},
 };
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Map, Value};
@@ -82,6 +83,10 @@ enum Check {
     Managed,
     /// A real device out-of-memory on a micro-batch, backed off.
     Oom,
+    /// The ResNet on cuda:0 in f32 and in bf16 (f32 master and Adam state): samples/s of
+    /// DataParallel steps, and the largest micro-batch whose measured peak fits
+    /// `--device-memory`.
+    Precision,
 }
 
 /// Why a check did not pass.
@@ -174,6 +179,7 @@ fn run(cli: &Cli) -> Outcome {
         Check::Resnet => check_resnet(cli.steps),
         Check::Managed => check_managed(&inventory),
         Check::Oom => check_real_oom(&inventory),
+        Check::Precision => check_precision(cli.steps, &cli.device_memory),
     }
 }
 
@@ -535,6 +541,87 @@ fn check_resnet(steps: usize) -> Outcome {
         "device_to_host_bytes_per_step": measured.to_host,
         "max_rel_param_diff": measured.param_rel,
     })))
+}
+
+/// The ResNet on cuda:0 in f32 and in bf16: see [`Check::Precision`].
+fn check_precision(steps: usize, device_memory: &str) -> Outcome {
+    let budget = ballast::cluster::parse_bytes(device_memory)?;
+    let mut out = Map::new();
+    for precision in [Precision::F32, Precision::Bf16] {
+        out.insert(precision.to_string(), resnet_in(precision, steps, budget)?);
+    }
+    let speed = |p: &str| out[p]["samples_per_s"].as_f64().unwrap_or(0.0);
+    let cap = |p: &str| out[p]["largest_micro_batch"].as_f64().unwrap_or(0.0);
+    let (speedup, capacity) = (speed("bf16") / speed("f32"), cap("bf16") / cap("f32").max(1.0));
+    out.insert("bf16_speedup".into(), json!(speedup));
+    out.insert("bf16_micro_batch_ratio".into(), json!(capacity));
+    out.insert("device_memory".into(), json!(device_memory));
+    Ok(out)
+}
+
+/// One precision of [`check_precision`]: the peak bytes of forward and backward at micro-batches
+/// of 16 and 64 (the cuda pool's meter), the largest micro-batch the line through them fits in
+/// `budget` (with the planner's 10 % margin), and `steps` DataParallel steps of 128 samples in 4
+/// micro-batches with Adam, timed after 3 warm-up steps.
+fn resnet_in(precision: Precision, steps: usize, budget: u64) -> Result<Value, Stop> {
+    let device = GPU.device(0)?.autodiff();
+    let meter = ballast::memory::DeviceMeter::for_device(&device).on_cuda(0);
+    let shape = ResNetShape {
+        width: 16,
+        stages: 3,
+        blocks: 2,
+        classes: 10,
+    };
+    let (batch, k) = (128usize, 4usize);
+    let images = Tensor::<4>::random([batch, 3, 32, 32], Distribution::Uniform(-1.0, 1.0), &device);
+    let labels: Vec<i64> = (0..batch as i64).map(|i| i * 7 % 10).collect();
+    let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &device);
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let loss = |net: &ResNet, from: usize, m: usize| {
+        loss_fn.forward(
+            net.forward(images.clone().narrow(0, from, m)).cast(FloatDType::F32),
+            labels.clone().narrow(0, from, m),
+        )
+    };
+    let comm = local::world(1, CommOptions::default()).pop().expect("one rank");
+    let options = DdpOptions::default().with_precision(precision);
+    let (mut ddp, mut net) = DataParallel::wrap(Box::new(comm), ResNet::new(shape, &device), options)?;
+    let mut peaks = Vec::new();
+    for m in [16usize, 64] {
+        let _ = loss(&net, 0, m).backward();
+        meter.reset_peak();
+        drop(loss(&net, 0, m).backward());
+        peaks.push((m, meter.peak()));
+    }
+    let (fixed, per_sample) = ballast::balancer::fit_memory_line(&peaks);
+    let largest = ((budget as f64 * 0.9 - fixed) / per_sample.max(1.0)).floor().max(0.0);
+    let mut optim = burn::optim::AdamConfig::new().init();
+    let mut timed = Vec::new();
+    let mut last_loss = f64::NAN;
+    for step in 0..steps + 3 {
+        let started = Instant::now();
+        for j in 0..k {
+            ddp.backward(&net, loss(&net, j * batch / k, batch / k), batch / k)?;
+        }
+        let (next, stats) = ddp.step(net, &mut optim, 1e-3)?;
+        net = next;
+        last_loss = stats.loss;
+        if step >= 3 {
+            timed.push(started.elapsed().as_secs_f64());
+        }
+    }
+    timed.sort_by(f64::total_cmp);
+    let median = timed.get(timed.len() / 2).copied().unwrap_or(f64::NAN);
+    Ok(json!({
+        "samples_per_s": batch as f64 / median,
+        "median_step_s": median,
+        "peak_bytes": peaks,
+        "bytes_per_sample": per_sample,
+        "fixed_bytes": fixed,
+        "largest_micro_batch": largest,
+        "final_loss": last_loss,
+        "steps": steps,
+    }))
 }
 
 /// A managed buffer of at most an eighth of the free memory (and at most 1 GiB): written on the

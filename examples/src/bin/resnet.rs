@@ -19,7 +19,7 @@ use ballast_examples::{
 use burn::{
     module::Module,
     nn::loss::CrossEntropyLossConfig,
-    tensor::{Device, Tensor},
+    tensor::{Device, FloatDType, Tensor},
 };
 use serde::Deserialize;
 
@@ -86,7 +86,10 @@ impl Task for Resnet {
 
     fn loss(&self, model: &ResNet, indices: &[usize], device: &Device) -> Tensor<1> {
         let (x, y) = self.data.batch(indices, device);
-        CrossEntropyLossConfig::new().init(device).forward(model.forward(x), y)
+        // The loss in f32 whatever the replica computes in (as mixed-precision recipes do).
+        CrossEntropyLossConfig::new()
+            .init(device)
+            .forward(model.forward(x).cast(FloatDType::F32), y)
     }
 
     fn eval_len(&self) -> usize {
@@ -98,7 +101,7 @@ impl Task for Resnet {
             return EvalBatch::default();
         };
         let (x, y) = eval.batch(indices, device);
-        let logits = model.valid().forward(x.without_autodiff());
+        let logits = model.valid().forward(x.without_autodiff()).cast(FloatDType::F32);
         ballast_examples::score(logits, y.without_autodiff(), 1)
     }
 

@@ -19,7 +19,7 @@ use ballast_examples::{
 use burn::{
     module::Module,
     nn::loss::CrossEntropyLossConfig,
-    tensor::{Device, Tensor},
+    tensor::{Device, FloatDType, Tensor},
 };
 use serde::Deserialize;
 
@@ -110,7 +110,10 @@ impl Task for Lm {
 
     fn loss(&self, model: &TransformerLm, indices: &[usize], device: &Device) -> Tensor<1> {
         let (x, y) = self.data.batch(indices, device);
-        CrossEntropyLossConfig::new().init(device).forward(model.forward(x), y)
+        // The loss in f32 whatever the replica computes in (as mixed-precision recipes do).
+        CrossEntropyLossConfig::new()
+            .init(device)
+            .forward(model.forward(x).cast(FloatDType::F32), y)
     }
 
     fn eval_len(&self) -> usize {
@@ -122,7 +125,7 @@ impl Task for Lm {
             return EvalBatch::default();
         };
         let (x, y) = eval.batch(indices, device);
-        let logits = model.valid().forward(x.without_autodiff());
+        let logits = model.valid().forward(x.without_autodiff()).cast(FloatDType::F32);
         // Per window: the sum of its next-byte losses.
         ballast_examples::score(logits, y.without_autodiff(), eval.seq_len())
     }

@@ -208,7 +208,7 @@ fn rank_main<T: Task>(
         None => DeviceMeter::for_device(&device),
     };
     let (model, loaded_step) = build_model(comm.as_mut(), task, s, &device, threads)?;
-    let (mut ddp, model) = DataParallel::wrap(comm, model, DdpOptions::default())?;
+    let (mut ddp, model) = DataParallel::wrap(comm, model, DdpOptions::default().with_precision(s.precision))?;
     let sampler = GlobalSampler::new(task.len(), s.global_batch, s.seed)?;
     let steps = s.steps(sampler.steps_per_epoch());
     let checkpointer = match &s.checkpoint_dir {
@@ -392,7 +392,7 @@ where
             println!("continuing on the saved plan");
         }
         println!(
-            "{world} ranks ({}), {} samples, global batch {}, steps {}..{steps}",
+            "{world} ranks ({}), {} samples, global batch {}, steps {}..{steps}, precision {}",
             if threads {
                 "threads on simulated devices"
             } else {
@@ -400,7 +400,8 @@ where
             },
             task.len(),
             s.global_batch,
-            start.state.step
+            start.state.step,
+            s.precision
         );
         print!("{}", plan_table(balancer.plan(), balancer.reports()));
         if let Some(placed) = balancer.shard_plan() {

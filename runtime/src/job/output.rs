@@ -11,6 +11,8 @@ pub(super) struct Output {
     pub(super) rank: usize,
     pub(super) world: usize,
     pub(super) threads: bool,
+    /// The float type the replicas compute in, named on every line.
+    pub(super) precision: crate::Precision,
     pub(super) evals: Vec<(u64, EvalTotals)>,
 }
 
@@ -37,6 +39,7 @@ impl Output {
             rank: ddp.rank(),
             world: ddp.world_size(),
             threads,
+            precision: s.precision,
             evals: Vec::new(),
         })
     }
@@ -45,6 +48,7 @@ impl Output {
     pub(super) fn record(&mut self, kind: &str, fields: serde_json::Value) -> Result<()> {
         let mut line = json!({
             "run": self.run_id, "job": self.job, "kind": kind, "rank": self.rank, "world_size": self.world,
+            "precision": self.precision,
         });
         if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), fields) {
             line.extend(fields);

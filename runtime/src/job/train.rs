@@ -74,6 +74,8 @@ impl<T: Task> Training<'_, T> {
                 "allreduce_s": out.stats.all_reduce.as_secs_f64(),
                 "step_s": step_s,
                 "collectives": out.stats.collectives,
+                "overflow": out.stats.overflow,
+                "loss_scale": out.stats.loss_scale,
                 "peak_bytes": peak_bytes,
                 "budget_bytes": s.device_memory.get(self.out.rank),
                 "predicted_peak_bytes": mine.predicted_peak_bytes,
