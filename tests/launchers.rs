@@ -1,6 +1,7 @@
 //! Real launchers: a one-node Slurm (Debian's slurm-wlm, started by `scripts/slurm-local.sh`)
-//! runs the ResNet job under `srun -n 3` and through `sbatch cluster/slurm.sbatch`, and both
-//! train exactly what `mpirun -np 3` trains with the same plan.
+//! runs the ResNet job under `srun -n 3` and through `sbatch cluster/slurm.sbatch`, and two
+//! "hosts" on this machine (`scripts/two-hosts.sh`) run it under one `mpirun`; all of them train
+//! exactly what `mpirun -np 3` on one host trains with the same plan. A lost host is named.
 //!
 //! The plan is fixed (`--initial-plan equal --no-rebalance --micro-batch largest` without memory
 //! budgets: equal shares, each in one micro-batch; a budget's cap comes from measured peaks,
@@ -15,6 +16,7 @@ use std::{
     process::{Command, Output},
 };
 
+use ballast::checkpoint::{self, Checkpointer};
 use ballast_tests::{one_job, text, workspace_file};
 
 /// The one-node Slurm, stopped when dropped.
@@ -182,4 +184,214 @@ fn launchers_srun_and_sbatch_train_what_mpirun_trains() {
         !Path::new("/tmp/ballast-slurm").exists(),
         "the Slurm folder is removed when the test ends"
     );
+}
+
+/// Two "hosts" on this machine (`scripts/two-hosts.sh`: network and UTS namespaces joined by a
+/// veth pair, Open MPI's launch agent entering host-b's namespaces), torn down when dropped.
+struct TwoHosts;
+
+impl TwoHosts {
+    fn script() -> PathBuf {
+        PathBuf::from(workspace_file("scripts/two-hosts.sh"))
+    }
+
+    /// Sets the hosts up, or says why they cannot be here.
+    fn up() -> Result<Self, String> {
+        let out = Command::new(Self::script())
+            .arg("up")
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(Self)
+        } else {
+            let _ = Command::new(Self::script()).arg("down").output();
+            Err(text(&out))
+        }
+    }
+
+    /// `mpirun` from host-a over both hosts (2 ranks on host-a, 1 on host-b) running `bin args`.
+    fn mpirun(&self, bin: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(Self::script());
+        cmd.args(["mpirun", "-np", "3"]);
+        for var in [
+            "OMPI_ALLOW_RUN_AS_ROOT",
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM",
+            "XDG_RUNTIME_DIR",
+        ] {
+            if std::env::var_os(var).is_some() {
+                cmd.args(["-x", var]);
+            }
+        }
+        cmd.arg(bin).args(args);
+        cmd
+    }
+
+    /// The processes of host `h` (its network namespace).
+    fn pids(&self, h: &str) -> Vec<u32> {
+        let out = Command::new(Self::script()).args(["pids", h]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        let _ = Command::new(Self::script()).arg("down").output();
+    }
+}
+
+/// The ResNet job over two hosts (ranks 0 and 1 on host-a, rank 2 on host-b, TCP between them)
+/// trains exactly what one host trains with the same plan: the same steps and losses, final
+/// parameters and held-out numbers; `ballast doctor` names each rank's host and local rank.
+#[test]
+fn launchers_two_hosts_train_what_one_host_trains() {
+    let _alone = one_job();
+    let hosts = match TwoHosts::up() {
+        Ok(hosts) => hosts,
+        Err(why) => {
+            println!("skipped: launchers_two_hosts_train_what_one_host_trains: no network namespaces here: {why}");
+            return;
+        }
+    };
+    let bin = job_bin();
+    let one_dir = tempfile::tempdir().unwrap();
+    let one = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "3", &bin])
+        .args(job_args())
+        .current_dir(one_dir.path())
+        .output()
+        .unwrap();
+    let one = run_record(one_dir.path(), &one);
+    let two_dir = tempfile::tempdir().unwrap();
+    let two = hosts
+        .mpirun(&bin, &job_args())
+        .current_dir(two_dir.path())
+        .output()
+        .unwrap();
+    let two = run_record(two_dir.path(), &two);
+    println!("one host: {}\ntwo hosts: {}\n{}", one.1, two.1, two.2);
+    assert_eq!(two.0, one.0, "steps differ between one and two hosts");
+    assert_eq!(two.1, one.1, "final parameters differ between one and two hosts");
+    assert_eq!(two.2, one.2, "held-out numbers differ between one and two hosts");
+    let doctor = hosts
+        .mpirun(&ballast_tests::bin("ballast"), &["doctor"])
+        .output()
+        .unwrap();
+    assert!(doctor.status.success(), "{}", text(&doctor));
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    for (host, ranks) in [("host-a", 2), ("host-b", 1)] {
+        assert_eq!(
+            report.lines().filter(|l| *l == format!("host         {host}")).count(),
+            ranks,
+            "{report}"
+        );
+    }
+    assert!(
+        report.contains("rank         2 of 3 (local rank 0)"),
+        "host-b's rank is its first: {report}"
+    );
+}
+
+/// A lost host: every process of host-b (its Open MPI daemon and rank 2) is killed with SIGKILL
+/// while the job trains and checkpoints every 5 steps. The survivors stop within the deadline,
+/// both name rank 2 and host-b, and the newest checkpoint is complete. Two trials (more with
+/// `BALLAST_LOST_HOST_TRIALS`), the kill 0.0–2.7 s after the first checkpoint.
+#[test]
+fn launchers_lost_host_is_named_and_the_checkpoint_is_complete() {
+    let _alone = one_job();
+    let hosts = match TwoHosts::up() {
+        Ok(hosts) => hosts,
+        Err(why) => {
+            println!("skipped: launchers_lost_host_is_named_and_the_checkpoint_is_complete: no network namespaces here: {why}");
+            return;
+        }
+    };
+    let trials: u64 = std::env::var("BALLAST_LOST_HOST_TRIALS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
+    let limit = std::time::Duration::from_secs(30);
+    for trial in 0..trials {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = hosts.mpirun(
+            &job_bin(),
+            &[
+                "--initial-plan",
+                "equal",
+                "--no-rebalance",
+                "--micro-batch",
+                "largest",
+                "--steps",
+                "100000",
+                "--checkpoint-dir",
+                "cp",
+                "--checkpoint-every",
+                "5",
+            ],
+        );
+        let child = cmd
+            .current_dir(dir.path())
+            .env("BALLAST_TIMEOUT_SECS", "5")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let cp = dir.path().join("cp");
+        let started = std::time::Instant::now();
+        while std::fs::read_dir(&cp).map_or(true, |mut d| d.next().is_none()) {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(120),
+                "no checkpoint was written"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300 * (trial * 7 % 10)));
+        let victims = hosts.pids("b");
+        assert!(!victims.is_empty(), "host-b runs nothing");
+        // All at once, as a host that dies takes its processes with it.
+        let _ = Command::new("kill")
+            .arg("-9")
+            .args(victims.iter().map(u32::to_string))
+            .status();
+        let killed = std::time::Instant::now();
+        let out = wait_with_deadline(child, limit);
+        let secs = killed.elapsed().as_secs_f64();
+        let all = text(&out);
+        assert_ne!(out.status.code(), Some(0), "{all}");
+        let named = "no other rank on this host had exited, so the lost rank is on host host-b: rank(s) [2]";
+        assert_eq!(
+            all.matches(named).count(),
+            2,
+            "both survivors name host-b and rank 2:\n{all}"
+        );
+        let newest = Checkpointer::new(&cp, 3)
+            .unwrap()
+            .newest()
+            .unwrap()
+            .expect("a checkpoint");
+        checkpoint::verify(&newest).unwrap_or_else(|e| panic!("{}: {e}", newest.display()));
+        println!(
+            "lost host trial {trial}: {} processes of host-b killed; job ended after {secs:.2} s (exit {:?}); newest checkpoint {} complete",
+            victims.len(),
+            out.status.code(),
+            newest.file_name().unwrap().to_string_lossy()
+        );
+        assert!(secs < limit.as_secs_f64(), "took {secs} s");
+    }
+}
+
+/// Waits for `child` at most `limit`, killing it past that; returns what it printed.
+fn wait_with_deadline(mut child: std::process::Child, limit: std::time::Duration) -> Output {
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("the job outlived the lost host by {limit:?}:\n{}", text(&out));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
 }

@@ -123,6 +123,20 @@ impl HeartbeatDir {
         }
     }
 
+    /// Marks `rank` as stopped by the launcher (`stopped-<rank>`): its exit is a consequence,
+    /// and peers that look for the rank that died first leave it out.
+    pub(super) fn mark_stopped(&self, rank: usize) {
+        let _ = self.open_at(
+            &format!("stopped-{rank}"),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+        );
+    }
+
+    /// Whether `rank` was stopped by the launcher ([`HeartbeatDir::mark_stopped`]).
+    pub(super) fn was_stopped(&self, rank: usize) -> bool {
+        self.open_at(&format!("stopped-{rank}"), libc::O_RDONLY).is_ok()
+    }
+
     /// The process id in `rank`'s heartbeat file, if it has one.
     pub(super) fn pid_of(&self, rank: usize) -> Option<libc::pid_t> {
         let mut text = String::new();
@@ -151,10 +165,12 @@ impl HeartbeatDir {
     /// Removes `rank`'s heartbeat file, then the directory if it is empty (the last rank's
     /// removal succeeds).
     pub(super) fn remove(&self, rank: usize) {
-        let name = c_name(&format!("rank-{rank}"));
-        // SAFETY: `name` is NUL-terminated and outlives the call; unlinkat removes the entry
-        // in the directory this struct owns, a link itself and never its target.
-        unsafe { libc::unlinkat(self.dir.as_raw_fd(), name.as_ptr(), 0) };
+        for file in [format!("rank-{rank}"), format!("stopped-{rank}")] {
+            let name = c_name(&file);
+            // SAFETY: `name` is NUL-terminated and outlives the call; unlinkat removes the entry
+            // in the directory this struct owns, a link itself and never its target.
+            unsafe { libc::unlinkat(self.dir.as_raw_fd(), name.as_ptr(), 0) };
+        }
         // rmdir fails on a path that is no longer a directory, and on one that is not empty.
         let _ = std::fs::remove_dir(&self.path);
     }

@@ -137,7 +137,7 @@ impl MpiCommunicator {
                 return Err(e);
             }
         };
-        Ok(Self {
+        let mut comm = Self {
             rank,
             size: size as usize,
             seq: 0,
@@ -149,7 +149,13 @@ impl MpiCommunicator {
             handshake_kind: Handshake::default(),
             messages: 0,
             universe: std::mem::ManuallyDrop::new(universe),
-        })
+        };
+        // Every rank's host, so that a rank whose host-mates are all alive can name the host
+        // where the lost one ran (one control-plane collective, with its deadline).
+        let hosts = comm.all_gather_bytes(watchdog::hostname().as_bytes())?;
+        comm.watchdog
+            .know_hosts(hosts.iter().map(|h| String::from_utf8_lossy(h).into_owned()).collect());
+        Ok(comm)
     }
 
     /// The MPI library's own version string (`MPI_Get_library_version`).

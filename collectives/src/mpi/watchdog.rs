@@ -7,7 +7,7 @@ use std::{
     ffi::c_int,
     sync::{
         atomic::{AtomicI32, Ordering},
-        Arc, Condvar, Mutex,
+        Arc, Condvar, Mutex, OnceLock,
     },
     time::{Duration, Instant},
 };
@@ -30,6 +30,8 @@ use super::{
 pub(super) struct Watchdog {
     shared: Arc<(Mutex<WatchState>, Condvar)>,
     heartbeat: Arc<HeartbeatDir>,
+    /// Every rank's host name, by rank, once gathered at start-up ([`Watchdog::know_hosts`]).
+    hosts: Arc<OnceLock<Vec<String>>>,
 }
 
 #[derive(Default)]
@@ -57,7 +59,9 @@ impl Watchdog {
         // The first heartbeat is written before this rank takes part in any collective, so a
         // peer that outlives it can always read its process id.
         heartbeat.beat(rank);
-        report_exited_peers_on_sigterm(rank, size, Arc::clone(&heartbeat));
+        let hosts: Arc<OnceLock<Vec<String>>> = Arc::default();
+        report_exited_peers_on_sigterm(rank, size, Arc::clone(&heartbeat), Arc::clone(&hosts));
+        let known_hosts = Arc::clone(&hosts);
         let shared = Arc::new((Mutex::new(WatchState::default()), Condvar::new()));
         let theirs = Arc::clone(&shared);
         let hb = Arc::clone(&heartbeat);
@@ -81,7 +85,8 @@ impl Watchdog {
                             let suspects = stale_ranks(&hb, size, rank);
                             let named = if suspects.is_empty() {
                                 format!(
-                                    "no rank on this host stopped (a rank on another host may have; heartbeats in {})",
+                                    "no rank on this host stopped responding, {} (heartbeats in {})",
+                                    elsewhere(known_hosts.get(), rank),
                                     hb.path().display()
                                 )
                             } else {
@@ -104,7 +109,17 @@ impl Watchdog {
                 }
             })
             .expect("spawning the MPI watchdog thread");
-        Ok(Self { shared, heartbeat })
+        Ok(Self {
+            shared,
+            heartbeat,
+            hosts,
+        })
+    }
+
+    /// Records every rank's host name (by rank), so that a rank stopped or stalled while all
+    /// ranks of its own host are alive names the other hosts' ranks.
+    pub(super) fn know_hosts(&self, hosts: Vec<String>) {
+        let _ = self.hosts.set(hosts);
     }
 
     pub(super) fn arm(&self, op: &'static str, seq: u64, timeout: Duration) {
@@ -126,11 +141,12 @@ impl Watchdog {
     }
 }
 
-/// Ranks (other than `me`) whose heartbeat file names a process that no longer runs.
+/// Ranks (other than `me`) whose heartbeat file names a process that no longer runs, leaving
+/// out those the launcher stopped (they exited because another rank did).
 fn exited_ranks(dir: &HeartbeatDir, size: usize, me: usize) -> Vec<usize> {
     (0..size)
         .filter(|&r| r != me)
-        .filter(|&r| dir.pid_of(r).is_some_and(|pid| !process_runs(pid)))
+        .filter(|&r| dir.pid_of(r).is_some_and(|pid| !process_runs(pid)) && !dir.was_stopped(r))
         .collect()
 }
 
@@ -181,7 +197,12 @@ extern "C" fn on_sigterm(_signal: c_int) {
 /// (their heartbeat files name processes that are gone), then exits with 143 as SIGTERM's
 /// default action would. Installed only while SIGTERM has its default action: a program's own
 /// handler stays in place.
-fn report_exited_peers_on_sigterm(rank: usize, size: usize, heartbeat: Arc<HeartbeatDir>) {
+fn report_exited_peers_on_sigterm(
+    rank: usize,
+    size: usize,
+    heartbeat: Arc<HeartbeatDir>,
+    hosts: Arc<OnceLock<Vec<String>>>,
+) {
     // SAFETY: an all-zero sigaction is a valid value of the C struct.
     let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
     // SAFETY: with a null new action, sigaction only writes the current one into `current`.
@@ -205,9 +226,14 @@ fn report_exited_peers_on_sigterm(rank: usize, size: usize, heartbeat: Arc<Heart
             if unsafe { libc::read(read_end, std::ptr::from_mut(&mut byte).cast(), 1) } != 1 {
                 return;
             }
+            // Marked first: a peer stopped a moment later must not take this exit for the cause.
+            heartbeat.mark_stopped(rank);
             let gone = exited_ranks_settled(&heartbeat, size, rank);
             let named = if gone.is_empty() {
-                "no other rank on this host had exited (a rank on another host may have)".to_string()
+                format!(
+                    "no other rank on this host had exited, {}",
+                    elsewhere(hosts.get(), rank)
+                )
             } else {
                 format!("rank(s) {gone:?} exited before it")
             };
@@ -249,7 +275,32 @@ fn stale_ranks(dir: &HeartbeatDir, size: usize, me: usize) -> Vec<usize> {
         .collect()
 }
 
-fn hostname() -> String {
+/// Where the lost rank must be when every rank of this host (`me`'s) is alive: the ranks of the
+/// other hosts, by host (`hosts`: every rank's host name, when known).
+fn elsewhere(hosts: Option<&Vec<String>>, me: usize) -> String {
+    let Some(mine) = hosts.and_then(|h| h.get(me)) else {
+        return "so a rank on another host may have (host names not gathered yet)".into();
+    };
+    let mut others: std::collections::BTreeMap<&str, Vec<usize>> = std::collections::BTreeMap::new();
+    for (rank, host) in hosts.into_iter().flatten().enumerate() {
+        if host != mine {
+            others.entry(host.as_str()).or_default().push(rank);
+        }
+    }
+    match others.len() {
+        0 => "and every rank runs on this host".into(),
+        1 => {
+            let (host, ranks) = others.iter().next().expect("one host");
+            format!("so the lost rank is on host {host}: rank(s) {ranks:?}")
+        }
+        _ => {
+            let list: Vec<String> = others.iter().map(|(h, r)| format!("{h} {r:?}")).collect();
+            format!("so the lost rank is on another host: {}", list.join(", "))
+        }
+    }
+}
+
+pub(super) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
