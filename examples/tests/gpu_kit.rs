@@ -9,7 +9,7 @@ mod kit {
 
     use serde_json::Value;
 
-    const CHECKS: [&str; 10] = [
+    const CHECKS: [&str; 11] = [
         "doctor",
         "canary",
         "nccl",
@@ -20,6 +20,7 @@ mod kit {
         "resnet",
         "managed",
         "oom",
+        "precision",
     ];
 
     fn gpu_here() -> bool {
