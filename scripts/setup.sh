@@ -51,11 +51,17 @@ if ! dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null | grep -q '^2
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mesa-vulkan-drivers >/dev/null
   fi
 fi
-# The launcher tests start a one-node Slurm (scripts/slurm-local.sh), whose daemons run as root.
-if [ "$(id -u)" -eq 0 ] && ! { command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; }; then
-  echo "setup: installing slurm-wlm munge (a one-node Slurm for the launcher tests)"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+# The launcher tests start a one-node Slurm (scripts/slurm-local.sh), whose daemons run as root,
+# and two hosts in network namespaces (scripts/two-hosts.sh, with iproute2's `ip`).
+if [ "$(id -u)" -eq 0 ]; then
+  launchers=()
+  { command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; } || launchers+=(slurm-wlm munge)
+  command -v ip >/dev/null 2>&1 || launchers+=(iproute2)
+  if [ ${#launchers[@]} -gt 0 ]; then
+    echo "setup: installing ${launchers[*]} (for the launcher tests)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${launchers[@]}" >/dev/null
+  fi
 fi
 # Python's safetensors reads a ballast checkpoint in the test suite.
 if command -v python3 >/dev/null 2>&1 && ! python3 -c "import safetensors, numpy" >/dev/null 2>&1; then
