@@ -98,6 +98,48 @@ fn assert_sharding(out: &Output, sharding: &str, ranks: usize) {
     assert_eq!(lines, expected, "--optimizer-sharding {sharding}\n{}", text(out));
 }
 
+/// In bf16 a checkpoint holds the f32 master parameters (not the replica's rounded values) and
+/// Adam's f32 moments: a run killed as step 21 begins and resumed from its step-20 checkpoint
+/// ends bit-identical to the run that was never interrupted.
+#[test]
+fn resume_in_bf16_continues_bit_for_bit_from_the_master() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let bf16 = |args: &[&str]| {
+        let mut all = vec!["--precision", "bf16"];
+        all.extend_from_slice(args);
+        demo(dir, &all)
+    };
+    let full = bf16(&["--checkpoint-dir", "full"]);
+    assert!(full.status.success(), "{}", text(&full));
+    let crashed = bf16(&["--checkpoint-dir", "cut", "--crash-at-step", "21"]);
+    assert!(
+        !crashed.status.success(),
+        "the crash must fail the run\n{}",
+        text(&crashed)
+    );
+    let resumed = bf16(&["--checkpoint-dir", "cut", "--resume"]);
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    assert!(String::from_utf8_lossy(&resumed.stdout).contains("trained steps 20..40"));
+    assert_eq!(checksum_line(&full), checksum_line(&resumed), "bf16: bit-identical");
+    assert_eq!(max_rel_diff(&step40(dir, "full"), &step40(dir, "cut")), 0.0);
+    let saved = checkpoint::load(
+        &dir.join("cut/step-0000000020.safetensors"),
+        &Mlp::init(&Device::flex()),
+    )
+    .unwrap();
+    let unrounded = saved.params.iter().filter(|v| v.to_bits() & 0xffff != 0).count();
+    println!(
+        "bf16 resume: {} ({unrounded} of {} saved values are not bf16 values: the master)",
+        checksum_line(&resumed),
+        saved.params.len()
+    );
+    assert!(
+        unrounded > 0,
+        "the checkpoint holds the replica's bf16 values, not the f32 master"
+    );
+}
+
 #[test]
 fn resume_on_threads_is_bit_identical_and_close_on_other_ranks() {
     for sharding in SHARDINGS {

@@ -231,7 +231,24 @@ impl Checkpointer {
     /// # Errors
     /// IO errors, with the path.
     pub fn save<M: Module>(&self, model: &M, adam: Option<AdamView<'_>>, state: &TrainState) -> Result<PathBuf> {
-        let bytes = encode(model, adam, state)?;
+        self.save_values(model, &flatten_params(model), adam, state)
+    }
+
+    /// As [`Checkpointer::save`] with the parameters' values given as `params` (flat, in
+    /// [`flatten_params`] order, one per parameter of `model`): in a mixed precision, the f32
+    /// master values, which the replica holds only rounded.
+    ///
+    /// # Errors
+    /// IO errors, with the path; [`Error::Encode`] when `params` or `adam` do not hold one value
+    /// per parameter.
+    pub fn save_values<M: Module>(
+        &self,
+        model: &M,
+        params: &[f32],
+        adam: Option<AdamView<'_>>,
+        state: &TrainState,
+    ) -> Result<PathBuf> {
+        let bytes = encode(model, params, adam, state)?;
         let path = self.path_for(state.step);
         let tmp = self.dir.join(format!(
             ".tmp-step-{:010}-{}.safetensors",
@@ -285,7 +302,7 @@ impl Checkpointer {
 /// # Errors
 /// IO errors, with the path.
 pub fn save_model<M: Module>(path: &Path, model: &M, state: &TrainState) -> Result<()> {
-    let bytes = encode(model, None, state)?;
+    let bytes = encode(model, &flatten_params(model), None, state)?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -334,15 +351,23 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
 /// # Errors
 /// [`Error::Encode`] when the Adam state does not fit the model or a view cannot be
 /// built (never for consistent inputs).
-fn encode<M: Module>(model: &M, adam: Option<AdamView<'_>>, state: &TrainState) -> Result<Vec<u8>> {
-    encode_bytes(model, adam, state).map_err(|reason| Error::Encode { reason })
+fn encode<M: Module>(model: &M, params: &[f32], adam: Option<AdamView<'_>>, state: &TrainState) -> Result<Vec<u8>> {
+    encode_bytes(model, params, adam, state).map_err(|reason| Error::Encode { reason })
 }
 
 fn encode_bytes<M: Module>(
     model: &M,
+    flat: &[f32],
     adam: Option<AdamView<'_>>,
     state: &TrainState,
 ) -> std::result::Result<Vec<u8>, String> {
+    if flat.len() != model.num_params() {
+        return Err(format!(
+            "{} parameter values given for a model of {} parameters",
+            flat.len(),
+            model.num_params()
+        ));
+    }
     if let Some(adam) = adam {
         let n = model.num_params();
         if adam.m.len() != n || adam.v.len() != n {
@@ -354,7 +379,6 @@ fn encode_bytes<M: Module>(
         }
     }
     let slots = collect_params(model);
-    let flat = flatten_params(model);
     let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut offset = 0;
     for slot in &slots {

@@ -472,13 +472,6 @@ pub fn resolve(cli: &TrainArgs, file: &TrainArgs, defaults: &Defaults, launched:
             .parse()
             .map_err(|e: crate::Error| anyhow::anyhow!("--precision: {e}"))?,
     };
-    if precision.is_mixed() && checkpoint_dir.is_some() {
-        bail!(
-            "--precision {precision} with --checkpoint-dir: checkpoints do not hold the f32 master copy yet, so a \
-             resumed {precision} run would not continue the same training; train in f32 to checkpoint, or leave out \
-             --checkpoint-dir"
-        );
-    }
     let eval_fraction = pick!(eval_fraction);
     if let Some(f) = eval_fraction {
         if !(f.is_finite() && f > 0.0 && f < 1.0) {

@@ -194,3 +194,21 @@ pub fn params_range<M: Module>(model: &M, range: std::ops::Range<usize>) -> Opti
         _ => Some(Tensor::cat(s.parts, 0)),
     }
 }
+
+/// The float type `model`'s parameters are stored in (that of the first one; f32 for a model
+/// without float parameters): what its inputs are cast to in a mixed precision.
+pub fn float_dtype<M: Module>(model: &M) -> burn::tensor::FloatDType {
+    struct First(Option<burn::tensor::DType>);
+    impl ModuleVisitor for First {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.0.is_none() {
+                self.0 = Some(param.val().dtype());
+            }
+        }
+    }
+    let mut first = First(None);
+    model.visit(&mut first);
+    first
+        .0
+        .map_or(burn::tensor::FloatDType::F32, burn::tensor::FloatDType::from)
+}

@@ -51,7 +51,13 @@ impl Task for Regression {
 
     fn loss(&self, model: &Mlp, indices: &[usize], device: &Device) -> Tensor<1> {
         let (x, y) = self.0.batch(indices, device);
-        MseLoss::new().forward(model.forward(x), y, Reduction::Mean)
+        // Inputs in the parameters' float type (bf16 for a bf16 replica), the loss in f32.
+        let dtype = ballast::params::float_dtype(model);
+        MseLoss::new().forward(
+            model.forward(x.cast(dtype)).cast(burn::tensor::FloatDType::F32),
+            y,
+            Reduction::Mean,
+        )
     }
 
     fn describe(&self) -> String {

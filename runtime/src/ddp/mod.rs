@@ -367,6 +367,18 @@ impl DataParallel {
         Ok(cast_params(full, self.options.precision.compute_dtype()))
     }
 
+    /// Keeps `model`'s f32 parameters (a checkpoint's, loaded before the first step) as the
+    /// master copy and returns the replica in the compute type; `model` itself in f32.
+    ///
+    /// # Errors
+    /// [`Error::MasterSharded`] after a sharded optimizer took the master over.
+    pub(crate) fn restore_master<M: Module>(&mut self, model: M) -> Result<M, Error> {
+        if self.master_sharded {
+            return Err(Error::MasterSharded);
+        }
+        self.keep_master(model)
+    }
+
     /// Hands the f32 master values of `range` (a sharded optimizer's shard) to the caller and
     /// drops the whole copy: from here on each rank keeps only its shard's master. `None` in
     /// f32, where the replica is its own master, and for an empty range.

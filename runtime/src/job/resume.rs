@@ -69,6 +69,25 @@ pub(super) fn gather_shards(
     Ok((comm.rank() == 0).then(|| checkpoint::AdamMoments { m, v, t: shard.steps() }))
 }
 
+/// In a mixed precision, the f32 master parameters on rank 0, which a checkpoint holds in place
+/// of the replica's rounded values (every rank must call it): all-gathered from the optimizer's
+/// shards, or the copy `DataParallel` keeps. `None` in f32 and on the other ranks.
+pub(super) fn gather_master(ddp: &mut DataParallel, balancer: &Balancer) -> Result<Option<Vec<f32>>> {
+    if !ddp.precision().is_mixed() {
+        return Ok(None);
+    }
+    let all = match balancer.shard() {
+        Some(shard) => {
+            let mut all = vec![0.0; shard.counts().iter().sum()];
+            ddp.comm()
+                .all_gather_f32(&shard.master_shard()?, shard.counts(), &mut all)?;
+            all
+        }
+        None => ddp.master_params()?.unwrap_or_default(),
+    };
+    Ok((ddp.rank() == 0).then_some(all))
+}
+
 /// Where training starts: the model, the step, and what a resumed checkpoint carried.
 pub(super) struct Start<M> {
     pub(super) model: M,
@@ -131,8 +150,11 @@ pub(super) fn resume<M: Module>(
         );
     }
     let optimizer = loaded.adam.clone().map(|adam| (path, adam));
+    // The checkpoint's f32 values become the master copy in a mixed precision (the replica their
+    // cast), as they were when it was saved.
+    let model = ddp.restore_master(loaded.apply(model))?;
     Ok(Start {
-        model: loaded.apply(model),
+        model,
         state,
         optimizer,
         plan,

@@ -98,6 +98,7 @@ impl<T: Task> Training<'_, T> {
             if done % s.checkpoint_every == 0 || done == self.steps {
                 // Rank 0 writes; the others wait so that nobody runs ahead of a failed save.
                 let gathered = gather_shards(ddp.comm(), balancer)?;
+                let master = gather_master(ddp, balancer)?;
                 let written = if self.out.rank == 0 {
                     self.state.plan = serde_json::to_value(balancer.plan()).ok();
                     self.state.shards = balancer.shard().map(|s| s.counts().to_vec());
@@ -105,7 +106,10 @@ impl<T: Task> Training<'_, T> {
                         Some(moments) => Some(moments.into()),
                         None => balancer.host().map(|h| h.adam().into()),
                     };
-                    Some(cp.save(&model, adam, &self.state)?)
+                    Some(match &master {
+                        Some(values) => cp.save_values(&model, values, adam, &self.state)?,
+                        None => cp.save(&model, adam, &self.state)?,
+                    })
                 } else {
                     None
                 };
