@@ -49,7 +49,7 @@ impl Drop for Slurm {
     }
 }
 
-const JOB_ARGS: [&str; 14] = [
+const JOB_ARGS: [&str; 15] = [
     "--micro-batch",
     "largest",
     "--initial-plan",
@@ -64,12 +64,11 @@ const JOB_ARGS: [&str; 14] = [
     "--eval-every",
     "10",
     "--seed",
+    "5",
 ];
 
 fn job_args() -> Vec<&'static str> {
-    let mut args = JOB_ARGS.to_vec();
-    args.push("5");
-    args
+    JOB_ARGS.to_vec()
 }
 
 /// What must be the same under every launcher: per train line (rank, step, loss, share,

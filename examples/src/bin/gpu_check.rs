@@ -512,20 +512,29 @@ fn check_sharded() -> Outcome {
     })))
 }
 
-/// The ResNet example's model on cuda:0, batch 128 in 4 micro-batches.
-fn check_resnet(steps: usize) -> Outcome {
-    let device = GPU.device(0)?.autodiff();
-    let (batch, k) = (128, 4);
-    let m = batch / k;
+/// Samples of the ResNet checks' batch.
+const RESNET_BATCH: usize = 128;
+
+/// The ResNet checks' model shape and one batch of random images with fixed labels on `device`.
+fn resnet_batch(device: &burn::tensor::Device) -> (ResNetShape, Tensor<4>, Tensor<1, Int>) {
     let shape = ResNetShape {
         width: 16,
         stages: 3,
         blocks: 2,
         classes: 10,
     };
-    let images = Tensor::<4>::random([batch, 3, 32, 32], Distribution::Uniform(-1.0, 1.0), &device);
-    let labels: Vec<i64> = (0..batch as i64).map(|i| i * 7 % 10).collect();
-    let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &device);
+    let images = Tensor::<4>::random([RESNET_BATCH, 3, 32, 32], Distribution::Uniform(-1.0, 1.0), device);
+    let labels: Vec<i64> = (0..RESNET_BATCH as i64).map(|i| i * 7 % 10).collect();
+    let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [RESNET_BATCH]), device);
+    (shape, images, labels)
+}
+
+/// The ResNet example's model on cuda:0, batch 128 in 4 micro-batches.
+fn check_resnet(steps: usize) -> Outcome {
+    let device = GPU.device(0)?.autodiff();
+    let (batch, k) = (RESNET_BATCH, 4);
+    let m = batch / k;
+    let (shape, images, labels) = resnet_batch(&device);
     let loss = CrossEntropyLossConfig::new().init(&device);
     let measured = measure_overhead(ResNet::new(shape, &device), k, m, steps, 1e-2, |net: &ResNet, j| {
         let x = images.clone().narrow(0, j * m, m);
@@ -566,16 +575,8 @@ fn check_precision(steps: usize, device_memory: &str) -> Outcome {
 fn resnet_in(precision: Precision, steps: usize, budget: u64) -> Result<Value, Stop> {
     let device = GPU.device(0)?.autodiff();
     let meter = ballast::memory::DeviceMeter::for_device(&device).on_cuda(0);
-    let shape = ResNetShape {
-        width: 16,
-        stages: 3,
-        blocks: 2,
-        classes: 10,
-    };
-    let (batch, k) = (128usize, 4usize);
-    let images = Tensor::<4>::random([batch, 3, 32, 32], Distribution::Uniform(-1.0, 1.0), &device);
-    let labels: Vec<i64> = (0..batch as i64).map(|i| i * 7 % 10).collect();
-    let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &device);
+    let (batch, k) = (RESNET_BATCH, 4usize);
+    let (shape, images, labels) = resnet_batch(&device);
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let loss = |net: &ResNet, from: usize, m: usize| {
         loss_fn.forward(
