@@ -22,6 +22,8 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod restart;
+
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -61,6 +63,12 @@ pub enum Error {
         /// The file.
         path: String,
         /// Why.
+        reason: String,
+    },
+    /// A job cannot be started again as asked (see [`restart`]).
+    #[error("{reason}")]
+    Restart {
+        /// Why, and what to change.
         reason: String,
     },
     /// A byte size that cannot be read.

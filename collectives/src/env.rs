@@ -7,3 +7,8 @@ pub const TIMEOUT_SECS: &str = "BALLAST_TIMEOUT_SECS";
 /// `$XDG_RUNTIME_DIR/ballast-heartbeat-<uid>-<launcher pid>`, in the temporary directory
 /// without `XDG_RUNTIME_DIR`). It must be private to the user: see `Error::HeartbeatDir`.
 pub const HEARTBEAT_DIR: &str = "BALLAST_HEARTBEAT_DIR";
+
+/// Directory where a rank that ends because a peer was lost leaves its loss report
+/// (`rank-<rank>.json`, see the `loss` module). `ballast launch` sets it for the job it
+/// supervises; unset, nothing is written.
+pub const REPORT_DIR: &str = "BALLAST_REPORT_DIR";

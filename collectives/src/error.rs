@@ -189,4 +189,24 @@ impl Error {
     pub fn is_consequence(&self) -> bool {
         matches!(self, Error::Timeout { .. } | Error::Poisoned { .. })
     }
+
+    /// Whether a run started again could pass where this one failed: a rank or device was lost
+    /// or stopped answering, or the transport failed. Mismatched calls (a bug), a missing
+    /// library or a refused heartbeat directory fail again the same way.
+    pub fn may_pass_on_restart(&self) -> bool {
+        matches!(
+            self,
+            Error::Timeout { .. }
+                | Error::Poisoned { .. }
+                | Error::Mpi { .. }
+                | Error::Gpu { .. }
+                | Error::Device { .. }
+        )
+    }
 }
+
+/// The exit code of a process that ends because a rank was lost or a collective failed in a way
+/// a restart could pass (`EX_TEMPFAIL`): the watchdog's code, and the code of a job whose error
+/// [`Error::may_pass_on_restart`]. `ballast launch` restarts on it; it never restarts on 2 (bad
+/// input).
+pub const EXIT_LOST_RANK: u8 = 75;

@@ -36,6 +36,7 @@ pub mod conformance;
 pub mod env;
 mod error;
 pub mod local;
+pub mod loss;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 #[cfg(feature = "nccl")]
@@ -45,4 +46,4 @@ pub use communicator::{
     reduce_buckets_through_host, AllReduceSum, BufferError, CommOptions, Communicator, CommunicatorExt, CudaRegion,
     DeviceBuffer, Element, DEFAULT_TIMEOUT,
 };
-pub use error::{Error, Result};
+pub use error::{Error, Result, EXIT_LOST_RANK};

@@ -124,9 +124,18 @@ pub fn main_with<C: CommandFactory + FromArgMatches>(
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{name}: error: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The exit code of a job that failed with `e`: a [`ballast::Error`] in its chain decides
+/// ([`ballast::Error::exit_code`]: 75 when a restart could pass, as after a lost rank); any
+/// other error is bad input or a bug, 2.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    e.chain()
+        .find_map(|cause| cause.downcast_ref::<ballast::Error>())
+        .map_or(2, ballast::Error::exit_code)
 }
 
 /// The launcher's view and the validated settings (flags over the `--config` file over

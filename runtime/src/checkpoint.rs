@@ -216,9 +216,17 @@ impl Checkpointer {
     /// # Errors
     /// When the directory cannot be read.
     pub fn newest(&self) -> Result<Option<PathBuf>> {
-        for (_, path) in self.list()? {
+        Ok(self.newest_step()?.map(|(_, path)| path))
+    }
+
+    /// As [`Checkpointer::newest`], with the step it was saved at.
+    ///
+    /// # Errors
+    /// When the directory cannot be read.
+    pub fn newest_step(&self) -> Result<Option<(u64, PathBuf)>> {
+        for (step, path) in self.list()? {
             match verify(&path) {
-                Ok(()) => return Ok(Some(path)),
+                Ok(()) => return Ok(Some((step, path))),
                 Err(e) => eprintln!("ballast: skipping checkpoint: {e}"),
             }
         }
@@ -330,8 +338,28 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
         source,
     };
     let mut f = File::create(path).map_err(|e| io("creating", e))?;
+    #[cfg(feature = "testkit")]
+    let bytes = pause_halfway(&mut f, bytes).map_err(|e| io("writing", e))?;
     f.write_all(bytes).map_err(|e| io("writing", e))?;
     f.sync_all().map_err(|e| io("syncing", e))
+}
+
+/// Milliseconds a checkpoint write pauses halfway, so that a test can kill the writer in the
+/// middle of it (feature `testkit`).
+#[cfg(feature = "testkit")]
+pub const WRITE_PAUSE_VAR: &str = "BALLAST_TESTKIT_WRITE_PAUSE_MS";
+
+/// With [`WRITE_PAUSE_VAR`] set, writes the first half of `bytes`, pauses, and returns the rest.
+#[cfg(feature = "testkit")]
+fn pause_halfway<'a>(f: &mut File, bytes: &'a [u8]) -> std::io::Result<&'a [u8]> {
+    let Some(ms) = std::env::var(WRITE_PAUSE_VAR).ok().and_then(|v| v.parse().ok()) else {
+        return Ok(bytes);
+    };
+    let (first, rest) = bytes.split_at(bytes.len() / 2);
+    f.write_all(first)?;
+    f.flush()?;
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    Ok(rest)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

@@ -495,6 +495,20 @@ impl Error {
         }
     }
 
+    /// The exit code of a process that ends with this error:
+    /// [`ballast_collectives::EXIT_LOST_RANK`] (75) when a rank or device was lost and a
+    /// restart could pass, 2 otherwise (bad input, a bug: a restart fails the same way).
+    pub fn exit_code(&self) -> u8 {
+        if self
+            .collective()
+            .is_some_and(ballast_collectives::Error::may_pass_on_restart)
+        {
+            ballast_collectives::EXIT_LOST_RANK
+        } else {
+            2
+        }
+    }
+
     /// Whether this rank failed only because another one did first (a timeout waiting for it,
     /// a peer that went away): the job runner reports the other rank's error.
     pub fn is_consequence(&self) -> bool {

@@ -33,6 +33,11 @@ enum Command {
     /// Defaults: --global-batch 48 --lr 0.003 --steps 100, 3 ranks with --speeds 3,2,1 and no
     /// memory budgets.
     Demo(Box<cmd::demo::Args>),
+    /// Run a job's launch command (`-- mpirun -np 3 resnet ...`) and start it again from its
+    /// newest checkpoint when it loses a rank: on the survivors while at least --min-ranks are
+    /// left, re-planned. Exit 0: finished; 2: bad input (never restarted); 3: gave up after
+    /// --max-restarts.
+    Launch(cmd::launch::Args),
     /// Summarise a job's metrics file per rank; draw throughput and memory over time (--svg).
     Report(cmd::report::Args),
 }
@@ -55,13 +60,16 @@ fn main() -> ExitCode {
         Command::Bench(bench) => cmd::bench::run(bench),
         Command::Demo(args) => cmd::demo::run(&args),
         Command::Plan(args) => cmd::plan::run(&args),
+        Command::Launch(args) => cmd::launch::run(&args),
         Command::Report(args) => cmd::report::run(&args),
     };
     match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("ballast: error: {err:#}");
-            ExitCode::from(2)
+            // 75 when a rank was lost and a restart could pass (`ballast launch` restarts on it).
+            let lost = err.chain().find_map(|c| c.downcast_ref::<ballast::Error>());
+            ExitCode::from(lost.map_or(2, ballast::Error::exit_code))
         }
     }
 }

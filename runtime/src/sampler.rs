@@ -52,6 +52,11 @@ impl GlobalSampler {
         })
     }
 
+    /// Samples per global step (the last step of an epoch may take fewer).
+    pub fn global_batch(&self) -> usize {
+        self.global_batch
+    }
+
     /// Global steps in one epoch (the last may be partial).
     pub fn steps_per_epoch(&self) -> usize {
         self.len.div_ceil(self.global_batch)

@@ -123,8 +123,9 @@ impl HeartbeatDir {
         }
     }
 
-    /// Marks `rank` as stopped by the launcher (`stopped-<rank>`): its exit is a consequence,
-    /// and peers that look for the rank that died first leave it out.
+    /// Marks `rank` as ended because of another rank (`stopped-<rank>`): stopped by the launcher,
+    /// or by its own watchdog after a stall. Its exit is a consequence, and peers that look for
+    /// the rank that died first leave it out.
     pub(super) fn mark_stopped(&self, rank: usize) {
         let _ = self.open_at(
             &format!("stopped-{rank}"),

@@ -57,8 +57,8 @@ use crate::{
     CommOptions, Communicator, Error, Result,
 };
 
-/// Exit code of a process ended by the data-phase watchdog.
-pub const EXIT_STALLED: i32 = 75;
+/// Exit code of a process ended by the data-phase watchdog ([`crate::EXIT_LOST_RANK`]).
+pub const EXIT_STALLED: i32 = crate::EXIT_LOST_RANK as i32;
 
 extern "C" {
     fn ballast_mpi_in_place() -> *mut c_void;
@@ -300,6 +300,9 @@ impl MpiCommunicator {
     fn poison(&mut self, err: Error) -> Error {
         if self.poisoned.is_none() {
             self.poisoned = Some(err.to_string());
+            if let Error::Timeout { missing, .. } = &err {
+                self.watchdog.report_missing(self.rank, missing);
+            }
         }
         err
     }

@@ -16,6 +16,7 @@ use super::{
     heartbeat::{self, HeartbeatDir},
     EXIT_STALLED,
 };
+use crate::loss::{LossEvent, LossReport};
 
 /// Ends the process if a data-phase call outlives its deadline (see the module docs), naming
 /// the peers that stopped.
@@ -83,6 +84,12 @@ impl Watchdog {
                     let wait = match state.armed {
                         Some((op, seq, deadline, timeout)) if now >= deadline => {
                             let suspects = stale_ranks(&hb, size, rank);
+                            let (exited, stalled): (Vec<usize>, Vec<usize>) =
+                                suspects.iter().partition(|&&r| hb.pid_of(r).is_some_and(|pid| !process_runs(pid)));
+                            // Marked first, as a rank stopped by the launcher is: the peers
+                            // that outlive this exit must not take it for the cause.
+                            hb.mark_stopped(rank);
+                            leave_report(rank, LossEvent::Stalled, exited, stalled, known_hosts.get());
                             let named = if suspects.is_empty() {
                                 format!(
                                     "no rank on this host stopped responding, {} (heartbeats in {})",
@@ -120,6 +127,19 @@ impl Watchdog {
     /// ranks of its own host are alive names the other hosts' ranks.
     pub(super) fn know_hosts(&self, hosts: Vec<String>) {
         let _ = self.hosts.set(hosts);
+    }
+
+    /// A handshake of `rank` timed out waiting for `missing`: leaves the report that tells the
+    /// ranks whose process exited from those that run on but stopped answering (see
+    /// [`crate::loss`]), and marks this rank as ending because of them.
+    pub(super) fn report_missing(&self, rank: usize, missing: &[usize]) {
+        let hb = &self.heartbeat;
+        let (exited, stalled): (Vec<usize>, Vec<usize>) = missing
+            .iter()
+            .filter(|&&r| hb.pid_of(r).is_some())
+            .partition(|&&r| hb.pid_of(r).is_some_and(|pid| !process_runs(pid)));
+        hb.mark_stopped(rank);
+        leave_report(rank, LossEvent::Stalled, exited, stalled, self.hosts.get());
     }
 
     pub(super) fn arm(&self, op: &'static str, seq: u64, timeout: Duration) {
@@ -229,6 +249,13 @@ fn report_exited_peers_on_sigterm(
             // Marked first: a peer stopped a moment later must not take this exit for the cause.
             heartbeat.mark_stopped(rank);
             let gone = exited_ranks_settled(&heartbeat, size, rank);
+            leave_report(
+                rank,
+                LossEvent::StoppedByLauncher,
+                gone.clone(),
+                Vec::new(),
+                hosts.get(),
+            );
             let named = if gone.is_empty() {
                 format!(
                     "no other rank on this host had exited, {}",
@@ -267,11 +294,46 @@ fn report_exited_peers_on_sigterm(
 }
 
 /// Ranks (other than `me`) whose heartbeat file exists but was last touched more than
-/// [`HEARTBEAT_STALE`] ago.
+/// [`HEARTBEAT_STALE`] ago, leaving out those that ended because of another rank.
 fn stale_ranks(dir: &HeartbeatDir, size: usize, me: usize) -> Vec<usize> {
     (0..size)
         .filter(|&r| r != me)
-        .filter(|&r| dir.age_of(r).is_some_and(|age| age > HEARTBEAT_STALE))
+        .filter(|&r| dir.age_of(r).is_some_and(|age| age > HEARTBEAT_STALE) && !dir.was_stopped(r))
+        .collect()
+}
+
+/// Leaves this rank's finding for a supervisor (see [`crate::loss`]); a report that cannot be
+/// written is said on stderr, since the process is about to end either way.
+fn leave_report(rank: usize, event: LossEvent, exited: Vec<usize>, stalled: Vec<usize>, hosts: Option<&Vec<String>>) {
+    let elsewhere = if exited.is_empty() && stalled.is_empty() {
+        other_hosts_ranks(hosts, rank)
+    } else {
+        Vec::new()
+    };
+    let report = LossReport {
+        rank,
+        host: hostname(),
+        event,
+        exited,
+        stalled,
+        elsewhere,
+    };
+    if let Err(e) = report.write_if_asked() {
+        eprintln!("ballast: rank {rank}: cannot leave its report for the supervisor: {e}");
+    }
+}
+
+/// The ranks on hosts other than `me`'s (`hosts`: every rank's host name, when known).
+fn other_hosts_ranks(hosts: Option<&Vec<String>>, me: usize) -> Vec<usize> {
+    let Some(mine) = hosts.and_then(|h| h.get(me)) else {
+        return Vec::new();
+    };
+    hosts
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, host)| *host != mine)
+        .map(|(rank, _)| rank)
         .collect()
 }
 

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod doctor;
 pub mod handshake_bench;
 pub mod hetero;
+pub mod launch;
 pub mod overhead;
 pub mod pinned;
 pub mod plan;

@@ -48,6 +48,10 @@ use output::{Output, Progress};
 use resume::*;
 use train::Training;
 
+/// Set by `ballast launch` when it starts a job again: what was lost and where the job resumes,
+/// as a JSON object. Rank 0 writes it into the metrics file as a line of kind `restart`.
+pub const RESTART_VAR: &str = "BALLAST_RESTART";
+
 /// A training task: a model, a dataset addressed by sample index, and a loss.
 pub trait Task: Sync {
     /// The model.
@@ -222,6 +226,14 @@ fn rank_main<T: Task>(
         restore_optimizer(&mut balancer, path, saved)?;
     }
     let mut out = Output::open(&mut ddp, s, threads)?;
+    if rank == 0 {
+        if let Some(restart) = std::env::var(RESTART_VAR)
+            .ok()
+            .and_then(|v| serde_json::from_str(&v).ok())
+        {
+            out.record("restart", restart)?;
+        }
+    }
     let train_steps = if s.eval_only { start.state.step } else { steps };
     let progress = (rank == 0).then(|| Progress::new(train_steps.saturating_sub(start.state.step), s.log_every));
     let mut run = Training {

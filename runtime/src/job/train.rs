@@ -47,7 +47,8 @@ impl<T: Task> Training<'_, T> {
         let plan = balancer.plan().clone();
         let t0 = Instant::now();
         let lr = s.lr_at(step, self.steps);
-        let (model, out) = balancer.step(ddp, model, &mut self.optim, lr, &sampler.batch(step), loss_fn)?;
+        let batch = sampler.batch(step);
+        let (model, out) = balancer.step(ddp, model, &mut self.optim, lr, &batch, loss_fn)?;
         let step_s = t0.elapsed().as_secs_f64();
         if !out.stats.loss.is_finite() {
             return Err(Error::LossDiverged {
@@ -62,6 +63,8 @@ impl<T: Task> Training<'_, T> {
             "train",
             json!({
                 "step": step,
+                "epoch": step / sampler.steps_per_epoch() as u64,
+                "positions": positions(sampler, step, &batch, &plan.shares(), self.out.rank),
                 "loss": out.stats.loss,
                 "lr": lr,
                 "samples": out.stats.local_samples,
@@ -176,4 +179,17 @@ impl<T: Task> Training<'_, T> {
         self.out.evals.push((step, totals));
         Ok(())
     }
+}
+
+/// The positions `[first, end)` in its epoch's permutation of the samples that `rank` takes at
+/// `step` (the balancer splits `batch` by `shares` in rank order): the sampler's record, from
+/// which the metrics show every sample used once per epoch, across restarts too.
+fn positions(sampler: &GlobalSampler, step: u64, batch: &[usize], shares: &[usize], rank: usize) -> [usize; 2] {
+    let within = (step % sampler.steps_per_epoch() as u64) as usize;
+    let sizes: Vec<usize> = crate::sampler::split_batch(batch, shares)
+        .iter()
+        .map(Vec::len)
+        .collect();
+    let first = within * sampler.global_batch() + sizes[..rank].iter().sum::<usize>();
+    [first, first + sizes[rank]]
 }
