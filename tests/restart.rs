@@ -400,8 +400,10 @@ fn restart_after_a_killed_rank_goes_on_on_the_survivors() {
         assert!(!output.contains("restart 2 of"), "{output}");
         let from = number_after(&output, "resuming from the checkpoint of step ");
         let last = number_after(&output, "lost (process ended) after step ");
+        // Lost: at most one checkpoint interval, plus the steps rank 0 ran while the interval's
+        // checkpoint was still being written in the background (a few milliseconds here).
         assert!(
-            from % EVERY == 0 && last >= kill_at && last - from <= EVERY,
+            from % EVERY == 0 && last >= kill_at && last - from <= EVERY + 2,
             "trial {trial}: killed after step {kill_at}, last step seen {last}, resumed from {from}\n{output}"
         );
         assert_eq!(

@@ -155,6 +155,15 @@ impl Loaded {
     }
 }
 
+/// A checkpoint encoded in memory, not yet written ([`Checkpointer::encode_values`]).
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// The step it was taken at.
+    pub step: u64,
+    /// The safetensors file's bytes.
+    pub bytes: Vec<u8>,
+}
+
 /// Writes, lists and prunes the checkpoints of one directory.
 #[derive(Debug, Clone)]
 pub struct Checkpointer {
@@ -256,13 +265,38 @@ impl Checkpointer {
         adam: Option<AdamView<'_>>,
         state: &TrainState,
     ) -> Result<PathBuf> {
-        let bytes = encode(model, params, adam, state)?;
-        let path = self.path_for(state.step);
-        let tmp = self.dir.join(format!(
-            ".tmp-step-{:010}-{}.safetensors",
-            state.step,
-            std::process::id()
-        ));
+        self.write(Self::encode_values(model, params, adam, state)?)
+    }
+
+    /// A checkpoint's bytes, in memory (the copy a background writer takes at the step
+    /// boundary); [`Checkpointer::write`] puts them in place. Arguments as for
+    /// [`Checkpointer::save_values`].
+    ///
+    /// # Errors
+    /// [`Error::Encode`] when `params` or `adam` do not hold one value per parameter.
+    pub fn encode_values<M: Module>(
+        model: &M,
+        params: &[f32],
+        adam: Option<AdamView<'_>>,
+        state: &TrainState,
+    ) -> Result<Encoded> {
+        Ok(Encoded {
+            step: state.step,
+            bytes: encode(model, params, adam, state)?,
+        })
+    }
+
+    /// Writes an encoded checkpoint as `step-<step>.safetensors`, atomically (a temporary file,
+    /// fsynced, renamed, the directory fsynced), then deletes all but the newest `keep`.
+    ///
+    /// # Errors
+    /// IO errors, with the path.
+    pub fn write(&self, encoded: Encoded) -> Result<PathBuf> {
+        let Encoded { step, bytes } = encoded;
+        let path = self.path_for(step);
+        let tmp = self
+            .dir
+            .join(format!(".tmp-step-{step:010}-{}.safetensors", std::process::id()));
         write_synced(&tmp, &bytes)?;
         std::fs::rename(&tmp, &path).map_err(|source| Error::Io {
             action: "renaming checkpoint into place",

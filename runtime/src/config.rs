@@ -253,7 +253,8 @@ pub struct Settings {
     pub load: Option<PathBuf>,
     /// Evaluate the loaded model only.
     pub eval_only: bool,
-    /// Abort when this step is about to start (tests; feature `testkit`).
+    /// Abort when this step is about to start, once rank 0's checkpoints handed over before it
+    /// are durable (tests; feature `testkit`).
     #[cfg(feature = "testkit")]
     pub crash_at_step: Option<u64>,
     /// The float type of each rank's start-up check (`f32` but in tests).

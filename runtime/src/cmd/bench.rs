@@ -16,7 +16,8 @@ pub enum Bench {
     Adam(super::adam_bench::AdamArgs),
     /// Step time of a 1-rank DataParallel loop against a plain burn loop, alternated.
     Overhead(super::overhead::OverheadArgs),
-    /// Checkpoint load (map, checksum, copy) against a plain sequential read of the file.
+    /// Checkpoint load (map, checksum, copy) against a plain sequential read of the file; with a
+    /// job's command after `--`, that job's step time with a checkpoint every step against none.
     Checkpoint(super::checkpoint_bench::CheckpointArgs),
     /// Messages and latency of the tree handshake against the all-to-all one (run under mpirun).
     Handshake(super::handshake_bench::HandshakeArgs),

@@ -1,5 +1,6 @@
 //! `ballast bench checkpoint`: loading a checkpoint (map, checksum, copy out) against a plain
-//! sequential read of the same file, alternated in one run.
+//! sequential read of the same file, alternated in one run; with a job's command after `--`,
+//! what checkpoints cost that job (`checkpoint_overhead`).
 
 use std::{path::PathBuf, process::ExitCode, time::Instant};
 
@@ -27,6 +28,14 @@ pub struct CheckpointArgs {
     /// Directory for the checkpoint [default: a temporary directory, removed afterwards].
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// With a job's command after `--`: runs per kind (with and without checkpoints).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// A job's launch command (`-- mpirun -np 3 target/release/resnet --steps 40`): measures
+    /// its step time with `--checkpoint-every 1` against none, and how long after the step
+    /// boundary each checkpoint is durable, instead of the load against a read.
+    #[arg(last = true, value_name = "JOB")]
+    job: Vec<String>,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -36,6 +45,10 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 /// Runs the benchmark.
 pub fn run(args: &CheckpointArgs) -> Result<ExitCode> {
+    if !args.job.is_empty() {
+        super::checkpoint_overhead::run(&args.job, args.rounds, args.json)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     anyhow::ensure!(args.iters >= 1, "--iters must be at least 1");
     let device = Device::flex();
     let model = WideMlp::with_width(args.width, &device);

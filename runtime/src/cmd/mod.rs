@@ -4,6 +4,7 @@ pub mod adam_bench;
 pub mod allreduce_bench;
 pub mod bench;
 pub mod checkpoint_bench;
+pub mod checkpoint_overhead;
 pub mod demo;
 pub mod doctor;
 pub mod handshake_bench;

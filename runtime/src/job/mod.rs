@@ -41,12 +41,14 @@ use crate::config::Settings;
 mod output;
 mod resume;
 mod train;
+mod writer;
 
 use crate::Error;
 pub use output::print_summary;
 use output::{Output, Progress};
 use resume::*;
 use train::Training;
+use writer::{BackgroundWriter, Written};
 
 /// Set by `ballast launch` when it starts a job again: what was lost and where the job resumes,
 /// as a JSON object. Rank 0 writes it into the metrics file as a line of kind `restart`.
@@ -246,6 +248,8 @@ fn rank_main<T: Task>(
         out: &mut out,
         progress: progress.as_ref(),
         last_checkpoint: None,
+        writer: checkpointer.clone().filter(|_| rank == 0).map(BackgroundWriter::spawn),
+        started: Instant::now(),
     };
     let started = Instant::now();
     let first_step = run.state.step;
@@ -268,6 +272,7 @@ fn rank_main<T: Task>(
         losses.push(loss);
         samples += global_samples;
     }
+    run.finish_writes()?;
     let last_checkpoint = run.last_checkpoint.take();
     let state = run.state.clone();
     ddp.verify_replicas(&model)?;

@@ -16,6 +16,11 @@ pub(super) struct Training<'a, T> {
     pub(super) out: &'a mut Output,
     pub(super) progress: Option<&'a Progress>,
     pub(super) last_checkpoint: Option<PathBuf>,
+    /// Rank 0's checkpoint writer (none on the other ranks, or without a checkpoint directory).
+    pub(super) writer: Option<BackgroundWriter>,
+    /// When the loop began: train lines carry the time since (`loop_s`), which counts what
+    /// happens between steps (checkpoints, evaluations) as `step_s` does not.
+    pub(super) started: Instant,
 }
 
 impl<T: Task> Training<'_, T> {
@@ -36,8 +41,14 @@ impl<T: Task> Training<'_, T> {
     {
         let s = self.settings;
         let step = self.state.step;
+        // The crash stands for one after the checkpoints handed over before it are durable:
+        // rank 0 waits for its writer first. With ranks as threads one abort ends them all, so
+        // only rank 0 aborts; the others run on into the step and wait for it there.
         #[cfg(feature = "testkit")]
-        if s.crash_at_step == Some(step) {
+        if s.crash_at_step == Some(step) && (self.out.rank == 0 || !self.out.threads) {
+            if let Some(writer) = self.writer.as_mut() {
+                let _ = writer.wait();
+            }
             eprintln!(
                 "ballast: rank {}: aborting before step {step} as asked (--crash-at-step)",
                 self.out.rank
@@ -76,6 +87,7 @@ impl<T: Task> Training<'_, T> {
                 "compute_s": out.stats.compute.as_secs_f64(),
                 "allreduce_s": out.stats.all_reduce.as_secs_f64(),
                 "step_s": step_s,
+                "loop_s": self.started.elapsed().as_secs_f64(),
                 "collectives": out.stats.collectives,
                 "overflow": out.stats.overflow,
                 "loss_scale": out.stats.loss_scale,
@@ -97,33 +109,51 @@ impl<T: Task> Training<'_, T> {
             p.update(self.state.step, &out.stats, &plan, step_s);
         }
         let done = self.state.step;
-        if let Some(cp) = checkpointer {
-            if done % s.checkpoint_every == 0 || done == self.steps {
-                // Rank 0 writes; the others wait so that nobody runs ahead of a failed save.
-                let gathered = gather_shards(ddp.comm(), balancer)?;
-                let master = gather_master(ddp, balancer)?;
-                let written = if self.out.rank == 0 {
-                    self.state.plan = serde_json::to_value(balancer.plan()).ok();
-                    self.state.shards = balancer.shard().map(|s| s.counts().to_vec());
-                    let adam = match &gathered {
-                        Some(moments) => Some(moments.into()),
-                        None => balancer.host().map(|h| h.adam().into()),
-                    };
-                    Some(match &master {
-                        Some(values) => cp.save_values(&model, values, adam, &self.state)?,
-                        None => cp.save(&model, adam, &self.state)?,
-                    })
-                } else {
-                    None
+        if checkpointer.is_some() && (done % s.checkpoint_every == 0 || done == self.steps) {
+            // Every rank takes part in gathering the state; rank 0 copies it into memory and
+            // hands it to its writer thread, and training goes on while it is written.
+            let gathered = gather_shards(ddp.comm(), balancer)?;
+            let master = gather_master(ddp, balancer)?;
+            if let Some(writer) = self.writer.as_mut() {
+                self.state.plan = serde_json::to_value(balancer.plan()).ok();
+                self.state.shards = balancer.shard().map(|s| s.counts().to_vec());
+                let adam = match &gathered {
+                    Some(moments) => Some(moments.into()),
+                    None => balancer.host().map(|h| h.adam().into()),
                 };
-                barrier_after_write(ddp.comm(), checkpoint_bytes(&model))?;
-                self.last_checkpoint = written;
+                let params = master.unwrap_or_else(|| crate::params::flatten_params(&model));
+                let encoded = Checkpointer::encode_values(&model, &params, adam, &self.state)?;
+                if let Some(written) = writer.submit(encoded)? {
+                    self.note_written(written)?;
+                }
             }
         }
         if done == self.steps || (s.eval_every > 0 && done % s.eval_every == 0) {
             self.evaluate(ddp, &model, balancer.plan())?;
         }
         Ok((model, out.stats.loss, out.stats.global_samples))
+    }
+
+    /// A checkpoint is durable: it becomes the run's last one, and a metrics line says how long
+    /// after its step boundary it was safe.
+    pub(super) fn note_written(&mut self, written: Written) -> Result<()> {
+        self.out.record(
+            "checkpoint",
+            json!({"step": written.step, "bytes": written.bytes, "durable_s": written.durable_after.as_secs_f64()}),
+        )?;
+        self.last_checkpoint = Some(written.path);
+        Ok(())
+    }
+
+    /// Waits for rank 0's write in flight, at the end of the run.
+    ///
+    /// # Errors
+    /// That write's error.
+    pub(super) fn finish_writes(&mut self) -> Result<()> {
+        match self.writer.as_mut().map(BackgroundWriter::wait).transpose()?.flatten() {
+            Some(written) => self.note_written(written),
+            None => Ok(()),
+        }
     }
 
     /// Every rank evaluates its slice of the held-out set by `plan`'s shares; the totals go
