@@ -94,19 +94,7 @@ impl GlobalSampler {
 
 /// Splits a global batch over ranks in rank order by `shares` (see [`GlobalSampler::split`]).
 pub fn split_batch(batch: &[usize], shares: &[usize]) -> Vec<Vec<usize>> {
-    let total: usize = shares.iter().sum();
-    let sizes = if total == batch.len() {
-        shares.to_vec()
-    } else {
-        let weights: Vec<f64> = shares.iter().map(|&s| s as f64).collect();
-        split_proportional(batch.len(), &weights).unwrap_or_else(|_| {
-            let mut v = vec![0; shares.len()];
-            if let Some(first) = v.first_mut() {
-                *first = batch.len();
-            }
-            v
-        })
-    };
+    let sizes = split_sizes(batch.len(), shares);
     let mut out = Vec::with_capacity(sizes.len());
     let mut off = 0;
     for s in sizes {
@@ -114,6 +102,22 @@ pub fn split_batch(batch: &[usize], shares: &[usize]) -> Vec<Vec<usize>> {
         off += s;
     }
     out
+}
+
+/// How many of a global batch of `len` samples each rank takes by `shares` (see
+/// [`split_batch`]): the shares themselves for a full batch, in proportion to them otherwise.
+pub fn split_sizes(len: usize, shares: &[usize]) -> Vec<usize> {
+    if shares.iter().sum::<usize>() == len {
+        return shares.to_vec();
+    }
+    let weights: Vec<f64> = shares.iter().map(|&s| s as f64).collect();
+    split_proportional(len, &weights).unwrap_or_else(|_| {
+        let mut v = vec![0; shares.len()];
+        if let Some(first) = v.first_mut() {
+            *first = len;
+        }
+        v
+    })
 }
 
 fn splitmix64(state: &mut u64) -> u64 {

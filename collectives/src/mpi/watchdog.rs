@@ -84,8 +84,7 @@ impl Watchdog {
                     let wait = match state.armed {
                         Some((op, seq, deadline, timeout)) if now >= deadline => {
                             let suspects = stale_ranks(&hb, size, rank);
-                            let (exited, stalled): (Vec<usize>, Vec<usize>) =
-                                suspects.iter().partition(|&&r| hb.pid_of(r).is_some_and(|pid| !process_runs(pid)));
+                            let (exited, stalled) = exited_or_stalled(&hb, &suspects);
                             // Marked first, as a rank stopped by the launcher is: the peers
                             // that outlive this exit must not take it for the cause.
                             hb.mark_stopped(rank);
@@ -134,10 +133,7 @@ impl Watchdog {
     /// [`crate::loss`]), and marks this rank as ending because of them.
     pub(super) fn report_missing(&self, rank: usize, missing: &[usize]) {
         let hb = &self.heartbeat;
-        let (exited, stalled): (Vec<usize>, Vec<usize>) = missing
-            .iter()
-            .filter(|&&r| hb.pid_of(r).is_some())
-            .partition(|&&r| hb.pid_of(r).is_some_and(|pid| !process_runs(pid)));
+        let (exited, stalled) = exited_or_stalled(hb, missing);
         hb.mark_stopped(rank);
         leave_report(rank, LossEvent::Stalled, exited, stalled, self.hosts.get());
     }
@@ -166,8 +162,27 @@ impl Watchdog {
 fn exited_ranks(dir: &HeartbeatDir, size: usize, me: usize) -> Vec<usize> {
     (0..size)
         .filter(|&r| r != me)
-        .filter(|&r| dir.pid_of(r).is_some_and(|pid| !process_runs(pid)) && !dir.was_stopped(r))
+        .filter(|&r| has_exited(dir, r) && !dir.was_stopped(r))
         .collect()
+}
+
+/// Whether `rank`'s heartbeat names a process that no longer runs.
+fn has_exited(dir: &HeartbeatDir, rank: usize) -> bool {
+    dir.pid_of(rank).is_some_and(|pid| !process_runs(pid))
+}
+
+/// `ranks` of this host (those with a heartbeat here) split into those whose process exited
+/// and those whose process runs on; ranks of other hosts are in neither.
+fn exited_or_stalled(dir: &HeartbeatDir, ranks: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let (mut exited, mut stalled) = (Vec::new(), Vec::new());
+    for &r in ranks {
+        match dir.pid_of(r) {
+            Some(pid) if !process_runs(pid) => exited.push(r),
+            Some(_) => stalled.push(r),
+            None => {}
+        }
+    }
+    (exited, stalled)
 }
 
 /// Whether `pid` is a live process: not gone, not a zombie, and not already exiting (a process

@@ -251,7 +251,6 @@ fn rank_main<T: Task>(
         writer: checkpointer.clone().filter(|_| rank == 0).map(BackgroundWriter::spawn),
         started: Instant::now(),
     };
-    let started = Instant::now();
     let first_step = run.state.step;
     let mut model = start.model;
     if s.eval_only {
@@ -277,7 +276,7 @@ fn rank_main<T: Task>(
     let state = run.state.clone();
     ddp.verify_replicas(&model)?;
     let saved_model = save_model(&mut ddp, &model, s, &state)?;
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = run.started.elapsed().as_secs_f64();
     if let Some(p) = progress {
         p.finish();
     }
