@@ -29,6 +29,24 @@ pub enum Error {
         /// The timeout that expired.
         timeout: Duration,
     },
+    /// Ranks the collective waited for left the group instead: their thread panicked or
+    /// returned (ranks as threads, where a departure is seen at once).
+    #[error(
+        "{op} #{seq} on rank {rank}: rank(s) {left:?} left the group without joining it ({how}); \
+         the job cannot go on without them"
+    )]
+    RankLeft {
+        /// The operation.
+        op: &'static str,
+        /// Sequence number of the operation.
+        seq: u64,
+        /// The rank reporting.
+        rank: usize,
+        /// The ranks that left.
+        left: Vec<usize>,
+        /// How the first of them ended: `its thread panicked` or `it returned`.
+        how: &'static str,
+    },
     /// Ranks passed buffers of different lengths to the same collective.
     #[error(
         "{op} #{seq}: buffer lengths differ across ranks (rank {rank} sees lengths {lengths:?}, \
@@ -184,10 +202,13 @@ pub enum Error {
 
 impl Error {
     /// Whether this error is what a rank sees when *another* rank failed: a timeout waiting for
-    /// it, or a communicator poisoned by an earlier failure. A job that gathers every rank's
+    /// it, its departure, or a communicator poisoned by an earlier failure. A job that gathers every rank's
     /// error reports a cause before these.
     pub fn is_consequence(&self) -> bool {
-        matches!(self, Error::Timeout { .. } | Error::Poisoned { .. })
+        matches!(
+            self,
+            Error::Timeout { .. } | Error::RankLeft { .. } | Error::Poisoned { .. }
+        )
     }
 
     /// Whether a run started again could pass where this one failed: a rank or device was lost
@@ -197,6 +218,7 @@ impl Error {
         matches!(
             self,
             Error::Timeout { .. }
+                | Error::RankLeft { .. }
                 | Error::Poisoned { .. }
                 | Error::Mpi { .. }
                 | Error::Gpu { .. }

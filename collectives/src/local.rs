@@ -19,10 +19,19 @@
 //! Each rank copies its contribution into a shared slot; the slot is dropped when every rank
 //! has read it. This costs one copy per rank, which is irrelevant next to the model compute
 //! that threads share the cores with.
+//!
+//! # A rank that is lost
+//! A rank's communicator records, when it is dropped, that the rank has left the group, and
+//! whether its thread was panicking. A collective waiting for a rank that has left fails at
+//! once with [`Error::RankLeft`] instead of waiting out the deadline (which the sequential
+//! probes raise to minutes). A rank stuck outside the collectives is named by the others'
+//! timeouts; [`run_watched`] then ends the job instead of joining a thread that never ends.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    collections::{BTreeSet, HashMap},
+    panic::{catch_unwind, AssertUnwindSafe},
+    sync::{mpsc, Arc, Condvar, Mutex, MutexGuard},
+    thread,
     time::{Duration, Instant},
 };
 
@@ -48,7 +57,11 @@ pub fn world(size: usize, options: CommOptions) -> Vec<LocalCommunicator> {
     assert!(size > 0, "a world needs at least one rank");
     let world = Arc::new(World {
         size,
-        state: Mutex::new(State::default()),
+        state: Mutex::new(State {
+            slots: HashMap::new(),
+            left: vec![None; size],
+            failed: false,
+        }),
         changed: Condvar::new(),
     });
     (0..size)
@@ -90,15 +103,97 @@ where
     })
 }
 
+/// The ranks [`run_watched`] gave up on, and what the others returned.
+pub struct Stuck<R> {
+    /// Ranks still running `grace` after the group failed.
+    pub ranks: Vec<usize>,
+    /// The ranks that ended, with their results (a panic as `Err`), by rank.
+    pub ended: Vec<(usize, thread::Result<R>)>,
+}
+
+/// How often [`run_watched`] looks at the group while it waits.
+const WATCH_PERIOD: Duration = Duration::from_millis(50);
+
+/// Runs `f` on `size` threads as [`run`] does, for a job that must end even when a rank cannot:
+/// a rank's panic comes back as its `Err` instead of unwinding here, and once the group has
+/// failed (a collective gave up waiting for a rank, or a rank's thread panicked) the ranks
+/// still running `grace` later are handed to `stuck` with the others' results. `stuck` cannot
+/// return (`Infallible`): it ends the process, as a scoped thread that never returns cannot be
+/// joined.
+pub fn run_watched<R, F, S>(
+    size: usize,
+    options: CommOptions,
+    grace: Duration,
+    stuck: S,
+    f: F,
+) -> Vec<thread::Result<R>>
+where
+    R: Send,
+    F: Fn(LocalCommunicator) -> R + Sync,
+    S: FnOnce(Stuck<R>) -> std::convert::Infallible,
+{
+    let comms = world(size, options);
+    let group = Arc::clone(&comms[0].world);
+    let (done, ended) = mpsc::channel();
+    thread::scope(|scope| {
+        let mut handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let (f, done) = (&f, done.clone());
+                let rank = comm.rank;
+                let handle = thread::Builder::new()
+                    .name(format!("ballast-rank-{rank}"))
+                    .spawn_scoped(scope, move || {
+                        // The communicator moves into `f`, so a panic drops it while unwinding
+                        // and the group learns that this rank left.
+                        let result = catch_unwind(AssertUnwindSafe(|| f(comm)));
+                        let _ = done.send(rank);
+                        result
+                    })
+                    .expect("spawning a rank thread");
+                Some(handle)
+            })
+            .collect();
+        let mut running: BTreeSet<usize> = (0..size).collect();
+        let mut failed_at = None;
+        while !running.is_empty() {
+            if let Ok(rank) = ended.recv_timeout(WATCH_PERIOD) {
+                running.remove(&rank);
+            }
+            if failed_at.is_none() && group.lock().failed {
+                failed_at = Some(Instant::now());
+            }
+            if failed_at.is_some_and(|t| t.elapsed() >= grace) && !running.is_empty() {
+                let ended = (0..size)
+                    .filter(|r| !running.contains(r))
+                    .filter_map(|r| Some((r, join(handles[r].take()?))))
+                    .collect();
+                match stuck(Stuck {
+                    ranks: running.into_iter().collect(),
+                    ended,
+                }) {}
+            }
+        }
+        handles.into_iter().flatten().map(join).collect()
+    })
+}
+
+fn join<R>(handle: thread::ScopedJoinHandle<'_, thread::Result<R>>) -> thread::Result<R> {
+    handle.join().and_then(|result| result)
+}
+
 struct World {
     size: usize,
     state: Mutex<State>,
     changed: Condvar,
 }
 
-#[derive(Default)]
 struct State {
     slots: HashMap<u64, Slot>,
+    /// The ranks whose communicator was dropped, and how: `its thread panicked` or `it returned`.
+    left: Vec<Option<&'static str>>,
+    /// Set when a collective gave up or a rank's thread panicked: the group cannot finish.
+    failed: bool,
 }
 
 struct Slot {
@@ -198,17 +293,30 @@ impl LocalCommunicator {
                 };
             }
             let now = Instant::now();
-            if slot.aborted.is_some() || now >= deadline {
-                let missing: Vec<usize> = (0..size).filter(|&r| slot.headers[r].is_none()).collect();
-                let err = Error::Timeout {
-                    op: op.name(),
-                    seq,
-                    rank: self.rank,
-                    missing,
-                    timeout: self.options.timeout,
+            let aborted = slot.aborted.is_some();
+            let missing: Vec<usize> = (0..size).filter(|&r| slot.headers[r].is_none()).collect();
+            let left: Vec<usize> = missing.iter().copied().filter(|&r| state.left[r].is_some()).collect();
+            if aborted || now >= deadline || !left.is_empty() {
+                let err = match left.first() {
+                    Some(&first) => Error::RankLeft {
+                        op: op.name(),
+                        seq,
+                        rank: self.rank,
+                        how: state.left[first].unwrap_or("it returned"),
+                        left,
+                    },
+                    None => Error::Timeout {
+                        op: op.name(),
+                        seq,
+                        rank: self.rank,
+                        missing,
+                        timeout: self.options.timeout,
+                    },
                 };
+                let slot = state.slots.get_mut(&seq).expect("slot lives until read by all");
                 if slot.aborted.is_none() {
                     slot.aborted = Some(err.to_string());
+                    state.failed = true;
                     self.world.changed.notify_all();
                 }
                 drop(state);
@@ -258,6 +366,21 @@ impl LocalCommunicator {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for LocalCommunicator {
+    /// Tells the group that this rank has left, so nobody waits for it any more.
+    fn drop(&mut self) {
+        let panicking = thread::panicking();
+        let mut state = self.world.lock();
+        state.left[self.rank] = Some(if panicking {
+            "its thread panicked"
+        } else {
+            "it returned"
+        });
+        state.failed |= panicking;
+        self.world.changed.notify_all();
     }
 }
 

@@ -259,6 +259,8 @@ pub struct NcclCommunicator {
     stream: Arc<CudaStream>,
     ordinal: usize,
     aborted: Option<String>,
+    /// Waits treat finished work as unfinished (a stall injected by a check).
+    stall: bool,
 }
 
 // SAFETY: the NCCL communicator and CUDA stream are only used through `&mut self`, one thread at
@@ -324,7 +326,16 @@ impl NcclCommunicator {
             stream,
             ordinal,
             aborted: None,
+            stall: false,
         })
+    }
+
+    /// From now on every wait sees its work as unfinished, as if a peer had stopped after the
+    /// handshake: the next collective reaches its deadline, the NCCL communicator is aborted
+    /// (`ncclCommAbort`) and later calls fail at once (feature `conformance`, for the GPU kit).
+    #[cfg(feature = "conformance")]
+    pub fn inject_stall(&mut self) {
+        self.stall = true;
     }
 
     /// Waits for the work enqueued on the stream, polling NCCL's asynchronous error state,
@@ -338,7 +349,7 @@ impl NcclCommunicator {
         let timeout = self.control.timeout();
         let deadline = Instant::now() + timeout;
         loop {
-            if event.try_is_complete().map_err(|e| gpu("cuEventQuery", rank, e))? {
+            if event.try_is_complete().map_err(|e| gpu("cuEventQuery", rank, e))? && !self.stall {
                 return Ok(());
             }
             let mut state = nccl_sys::ncclResult_t::ncclSuccess;

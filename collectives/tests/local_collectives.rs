@@ -121,3 +121,127 @@ fn shard_counts_that_do_not_fit_are_clear_errors() {
         "{err}"
     );
 }
+
+/// A rank whose thread panics is named by the ranks waiting for it at once, even under a
+/// deadline raised to minutes as the sequential probes raise it, and its panic comes back as its
+/// result instead of unwinding through the caller.
+#[test]
+fn a_panicking_rank_is_named_at_once_under_a_raised_deadline() {
+    use ballast_collectives::{Communicator, Error};
+    let long = std::time::Duration::from_secs(600);
+    let started = std::time::Instant::now();
+    let results = local::run_watched(
+        3,
+        CommOptions::default(),
+        long,
+        |stuck| panic!("ranks {:?} were called stuck", stuck.ranks),
+        |mut comm| {
+            comm.set_timeout(long);
+            comm.barrier()?;
+            if comm.rank() == 2 {
+                panic!("rank 2 fails while the others wait");
+            }
+            comm.barrier()
+        },
+    );
+    // A timeout would have taken ten minutes; the departure is seen as soon as it happens.
+    assert!(started.elapsed() < long / 2, "waited {:?}", started.elapsed());
+    for (rank, result) in results.iter().enumerate().take(2) {
+        match result {
+            Ok(Err(Error::RankLeft { left, how, .. })) => {
+                assert_eq!(
+                    (left.as_slice(), *how),
+                    (&[2][..], "its thread panicked"),
+                    "rank {rank}"
+                );
+            }
+            other => panic!("rank {rank}: expected RankLeft naming rank 2, got {other:?}"),
+        }
+    }
+    let panic = results[2].as_ref().expect_err("rank 2 panicked");
+    assert_eq!(
+        panic.downcast_ref::<&str>(),
+        Some(&"rank 2 fails while the others wait")
+    );
+}
+
+/// A rank that returns without joining a collective the others entered is named as having
+/// returned, and the others' communicators are poisoned from then on.
+#[test]
+fn a_rank_that_returns_early_is_named() {
+    use ballast_collectives::{Communicator, Error};
+    let results = local::run(
+        2,
+        CommOptions::default().with_timeout(std::time::Duration::from_secs(600)),
+        |mut comm| {
+            if comm.rank() == 1 {
+                return Ok(());
+            }
+            let first = comm.all_reduce_sum_f32(&mut [1.0]);
+            assert!(matches!(comm.barrier(), Err(Error::Poisoned { .. })));
+            first
+        },
+    );
+    match &results[0] {
+        Err(e @ Error::RankLeft { left, how, .. }) => {
+            assert_eq!((left.as_slice(), *how), (&[1][..], "it returned"));
+            assert!(e.to_string().contains("rank(s) [1] left the group"), "{e}");
+            assert!(e.is_consequence() && e.may_pass_on_restart());
+        }
+        other => panic!("expected RankLeft, got {other:?}"),
+    }
+}
+
+/// A rank stuck outside the collectives: the others time out naming it, and `grace` later the
+/// watcher hands the stuck rank and the others' results over (here it panics; a job ends the
+/// process) instead of waiting for a thread that does not end.
+#[test]
+fn a_stuck_rank_is_handed_over_after_the_grace() {
+    use ballast_collectives::Communicator;
+    use std::{
+        sync::Mutex,
+        time::{Duration, Instant},
+    };
+    // The stuck ranks, the others' errors, and when they were handed over.
+    type Handover = (Vec<usize>, Vec<String>, Duration);
+    let seen: Mutex<Option<Handover>> = Mutex::new(None);
+    let stuck_for = Duration::from_secs(8);
+    let started = Instant::now();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        local::run_watched(
+            3,
+            CommOptions::default().with_timeout(Duration::from_millis(500)),
+            Duration::from_millis(500),
+            |stuck| {
+                let errors = stuck
+                    .ended
+                    .iter()
+                    .map(|(rank, r)| match r {
+                        Ok(Err(e)) => format!("{rank}: {e}"),
+                        _ => format!("{rank}: no error"),
+                    })
+                    .collect();
+                *seen.lock().unwrap() = Some((stuck.ranks, errors, started.elapsed()));
+                panic!("handed over")
+            },
+            |mut comm| {
+                if comm.rank() == 1 {
+                    std::thread::sleep(stuck_for);
+                    return Ok(());
+                }
+                comm.barrier()
+            },
+        )
+    }));
+    assert!(outcome.is_err(), "the watcher must hand the stuck rank over");
+    let (ranks, errors, handed_at) = seen.lock().unwrap().take().expect("the stuck ranks were handed over");
+    assert_eq!(ranks, vec![1]);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors.iter().all(|e| e.contains("rank(s) [1] never arrived")),
+        "{errors:?}"
+    );
+    // The hand-over came while rank 1 still slept (the scope joined it only afterwards, as
+    // the test's panic unwound).
+    assert!(handed_at < stuck_for, "handed over after {handed_at:?}");
+}

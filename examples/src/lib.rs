@@ -123,8 +123,9 @@ pub fn main_with<C: CommandFactory + FromArgMatches>(
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{name}: error: {e:#}");
-            ExitCode::from(exit_code(&e))
+            let code = exit_code(&e);
+            ballast::job::failure::say_error(name, &format!("{e:#}"), code);
+            ExitCode::from(code)
         }
     }
 }

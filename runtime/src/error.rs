@@ -477,6 +477,15 @@ pub enum Error {
         /// The rank whose device failed.
         rank: usize,
     },
+    /// A rank's thread panicked (ranks as threads): the rank is lost, as a rank process that
+    /// crashed is, and the job ends with the lost-rank exit code.
+    #[error("rank {rank}'s thread panicked: {message}")]
+    RankPanicked {
+        /// The rank.
+        rank: usize,
+        /// The panic's message.
+        message: String,
+    },
     /// Every rank ended without a summary or an error (a bug).
     #[error("no rank returned a summary")]
     NoRank,
@@ -497,11 +506,13 @@ impl Error {
 
     /// The exit code of a process that ends with this error:
     /// [`ballast_collectives::EXIT_LOST_RANK`] (75) when a rank or device was lost and a
-    /// restart could pass, 2 otherwise (bad input, a bug: a restart fails the same way).
+    /// restart could pass (a rank's thread that panicked counts as lost, as a crashed rank
+    /// process does), 2 otherwise (bad input, a bug: a restart fails the same way).
     pub fn exit_code(&self) -> u8 {
-        if self
-            .collective()
-            .is_some_and(ballast_collectives::Error::may_pass_on_restart)
+        if matches!(self, Self::RankPanicked { .. })
+            || self
+                .collective()
+                .is_some_and(ballast_collectives::Error::may_pass_on_restart)
         {
             ballast_collectives::EXIT_LOST_RANK
         } else {

@@ -66,10 +66,11 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("ballast: error: {err:#}");
             // 75 when a rank was lost and a restart could pass (`ballast launch` restarts on it).
             let lost = err.chain().find_map(|c| c.downcast_ref::<ballast::Error>());
-            ExitCode::from(lost.map_or(2, ballast::Error::exit_code))
+            let code = lost.map_or(2, ballast::Error::exit_code);
+            ballast::job::failure::say_error("ballast", &format!("{err:#}"), code);
+            ExitCode::from(code)
         }
     }
 }

@@ -7,6 +7,7 @@
 //! plain burn loop; [`compare`] reports the largest per-tensor relative difference.
 
 pub mod device_only;
+pub mod fault;
 pub mod launch;
 pub mod overhead;
 

@@ -172,12 +172,15 @@ fn has_exited(dir: &HeartbeatDir, rank: usize) -> bool {
 }
 
 /// `ranks` of this host (those with a heartbeat here) split into those whose process exited
-/// and those whose process runs on; ranks of other hosts are in neither.
+/// and those whose process runs on, or ended itself: a rank that marked itself stopped (its
+/// watchdog, or the launcher's SIGTERM, ended it) did not die, so a peer whose report comes
+/// after that exit (a rank continued after SIGSTOP whose own watchdog fired first) still counts
+/// it as stalled. Ranks of other hosts are in neither.
 fn exited_or_stalled(dir: &HeartbeatDir, ranks: &[usize]) -> (Vec<usize>, Vec<usize>) {
     let (mut exited, mut stalled) = (Vec::new(), Vec::new());
     for &r in ranks {
         match dir.pid_of(r) {
-            Some(pid) if !process_runs(pid) => exited.push(r),
+            Some(pid) if !process_runs(pid) && !dir.was_stopped(r) => exited.push(r),
             Some(_) => stalled.push(r),
             None => {}
         }
@@ -381,4 +384,27 @@ pub(super) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rank whose process is gone counts as exited, unless it marked itself stopped first (it
+    /// ended on its own watchdog or the launcher's SIGTERM): then it stalled, it did not die.
+    #[test]
+    fn a_rank_that_ended_itself_is_stalled_not_exited() {
+        let path = std::env::temp_dir().join(format!("ballast-wd-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        let hb = HeartbeatDir::open(&path, 0).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        std::fs::write(path.join("rank-1"), format!("{gone}\n")).unwrap();
+        hb.beat(2);
+        assert_eq!(exited_or_stalled(&hb, &[1, 2, 3]), (vec![1], vec![2]));
+        hb.mark_stopped(1);
+        assert_eq!(exited_or_stalled(&hb, &[1, 2, 3]), (vec![], vec![1, 2]));
+        std::fs::remove_dir_all(&path).unwrap();
+    }
 }

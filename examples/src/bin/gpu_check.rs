@@ -227,19 +227,60 @@ fn check_nccl() -> Outcome {
     let data_parallel = ddp_over_nccl()?;
     let sharded = sharded_over_nccl()?;
     let init_deadline = nccl_init_without_a_peer();
+    let abort = abort_at_an_injected_deadline();
+    let ok = |v: &Value| v.get("ok").and_then(Value::as_bool).unwrap_or(false);
     Ok(object(json!({
-        "pass": data_parallel.get("ok").and_then(Value::as_bool).unwrap_or(false)
-            && sharded.get("ok").and_then(Value::as_bool).unwrap_or(false)
-            && init_deadline.get("ok").and_then(Value::as_bool).unwrap_or(false),
+        "pass": ok(&data_parallel) && ok(&sharded) && ok(&init_deadline) && ok(&abort),
         "init_without_a_peer": init_deadline,
+        "abort_at_deadline": abort,
         "data_parallel_device_buckets": data_parallel,
         "sharded_step_device_buffers": sharded,
         "world_1_in_place_all_reduce": in_place,
         "world_1_conformance": passed,
         "world_2_one_gpu": two_ranks,
         "async_error_poll": "every NCCL wait polls ncclCommGetAsyncError until the deadline",
-        "abort_at_deadline": "not exercised here: it needs a peer that stops after the handshake",
     })))
+}
+
+/// A world of one whose waits see their work as unfinished (`inject_stall`, as if a peer had
+/// stopped after the handshake): the all-reduce must come back at the control plane's 2 s
+/// deadline as the GPU error that aborted the NCCL communicator (`ncclCommAbort`), the next call
+/// must fail at once as poisoned, and the job's exit code for it must be the lost-rank code.
+fn abort_at_an_injected_deadline() -> Value {
+    let timeout = std::time::Duration::from_secs(2);
+    let control = local::world(1, CommOptions::default().with_timeout(timeout))
+        .pop()
+        .expect("one rank");
+    let mut comm = match NcclCommunicator::new(Box::new(control), 0) {
+        Ok(comm) => comm,
+        Err(e) => return json!({ "ok": false, "error": e.to_string() }),
+    };
+    comm.inject_stall();
+    let mut values = vec![1.0f32; 1 << 16];
+    let started = Instant::now();
+    let first = comm.all_reduce_sum_f32(&mut values);
+    let seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let second = comm.all_reduce_sum_f32(&mut values);
+    let second_seconds = started.elapsed().as_secs_f64();
+    // The code a job ends with after this error.
+    let code = first
+        .as_ref()
+        .err()
+        .map(|e| ballast::Error::from(e.clone()).exit_code());
+    let first_text = match &first {
+        Ok(()) => "succeeded".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let aborted = matches!(first, Err(ballast::collectives::Error::Gpu { .. }))
+        && first_text.contains("did not complete within")
+        && (2.0..30.0).contains(&seconds);
+    let poisoned = matches!(second, Err(ballast::collectives::Error::Poisoned { .. })) && second_seconds < 1.0;
+    json!({
+        "ok": aborted && poisoned && code == Some(ballast::collectives::EXIT_LOST_RANK),
+        "first_call": first_text, "seconds_to_abort": seconds,
+        "next_call": format!("{second:?}"), "exit_code": code,
+    })
 }
 
 /// A world of two where rank 1 takes NCCL's id and never creates its communicator: rank 0's

@@ -21,7 +21,7 @@ use ballast::{
     checkpoint::Checkpointer,
     cluster::restart::{self, Findings, Relaunch},
     collectives::{self, loss::LossReport},
-    job::RESTART_VAR,
+    job::{failure, RESTART_VAR},
 };
 use crossbeam_channel::{never, select, Receiver};
 use serde_json::json;
@@ -78,6 +78,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             2 => {
+                for (ranks, message) in &attempt.errors {
+                    println!("ballast launch: rank(s) {ranks:?} ended with: {message}");
+                }
                 println!(
                     "ballast launch: the job failed with exit 2 (bad input or a bug, as it says above): \
                      starting it again would fail the same way; not restarting"
@@ -120,6 +123,8 @@ struct Attempt {
     last_step: Option<u64>,
     /// What the ranks reported about lost peers.
     reports: Vec<LossReport>,
+    /// Errors of ranks other than 0 that rank 0's does not say, with the ranks that gave them.
+    errors: Vec<(Vec<usize>, String)>,
     /// When the first rank reported a lost peer, or the launcher exited.
     lost_at: Instant,
 }
@@ -188,8 +193,13 @@ impl Supervised {
         // SAFETY: kill(2) with a negative pid signals that process group; nothing is borrowed.
         unsafe { libc::kill(-group, libc::SIGKILL) };
         let reports = LossReport::read_all(&reports_dir).unwrap_or_default();
+        let errors = failure::errors_beyond_rank_zero(&reports_dir);
         let _ = std::fs::remove_dir_all(&reports_dir);
-        Ok(Attempt { reports, ..watched })
+        Ok(Attempt {
+            reports,
+            errors,
+            ..watched
+        })
     }
 
     /// Forwards the job's lines and waits for its launcher, with the deadline that starts at
@@ -223,7 +233,7 @@ impl Supervised {
                 recv(exited) -> status => break status.context("the job's waiter")?.context("waiting for the job")?,
                 default(POLL) => {}
             }
-            if reported.is_none() && dir_has_entries(reports_dir) {
+            if reported.is_none() && has_loss_reports(reports_dir) {
                 reported = Some(Instant::now());
             }
             if !forced && reported.is_some_and(|t| t.elapsed() > self.end_within) {
@@ -245,6 +255,7 @@ impl Supervised {
             code: exit_code(status),
             last_step,
             reports: Vec::new(),
+            errors: Vec::new(),
             lost_at: reported.unwrap_or_else(Instant::now),
         })
     }
@@ -405,8 +416,9 @@ fn private_dir(attempt: u32) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn dir_has_entries(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+fn has_loss_reports(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| !failure::is_error_file(&e.file_name().to_string_lossy()))))
 }
 
 /// The job's output, line by line, from a thread that ends at its end.

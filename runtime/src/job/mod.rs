@@ -38,6 +38,7 @@ use serde_json::json;
 
 use crate::config::Settings;
 
+pub mod failure;
 mod output;
 mod resume;
 mod train;
@@ -156,28 +157,71 @@ pub fn run<T: Task>(task: &T, settings: &Settings, launch: &Launch) -> Result<Su
     if let Some(me) = crate::world::join_on(launch, options.clone(), choice(launch.rank))? {
         return rank_main(me.comm, task, settings, false, me.device, me.gpu);
     }
-    let results = local::run(settings.ranks, options, |comm| {
-        let rank = comm.rank();
-        let choice = choice(rank).unwrap_or_default();
-        let device = choice.device(0)?.autodiff();
-        let gpu = match choice {
-            DeviceChoice::Cuda(ordinal) => Some(ordinal.unwrap_or(0)),
-            _ => None,
-        };
-        rank_main(Box::new(comm), task, settings, true, device, gpu)
-    });
+    // A rank stuck outside the collectives cannot be joined: as long as the collectives' deadline
+    // after the others failed, then the process ends.
+    let grace = options.timeout;
+    let results = local::run_watched(
+        settings.ranks,
+        options,
+        grace,
+        |stuck| end_stuck(stuck, grace),
+        |comm| {
+            let rank = comm.rank();
+            let choice = choice(rank).unwrap_or_default();
+            let device = choice.device(0)?.autodiff();
+            let gpu = match choice {
+                DeviceChoice::Cuda(ordinal) => Some(ordinal.unwrap_or(0)),
+                _ => None,
+            };
+            rank_main(Box::new(comm), task, settings, true, device, gpu)
+        },
+    );
+    let (summary, cause) = first_summary_and_cause(results.into_iter().enumerate());
+    match cause {
+        Some(e) => Err(e),
+        None => summary.ok_or(Error::NoRank),
+    }
+}
+
+/// Rank 0's summary (the first one returned), and the error that is a cause rather than a
+/// consequence of another rank's failure; a rank's panic is its error.
+fn first_summary_and_cause(
+    results: impl Iterator<Item = (usize, std::thread::Result<Result<Summary>>)>,
+) -> (Option<Summary>, Option<Error>) {
     let mut summary = None;
     let mut errors = Vec::new();
-    for r in results {
-        match r {
+    for (rank, r) in results {
+        match r.unwrap_or_else(|panic| Err(panicked(rank, panic.as_ref()))) {
             Ok(s) => summary = summary.or(Some(s)),
             Err(e) => errors.push(e),
         }
     }
-    if let Some(e) = errors.into_iter().min_by_key(Error::is_consequence) {
-        return Err(e);
+    (summary, errors.into_iter().min_by_key(Error::is_consequence))
+}
+
+fn panicked(rank: usize, panic: &(dyn std::any::Any + Send)) -> Error {
+    let message = panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_else(|| "a panic without a message".into());
+    Error::RankPanicked { rank, message }
+}
+
+/// Ends the process when ranks as threads are stuck after the job failed: prints the others'
+/// error that caused it and the stuck ranks, and exits with the lost-rank code.
+fn end_stuck(stuck: local::Stuck<Result<Summary>>, grace: std::time::Duration) -> std::convert::Infallible {
+    let (_, cause) = first_summary_and_cause(stuck.ended.into_iter());
+    if let Some(e) = cause {
+        eprintln!("ballast: error: {e}");
     }
-    summary.ok_or(Error::NoRank)
+    eprintln!(
+        "ballast: rank(s) {:?} did not end within {grace:?} after the job failed (stuck outside the \
+         collectives); ending the process with exit {}",
+        stuck.ranks,
+        ballast_collectives::EXIT_LOST_RANK
+    );
+    std::process::exit(ballast_collectives::EXIT_LOST_RANK.into())
 }
 
 /// One rank's whole job, in its phases.

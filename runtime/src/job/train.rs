@@ -55,6 +55,8 @@ impl<T: Task> Training<'_, T> {
             );
             std::process::abort();
         }
+        #[cfg(feature = "testkit")]
+        crate::testing::fault::at_step(self.out.rank, step);
         let plan = balancer.plan().clone();
         let t0 = Instant::now();
         let lr = s.lr_at(step, self.steps);
