@@ -31,7 +31,7 @@ build() {
   cargo build --release --workspace --bin gpu-check --features "$(./scripts/features.sh)"
   mkdir -p "$kit"
   rm -f "$kit/gpu-check.xz"
-  strip -o "$kit/gpu-check" target/release/gpu-check
+  strip -o "$kit/gpu-check" "${CARGO_TARGET_DIR:-target}/release/gpu-check"
   # The newest glibc symbol version the binary needs: the GPU machine's glibc must be as new.
   local glibc
   glibc="$(objdump -T "$kit/gpu-check" | grep -o 'GLIBC_[0-9.]*' | sort -V | tail -n 1)"

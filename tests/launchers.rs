@@ -381,6 +381,84 @@ fn launchers_lost_host_is_named_and_the_checkpoint_is_complete() {
     }
 }
 
+/// `ballast launch` over the two hosts: every process of host-b (rank 2) is killed after the
+/// first checkpoint, and the supervisor starts the job again on the two ranks of host-a from its
+/// newest checkpoint, naming rank 2 and host-b; the job finishes its 40 steps there.
+#[test]
+fn launchers_lost_host_restarts_on_the_other_host() {
+    let _alone = one_job();
+    let hosts = match TwoHosts::up() {
+        Ok(hosts) => hosts,
+        Err(why) => {
+            println!("skipped: launchers_lost_host_restarts_on_the_other_host: no network namespaces here: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let job = hosts.mpirun(
+        &job_bin(),
+        &[
+            "--initial-plan",
+            "equal",
+            "--no-rebalance",
+            "--micro-batch",
+            "largest",
+            "--steps",
+            "40",
+            "--checkpoint-dir",
+            "cp",
+            "--checkpoint-every",
+            "5",
+            "--log-every",
+            "1",
+        ],
+    );
+    let child = Command::new(ballast_tests::bin("ballast"))
+        .args(["launch", "--max-restarts", "1", "--min-ranks", "2", "--"])
+        .arg(job.get_program())
+        .args(job.get_args())
+        .current_dir(dir.path())
+        .env("BALLAST_TIMEOUT_SECS", "5")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cp = dir.path().join("cp");
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(&cp).map_or(true, |mut d| d.next().is_none()) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "no checkpoint was written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let victims = hosts.pids("b");
+    assert!(!victims.is_empty(), "host-b runs nothing");
+    let _ = Command::new("kill")
+        .arg("-9")
+        .args(victims.iter().map(u32::to_string))
+        .status();
+    let out = wait_with_deadline(child, std::time::Duration::from_secs(300));
+    let all = text(&out);
+    println!("lost host under ballast launch: exit {:?}", out.status.code());
+    for line in all
+        .lines()
+        .filter(|l| l.starts_with("ballast launch:") || l.starts_with("trained steps"))
+    {
+        println!("  {line}");
+    }
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(
+        all.contains("ballast launch: restart 1 of 1: rank(s) [2] on host host-b lost"),
+        "{all}"
+    );
+    assert!(all.contains("on 2 rank(s) without rank(s) [2]"), "{all}");
+    let finished = all
+        .lines()
+        .find(|l| l.starts_with("trained steps") && l.contains("..40 on 2 ranks"));
+    assert!(finished.is_some(), "{all}");
+}
+
 /// Waits for `child` at most `limit`, killing it past that; returns what it printed.
 fn wait_with_deadline(mut child: std::process::Child, limit: std::time::Duration) -> Output {
     let started = std::time::Instant::now();

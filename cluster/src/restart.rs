@@ -149,6 +149,152 @@ impl Relaunch {
     }
 }
 
+/// Where the launcher places the ranks, rewritten for the survivors: the host list in the
+/// command, and the hostfile it names, whose new text the caller writes elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The command with its host list (`--host`, `-H`; `srun -w`, `--nodelist`) holding each
+    /// host as many times as it keeps ranks (`host:N`), hosts left with none taken out.
+    pub argv: Vec<String>,
+    /// The hostfile (`--hostfile`, `--machinefile`): the word of `argv` holding its path, and
+    /// the survivors' slots per host, to write with [`hostfile_for`].
+    pub hostfile: Option<(usize, Vec<(String, usize)>)>,
+}
+
+impl Relaunch {
+    /// The launcher's placement of the survivors, from `rank_hosts` (every rank's host name,
+    /// by rank, as the ranks gathered them): each host keeps as many slots as it keeps ranks,
+    /// so that a launcher that fills hosts in order (Open MPI's and Slurm's default) puts every
+    /// surviving rank where its per-rank entries (`--device`, `CUDA_VISIBLE_DEVICES`) say. The
+    /// command is unchanged when nothing is dropped, when the hosts are not known, or when a
+    /// host of the list matches none of `rank_hosts` (a name ballast cannot tell).
+    pub fn placement(&self, argv: &[String], rank_hosts: &[String]) -> Placement {
+        let unchanged = Placement {
+            argv: argv.to_vec(),
+            hostfile: None,
+        };
+        let (Self::Survivors { dropped, .. }, Some((start, launcher))) = (self, launcher_at(argv)) else {
+            return unchanged;
+        };
+        if rank_hosts.is_empty() {
+            return unchanged;
+        }
+        let mut kept: Vec<(String, usize)> = Vec::new();
+        for (rank, host) in rank_hosts.iter().enumerate() {
+            let at = kept.iter().position(|(h, _)| h == host).unwrap_or_else(|| {
+                kept.push((host.clone(), 0));
+                kept.len() - 1
+            });
+            kept[at].1 += usize::from(!dropped.contains(&rank));
+        }
+        let mut out = unchanged;
+        let slurm = launcher == "srun";
+        let (list_flags, file_flags): (&[&str], &[&str]) = if slurm {
+            (&["-w", "--nodelist"], &[])
+        } else {
+            (
+                &["--host", "-H", "--hosts", "-host"],
+                &["--hostfile", "--machinefile", "-hostfile", "-machinefile"],
+            )
+        };
+        for i in start + 1..argv.len() {
+            let word = argv[i].as_str();
+            let (flag, value, joined) = match word.split_once('=') {
+                Some((flag, value)) if flag.starts_with('-') => (flag, value, true),
+                _ => match argv.get(i.wrapping_sub(1)) {
+                    Some(previous) if i > start + 1 => (previous.as_str(), word, false),
+                    _ => continue,
+                },
+            };
+            if list_flags.contains(&flag) {
+                let Some(list) = host_list(value, &kept, slurm) else {
+                    continue;
+                };
+                out.argv[i] = if joined { format!("{flag}={list}") } else { list };
+            } else if file_flags.contains(&flag) && !joined {
+                out.hostfile = Some((i, kept.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// Whether host name `a` (from a command or hostfile) and `b` (a rank's) are one host: equal,
+/// or equal up to the domain.
+fn same_host(a: &str, b: &str) -> bool {
+    let short = |h: &str| h.split('.').next().unwrap_or(h).to_string();
+    a == b || short(a) == short(b)
+}
+
+/// The host list `value` (`a:2,b:2`, `a,a,b`) with each host's slots set to the ranks it
+/// keeps (`kept`) and hosts that keep none left out; for Slurm, the names alone. `None` when a
+/// host of the list is not among `kept`'s, or it is a Slurm range (`node[1-4]`).
+fn host_list(value: &str, kept: &[(String, usize)], slurm: bool) -> Option<String> {
+    let mut hosts: Vec<&str> = Vec::new();
+    for entry in value.split(',') {
+        let host = entry.split(':').next().unwrap_or(entry);
+        if host.contains('[') || !kept.iter().any(|(k, _)| same_host(host, k)) {
+            return None;
+        }
+        if !hosts.contains(&host) {
+            hosts.push(host);
+        }
+    }
+    let slots = |host: &str| {
+        kept.iter()
+            .filter(|(k, _)| same_host(host, k))
+            .map(|(_, n)| n)
+            .sum::<usize>()
+    };
+    let list: Vec<String> = hosts
+        .into_iter()
+        .filter(|h| slots(h) > 0)
+        .map(|h| {
+            if slurm {
+                h.to_string()
+            } else {
+                format!("{h}:{}", slots(h))
+            }
+        })
+        .collect();
+    Some(list.join(","))
+}
+
+/// A hostfile's text (`text`: `host slots=N ...` lines, `#` comments) for the survivors: each
+/// host's `slots` set to the ranks it keeps (`kept`, from [`Placement::hostfile`]), and hosts
+/// that keep none commented out. Hosts ballast cannot match to a rank keep their line.
+pub fn hostfile_for(text: &str, kept: &[(String, usize)]) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let host = match fields.next() {
+            Some(host) if !host.starts_with('#') => host,
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+                continue;
+            }
+        };
+        let slots: Option<usize> = kept.iter().find(|(k, _)| same_host(host, k)).map(|(_, n)| *n);
+        match slots {
+            None => out.push_str(line),
+            Some(0) => out.push_str(&format!("# no rank left here (ballast launch): {line}")),
+            Some(n) => {
+                let rest: Vec<&str> = fields
+                    .filter(|f| !f.starts_with("slots=") && !f.starts_with("max_slots="))
+                    .collect();
+                out.push_str(&format!("{host} slots={n}"));
+                for f in rest {
+                    out.push(' ');
+                    out.push_str(f);
+                }
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Per-rank options of ballast's jobs: one comma-separated entry per rank.
 const PER_RANK_LISTS: [&str; 3] = ["--device-memory", "--speeds", "--device"];
 
@@ -181,12 +327,25 @@ fn rank_count_flags(launcher: &str) -> &'static [&'static str] {
     }
 }
 
+/// The launchers whose options ballast reads.
+const LAUNCHERS: [&str; 5] = ["mpirun", "mpiexec", "orterun", "prterun", "srun"];
+
+/// The launcher word of `argv` (its index and name): the first word naming one of
+/// [`LAUNCHERS`], so that a wrapper before it (`nice`, `env`, a script that sets the network
+/// up) keeps working; `None` for a job started without one.
+fn launcher_at(argv: &[String]) -> Option<(usize, &str)> {
+    argv.iter().enumerate().find_map(|(i, word)| {
+        let name = std::path::Path::new(word).file_name()?.to_str()?;
+        LAUNCHERS.contains(&name).then_some((i, name))
+    })
+}
+
 /// The first word of `argv` that gives its number of ranks (see [`rank_count_flags`]); the
 /// launcher's options come before the program's, so the first match is the launcher's.
 fn rank_count_at(argv: &[String]) -> Option<RankCountAt> {
-    let launcher = std::path::Path::new(argv.first()?).file_name()?.to_str()?;
+    let (start, launcher) = launcher_at(argv).unwrap_or((0, ""));
     let flags = rank_count_flags(launcher);
-    for (i, word) in argv.iter().enumerate().skip(1) {
+    for (i, word) in argv.iter().enumerate().skip(start + 1) {
         if let Some((flag, value)) = word.split_once('=') {
             if flags.contains(&flag) && value.parse::<usize>().is_ok() {
                 return Some(RankCountAt { word: i, joined: true });
@@ -276,6 +435,74 @@ mod tests {
         assert!(err.to_string().contains("cannot find the number of ranks"), "{err}");
         assert_eq!(ranks_of(&words("mpirun --np=4 x")), Some(4));
         assert_eq!(ranks_of(&words("srun -n 5 x -n 7")), Some(5));
+    }
+
+    #[test]
+    fn the_hosts_keep_as_many_slots_as_ranks_and_a_host_without_any_is_left_out() {
+        let hosts: Vec<String> = ["a", "a", "b", "b"].map(String::from).to_vec();
+        let drop = |dropped: Vec<usize>| Relaunch::Survivors {
+            ranks: 4 - dropped.len(),
+            dropped,
+        };
+        let cases = [
+            // Rank 1 of host a: host a keeps one slot, so rank 2 stays on host b.
+            (
+                vec![1],
+                "mpirun --host a:2,b:2 -np 3 x",
+                "mpirun --host a:1,b:2 -np 3 x",
+            ),
+            (vec![2, 3], "mpirun -H a,a,b,b -np 2 x", "mpirun -H a:2 -np 2 x"),
+            (
+                vec![0, 1],
+                "mpirun --host=a.cluster:2,b.cluster:2 -np 2 x",
+                "mpirun --host=b.cluster:2 -np 2 x",
+            ),
+            (vec![3], "srun -w a,b -n 3 x", "srun -w a,b -n 3 x"),
+            (vec![2, 3], "srun --nodelist=a,b -n 2 x", "srun --nodelist=a -n 2 x"),
+            // Names ballast cannot match, and Slurm ranges, stay as they are.
+            (vec![3], "mpirun --host c:4 -np 3 x", "mpirun --host c:4 -np 3 x"),
+            (vec![3], "srun -w node[1-2] -n 3 x", "srun -w node[1-2] -n 3 x"),
+            // A wrapper before the launcher.
+            (
+                vec![2, 3],
+                "nice mpirun -H a:2,b:2 -np 2 x",
+                "nice mpirun -H a:2 -np 2 x",
+            ),
+        ];
+        for (dropped, before, after) in cases {
+            let placed = drop(dropped).placement(&words(before), &hosts);
+            assert_eq!(placed.argv, words(after), "{before}");
+            assert_eq!(placed.hostfile, None);
+        }
+        let placed = drop(vec![1]).placement(&words("mpirun --hostfile hf -np 3 x"), &hosts);
+        let kept = vec![("a".to_string(), 1), ("b".to_string(), 2)];
+        assert_eq!(placed.hostfile, Some((2, kept.clone())));
+        assert_eq!(
+            hostfile_for(
+                "# the hosts\na slots=2 max_slots=4\nb.cluster slots=2\nc slots=8\n",
+                &kept
+            ),
+            "# the hosts\na slots=1\nb.cluster slots=2\nc slots=8\n"
+        );
+        let none_on_a = vec![("a".to_string(), 0), ("b".to_string(), 2)];
+        assert_eq!(
+            hostfile_for("a slots=2\nb\n", &none_on_a),
+            "# no rank left here (ballast launch): a slots=2\nb slots=2\n"
+        );
+        // Nothing dropped, or hosts unknown: unchanged.
+        let same = Relaunch::SameRanks { kept: vec![] };
+        assert_eq!(
+            same.placement(&words("mpirun -H a,b x"), &hosts).argv,
+            words("mpirun -H a,b x")
+        );
+        assert_eq!(
+            drop(vec![1]).placement(&words("mpirun -H a,b x"), &[]).argv,
+            words("mpirun -H a,b x")
+        );
+        assert_eq!(
+            ranks_of(&words("scripts/two-hosts.sh mpirun -np 3 x --ranks 9")),
+            Some(3)
+        );
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct LossReport {
     /// When no rank of this host is to blame: the ranks on other hosts, which this rank cannot
     /// see (empty when every rank runs on this host, or when host names were not known yet).
     pub elsewhere: Vec<usize>,
+    /// Every rank's host name, by rank, as the ranks gathered them at start-up (empty when this
+    /// rank ended before that): where the supervisor places the survivors.
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 impl LossReport {
@@ -117,6 +121,7 @@ mod tests {
             exited,
             stalled: vec![],
             elsewhere: vec![],
+            hosts: vec![],
         };
         report(1, vec![2]).write_into(&dir).unwrap();
         report(0, vec![2]).write_into(&dir).unwrap();

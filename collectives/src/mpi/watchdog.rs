@@ -335,6 +335,7 @@ fn leave_report(rank: usize, event: LossEvent, exited: Vec<usize>, stalled: Vec<
         exited,
         stalled,
         elsewhere,
+        hosts: hosts.cloned().unwrap_or_default(),
     };
     if let Err(e) = report.write_if_asked() {
         eprintln!("ballast: rank {rank}: cannot leave its report for the supervisor: {e}");

@@ -113,6 +113,16 @@ struct Supervised {
     /// When the previous attempt lost its rank: the next attempt's first step reports how long
     /// the restart took.
     lost_at: Option<Instant>,
+    /// Directories of the survivors' hostfiles, removed when the supervisor ends.
+    written: Vec<PathBuf>,
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        for dir in &self.written {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// One run of the command, as the supervisor saw it.
@@ -159,6 +169,7 @@ impl Supervised {
             end_within: Duration::from_secs(args.end_within_secs),
             env: Vec::new(),
             lost_at: None,
+            written: Vec::new(),
         })
     }
 
@@ -278,6 +289,7 @@ impl Supervised {
         let relaunch = restart::decide(self.world, self.min_ranks, &findings);
         let resume_at = self.checkpoints.newest_step()?.map(|(step, _)| step);
         let argv = relaunch.rewrite(&self.argv, self.world)?;
+        let argv = self.place(&relaunch, argv, &attempt.reports)?;
         self.argv = restart::with_resume(&argv, resume_at.is_some());
         if let Some(visible) = std::env::var("CUDA_VISIBLE_DEVICES")
             .ok()
@@ -299,6 +311,30 @@ impl Supervised {
         Ok(())
     }
 
+    /// `argv` with the launcher's hosts (`--host`, `-H`, `srun -w`, a hostfile) keeping as many
+    /// slots as they keep ranks, from the hosts the ranks reported; a rewritten hostfile is
+    /// written beside the attempts' report directories.
+    fn place(&mut self, relaunch: &Relaunch, argv: Vec<String>, reports: &[LossReport]) -> Result<Vec<String>> {
+        let hosts = reports
+            .iter()
+            .map(|r| r.hosts.as_slice())
+            .find(|h| h.len() == self.world)
+            .unwrap_or_default();
+        let placed = relaunch.placement(&argv, hosts);
+        let Some((at, kept)) = placed.hostfile else {
+            return Ok(placed.argv);
+        };
+        let mut argv = placed.argv;
+        let text = std::fs::read_to_string(&argv[at]).with_context(|| format!("reading the hostfile {}", argv[at]))?;
+        let dir = private_dir_named(&format!("hostfile-{}", self.restarts))?;
+        let path = dir.join("hostfile");
+        std::fs::write(&path, restart::hostfile_for(&text, &kept))
+            .with_context(|| format!("writing the survivors' hostfile {}", path.display()))?;
+        argv[at] = path.display().to_string();
+        self.written.push(dir);
+        Ok(argv)
+    }
+
     /// `ballast launch: restart 1 of 2: ...`: which ranks, which step, what was lost, and where
     /// the job goes on.
     fn restart_line(
@@ -308,13 +344,20 @@ impl Supervised {
         relaunch: &Relaunch,
         resume_at: Option<u64>,
     ) -> String {
+        // Every rank's host, as the ranks gathered them; else the hosts of the reports that
+        // named the ranks on their own host.
+        let rank_hosts = attempt.reports.iter().map(|r| &r.hosts).find(|h| h.len() == self.world);
         let hosts = |ranks: &[usize]| -> String {
-            let mut named: Vec<String> = attempt
-                .reports
-                .iter()
-                .filter(|r| r.exited.iter().chain(&r.stalled).any(|x| ranks.contains(x)))
-                .map(|r| r.host.clone())
-                .collect();
+            let mut named: Vec<String> = match rank_hosts {
+                Some(all) => ranks.iter().filter_map(|&r| all.get(r).cloned()).collect(),
+                None => attempt
+                    .reports
+                    .iter()
+                    .filter(|r| r.exited.iter().chain(&r.stalled).any(|x| ranks.contains(x)))
+                    .map(|r| r.host.clone())
+                    .collect(),
+            };
+            named.sort();
             named.dedup();
             if named.is_empty() {
                 String::new()
@@ -403,16 +446,23 @@ fn findings(reports: &[LossReport], world: usize) -> Findings {
 /// A fresh directory for an attempt's reports, private to this user (mode 0700), in
 /// `XDG_RUNTIME_DIR` when there is one.
 fn private_dir(attempt: u32) -> Result<PathBuf> {
+    private_dir_named(&attempt.to_string())
+}
+
+/// A fresh directory `ballast-launch-<pid>-<name>`, private to this user (mode 0700), in
+/// `XDG_RUNTIME_DIR` when there is one. Whatever held the name is removed first (a link is
+/// removed, not followed), and the directory is created anew, never reused.
+fn private_dir_named(name: &str) -> Result<PathBuf> {
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|d| d.is_absolute() && d.is_dir())
         .unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("ballast-launch-{}-{attempt}", std::process::id()));
+    let dir = base.join(format!("ballast-launch-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
-        .with_context(|| format!("creating the report directory {}", dir.display()))?;
+        .with_context(|| format!("creating the private directory {}", dir.display()))?;
     Ok(dir)
 }
 
@@ -495,6 +545,7 @@ mod tests {
             exited,
             stalled,
             elsewhere,
+            hosts: Vec::new(),
         }
     }
 
