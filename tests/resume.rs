@@ -103,10 +103,18 @@ fn assert_sharding(out: &Output, sharding: &str, ranks: usize) {
 /// ends bit-identical to the run that was never interrupted.
 #[test]
 fn resume_in_bf16_continues_bit_for_bit_from_the_master() {
+    // The master in the optimizer's shards (`memory`), and in the host Adam of every rank
+    // (`off`: the whole state on the host).
+    for sharding in SHARDINGS {
+        resume_in_bf16(sharding);
+    }
+}
+
+fn resume_in_bf16(sharding: &str) {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let bf16 = |args: &[&str]| {
-        let mut all = vec!["--precision", "bf16"];
+        let mut all = vec!["--precision", "bf16", "--optimizer-sharding", sharding];
         all.extend_from_slice(args);
         demo(dir, &all)
     };
@@ -121,7 +129,12 @@ fn resume_in_bf16_continues_bit_for_bit_from_the_master() {
     let resumed = bf16(&["--checkpoint-dir", "cut", "--resume"]);
     assert!(resumed.status.success(), "{}", text(&resumed));
     assert!(String::from_utf8_lossy(&resumed.stdout).contains("trained steps 20..40"));
-    assert_eq!(checksum_line(&full), checksum_line(&resumed), "bf16: bit-identical");
+    assert_sharding(&full, sharding, 3);
+    assert_eq!(
+        checksum_line(&full),
+        checksum_line(&resumed),
+        "bf16 {sharding}: bit-identical"
+    );
     assert_eq!(max_rel_diff(&step40(dir, "full"), &step40(dir, "cut")), 0.0);
     let saved = checkpoint::load(
         &dir.join("cut/step-0000000020.safetensors"),
@@ -130,7 +143,7 @@ fn resume_in_bf16_continues_bit_for_bit_from_the_master() {
     .unwrap();
     let unrounded = saved.params.iter().filter(|v| v.to_bits() & 0xffff != 0).count();
     println!(
-        "bf16 resume: {} ({unrounded} of {} saved values are not bf16 values: the master)",
+        "bf16 resume, optimizer sharding {sharding}: {} ({unrounded} of {} saved values are not bf16 values: the master)",
         checksum_line(&resumed),
         saved.params.len()
     );

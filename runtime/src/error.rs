@@ -80,22 +80,12 @@ pub enum Error {
         /// The precision asked for.
         precision: crate::ddp::Precision,
     },
-    /// The optimizer keeps its own master copy in f32 only and cannot update a low-precision
-    /// replica yet.
+    /// The f32 master copy was handed to the optimizer that steps it (a sharded optimizer's
+    /// shards, or the host Adam), so it cannot be read here or stepped by another optimizer.
     #[error(
-        "{optimizer} does not update a {precision} replica yet; use a burn optimizer with ddp.step, or train in f32"
-    )]
-    PrecisionOptimizer {
-        /// The optimizer.
-        optimizer: &'static str,
-        /// The replica's precision.
-        precision: crate::ddp::Precision,
-    },
-    /// The f32 master copy is held in shards by a sharded optimizer, so it cannot be read
-    /// whole or stepped by another optimizer.
-    #[error(
-        "the f32 master parameters are held in shards by ShardedAdam (each rank its own shard); read them \
-         with ShardedAdam::master_shard, and keep stepping this model with that optimizer"
+        "the f32 master parameters were handed to the optimizer that steps them: read them with \
+         ShardedAdam::master_shard (each rank its own shard) or HostOffload::master, and keep \
+         stepping this model with that optimizer"
     )]
     MasterSharded,
 

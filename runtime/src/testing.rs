@@ -437,6 +437,9 @@ impl Case {
         if !self.host_shards.is_empty() {
             label.push_str(&format!("/host shards {:?}", self.host_shards));
         }
+        if self.offload {
+            label.push_str("/offloaded");
+        }
         if self.weight_decay != 0.0 {
             label.push_str(&format!("/decay {}", self.weight_decay));
         }
@@ -584,9 +587,14 @@ fn run_ddp_with<M: Regressor>(
         ddp.verify_replicas(&model)?;
     }
     outcome.params = param_values(&model);
-    outcome.master = match &sharded {
+    outcome.master = match (
+        &sharded,
+        host.as_ref().and_then(crate::optim::offload::HostOffload::master),
+    ) {
         // Each rank holds its shard of the master: all of them, in rank order, are the model's.
-        Some(shard) if case.precision.is_mixed() => ddp.comm().all_gather(&shard.master_shard()?)?.concat(),
+        (Some(shard), _) if case.precision.is_mixed() => ddp.comm().all_gather(&shard.master_shard()?)?.concat(),
+        // The host Adam took the whole master over.
+        (_, Some(master)) => master.to_vec(),
         _ => ddp.master_params()?.unwrap_or_default(),
     };
     Ok((outcome, ddp.into_comm()))
@@ -780,7 +788,8 @@ pub fn sharded_cases() -> Vec<Case> {
 ///
 /// Then the same with Adam's state sharded (ballast's `ShardedAdam`: f32 master values and
 /// moments per shard, the all-gather in bf16): the MLP with an empty shard on rank 2, the conv
-/// net with shards 60/30/10 %.
+/// net with shards 60/30/10 %. Then with the host Adam: the MLP with rank 1's shard in host
+/// memory, the conv net with the whole state offloaded.
 pub fn precision_cases() -> Vec<Case> {
     let plain: Vec<Case> = [ModelKind::Mlp, ModelKind::Conv]
         .into_iter()
@@ -799,7 +808,20 @@ pub fn precision_cases() -> Vec<Case> {
             shards: shards.to_vec(),
             ..case.clone()
         });
-    plain.clone().into_iter().chain(sharded).collect()
+    // The host Adam: rank 1's shard in host memory (the MLP), and the whole state offloaded
+    // (the conv net); each takes the f32 master over at its first step.
+    let on_host = [
+        Case {
+            shards: vec![6.0, 3.0, 1.0],
+            host_shards: vec![1],
+            ..plain[0].clone()
+        },
+        Case {
+            offload: true,
+            ..plain[1].clone()
+        },
+    ];
+    plain.clone().into_iter().chain(sharded).chain(on_host).collect()
 }
 
 /// How far the mixed-precision recipe on one device moves when only its micro-batching

@@ -223,23 +223,10 @@ pub struct ProbePoint {
 impl Balancer {
     /// Allocates this rank's shard where `placed` (and the first plan, which may move a shard
     /// that does not fit beside a sample) puts it, measuring the bytes it takes.
-    fn start_shard<M: Module>(
-        &mut self,
-        rank: usize,
-        model: &M,
-        mut placed: ShardedPlan,
-        precision: crate::Precision,
-    ) -> Result<(), Error> {
+    fn start_shard<M: Module>(&mut self, rank: usize, model: &M, mut placed: ShardedPlan) -> Result<(), Error> {
         // The first plan has the last word on which shards leave their devices.
         for (host, r) in placed.on_host.iter_mut().zip(&self.plan.ranks) {
             *host |= r.offload;
-        }
-        // Every rank holds the same placement: all refuse alike, before any step.
-        if precision.is_mixed() && placed.on_host.iter().any(|&h| h) {
-            return Err(Error::PrecisionOptimizer {
-                optimizer: "ShardedAdam with a host shard",
-                precision,
-            });
         }
         let place = if placed.on_host[rank] {
             ShardPlace::Host

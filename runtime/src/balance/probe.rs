@@ -258,8 +258,8 @@ impl Balancer {
         };
         let mut balancer = Self::planned(reports, meter, options, global_batch)?;
         match sharded_plan {
-            Some(placed) => balancer.start_shard(ddp.rank(), model, placed, ddp.precision())?,
-            None => balancer.start_host_optimizer(model, ddp.precision())?,
+            Some(placed) => balancer.start_shard(ddp.rank(), model, placed)?,
+            None => balancer.start_host_optimizer(model)?,
         }
         Ok(balancer)
     }
@@ -302,16 +302,9 @@ impl Balancer {
     /// arithmetic (a GPU rank with it on the GPU, chunk by chunk over managed memory): the
     /// replicas must apply bit-identical updates, and burn's Adam rounds differently.
     ///
-    /// The host Adam keeps f32 master values of the replica's, so a mixed precision is refused
-    /// here, by every rank alike (the plan is the same on every rank), before any step.
-    fn start_host_optimizer<M: Module>(&mut self, model: &M, precision: crate::Precision) -> Result<(), Error> {
+    /// In a mixed precision the host Adam takes the f32 master over at its first step.
+    fn start_host_optimizer<M: Module>(&mut self, model: &M) -> Result<(), Error> {
         if self.options.host_optimizer || self.plan.ranks.iter().any(|r| r.offload) {
-            if precision.is_mixed() {
-                return Err(Error::PrecisionOptimizer {
-                    optimizer: "HostOffload (the host Adam)",
-                    precision,
-                });
-            }
             let host = crate::optim::offload::HostOffload::for_device(
                 model,
                 self.options.adam,

@@ -396,15 +396,6 @@ impl DataParallel {
         Ok((!range.is_empty()).then(|| master.slice(range)))
     }
 
-    /// Refuses an `optimizer` that keeps its own f32 state and cannot update a low-precision
-    /// replica.
-    pub(crate) fn require_f32(&self, optimizer: &'static str) -> Result<(), Error> {
-        match self.options.precision {
-            Precision::F32 => Ok(()),
-            precision => Err(Error::PrecisionOptimizer { optimizer, precision }),
-        }
-    }
-
     /// The precision the replica computes in.
     pub fn precision(&self) -> Precision {
         self.options.precision

@@ -71,19 +71,24 @@ pub(super) fn gather_shards(
 
 /// In a mixed precision, the f32 master parameters on rank 0, which a checkpoint holds in place
 /// of the replica's rounded values (every rank must call it): all-gathered from the optimizer's
-/// shards, or the copy `DataParallel` keeps. `None` in f32 and on the other ranks.
+/// shards, the host Adam's, or the copy `DataParallel` keeps. `None` in f32 and on the other ranks.
 pub(super) fn gather_master(ddp: &mut DataParallel, balancer: &Balancer) -> Result<Option<Vec<f32>>> {
     if !ddp.precision().is_mixed() {
         return Ok(None);
     }
-    let all = match balancer.shard() {
-        Some(shard) => {
+    let all = match (
+        balancer.shard(),
+        balancer.host().and_then(crate::optim::HostOffload::master),
+    ) {
+        (Some(shard), _) => {
             let mut all = vec![0.0; shard.counts().iter().sum()];
             ddp.comm()
                 .all_gather_f32(&shard.master_shard()?, shard.counts(), &mut all)?;
             all
         }
-        None => ddp.master_params()?.unwrap_or_default(),
+        // The host Adam took the whole master over (every rank holds all of it).
+        (None, Some(master)) => master.to_vec(),
+        (None, None) => ddp.master_params()?.unwrap_or_default(),
     };
     Ok((ddp.rank() == 0).then_some(all))
 }

@@ -24,7 +24,7 @@ use super::host::{HostAdam, HostAdamConfig};
 use super::state::StateBuffer;
 use crate::ddp::{DataParallel, GradientForm, ReducedGrads, StepOptimizer, StepStats};
 use crate::params::{flatten_params, load_params};
-use crate::transfer::byte_len;
+use crate::transfer::{byte_len, to_host};
 use crate::Error;
 
 /// Fraction of `MemAvailable` offload may use by default: the rest stays for the OS page cache,
@@ -59,6 +59,10 @@ pub fn check_host_memory(root: &Path, needed: u64, margin: f64) -> Result<u64, E
 /// steps on the host.
 pub struct HostOffload {
     master: StateBuffer,
+    /// In a mixed precision, whether `master` holds the f32 master values, taken over from the
+    /// [`DataParallel`] at the first step (before it, `master` holds the replica's rounded
+    /// values, and the `DataParallel`'s copy is the master).
+    holds_master: bool,
     adam: HostAdam,
     /// Bytes the last step moved to the device and back (the GPU update's prefetches).
     moved: (u64, u64),
@@ -79,6 +83,7 @@ impl Clone for HostOffload {
     fn clone(&self) -> Self {
         Self {
             master: self.master.clone(),
+            holds_master: self.holds_master,
             adam: self.adam.clone(),
             moved: (0, 0),
             #[cfg(feature = "cuda")]
@@ -149,6 +154,7 @@ impl HostOffload {
                 );
                 Ok(Self {
                     master: managed_master,
+                    holds_master: false,
                     adam,
                     moved: (0, 0),
                     gpu: Some(Box::new(GpuUpdate {
@@ -159,6 +165,7 @@ impl HostOffload {
             }
             _ => Ok(Self {
                 master: StateBuffer::Host(master),
+                holds_master: false,
                 adam: HostAdam::new(n, config),
                 moved: (0, 0),
                 #[cfg(feature = "cuda")]
@@ -203,6 +210,19 @@ impl HostOffload {
     /// Host bytes held (master copy and moments).
     pub fn host_bytes(&self) -> u64 {
         self.master.len() as u64 * 4 + self.adam.state_bytes()
+    }
+
+    /// In a mixed precision, the f32 master values this optimizer took over at its first step
+    /// (the model's, or this shard's); `None` in f32 and before the first step.
+    pub fn master(&self) -> Option<&[f32]> {
+        self.holds_master.then_some(&self.master[..])
+    }
+
+    /// Makes `values` (f32 master values as long as the state) the master this optimizer
+    /// updates, in place of the replica's rounded values it was made from.
+    pub(crate) fn take_master(&mut self, values: &[f32]) {
+        self.master.copy_from_slice(values);
+        self.holds_master = true;
     }
 }
 
@@ -266,11 +286,21 @@ impl StepOptimizer for HostOffload {
         grads: ReducedGrads,
         lr: f64,
     ) -> Result<(M, StepStats), Error> {
-        ddp.require_f32("HostOffload")?;
+        if ddp.precision().is_mixed() && !self.holds_master {
+            // The f32 master moves here: the host updates it, the replica takes its cast.
+            if let Some(master) = ddp.take_master_range(0..self.master.len())? {
+                self.take_master(&to_host(master, "the f32 master parameters")?);
+            }
+        }
         let (grads, mut stats) = grads.into_host()?;
         let params = self.step(&grads, lr as f32)?;
         stats.traffic.to_device += byte_len(params.len());
         let model = load_params(model, params);
+        // In a mixed precision the replica takes the master's cast.
+        let model = match ddp.precision() {
+            precision if precision.is_mixed() => crate::ddp::cast_params(model, precision.compute_dtype()),
+            _ => model,
+        };
         let (down, up) = self.last_step_transfer();
         stats.traffic.to_device += down;
         stats.traffic.to_host += up;

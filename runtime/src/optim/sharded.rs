@@ -231,7 +231,10 @@ impl ShardedAdam {
     /// # Errors
     /// [`Error::Tensor`] when the device cannot give it back.
     pub fn master_shard(&self) -> Result<Vec<f32>, Error> {
-        read(&self.master, "the optimizer shard's f32 master values")
+        match &self.state {
+            ShardState::Host(host) => Ok(host.master().map(<[f32]>::to_vec).unwrap_or_default()),
+            ShardState::Device(_) => read(&self.master, "the optimizer shard's f32 master values"),
+        }
     }
 
     /// Steps taken.
@@ -392,16 +395,15 @@ impl StepOptimizer for ShardedAdam {
         lr: f64,
     ) -> Result<(M, StepStats), Error> {
         let precision = ddp.precision();
-        if precision.is_mixed() {
-            if self.place() == ShardPlace::Host {
-                return Err(Error::PrecisionOptimizer {
-                    optimizer: "ShardedAdam with a host shard",
-                    precision,
-                });
-            }
-            if !self.master_taken {
-                self.master = ddp.take_master_range(self.offset..self.offset + self.len())?;
-                self.master_taken = true;
+        if precision.is_mixed() && !self.master_taken {
+            let master = ddp.take_master_range(self.offset..self.offset + self.len())?;
+            self.master_taken = true;
+            match (&mut self.state, master) {
+                // A host shard updates its master on the host.
+                (ShardState::Host(host), Some(master)) => {
+                    host.take_master(&to_host(master, "the optimizer shard's f32 master values")?);
+                }
+                (_, master) => self.master = master,
             }
         }
         // The counts and the rank were checked against the world before the collectives.
