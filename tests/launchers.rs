@@ -225,6 +225,25 @@ impl TwoHosts {
         cmd
     }
 
+    /// Kills every process of host `h` with SIGKILL, all at once, as a host that dies takes its
+    /// processes with it; returns them.
+    fn kill(&self, h: &str) -> Vec<u32> {
+        let victims = self.pids(h);
+        assert!(!victims.is_empty(), "host-{h} runs nothing");
+        let _ = Command::new("kill")
+            .arg("-9")
+            .args(victims.iter().map(u32::to_string))
+            .status();
+        victims
+    }
+
+    /// The hosts for test `test`, or `None` after printing why that test is skipped here.
+    fn up_or_skip(test: &str) -> Option<Self> {
+        Self::up()
+            .map_err(|why| println!("skipped: {test}: no network namespaces here: {why}"))
+            .ok()
+    }
+
     /// The processes of host `h` (its network namespace).
     fn pids(&self, h: &str) -> Vec<u32> {
         let out = Command::new(Self::script()).args(["pids", h]).output().unwrap();
@@ -247,12 +266,8 @@ impl Drop for TwoHosts {
 #[test]
 fn launchers_two_hosts_train_what_one_host_trains() {
     let _alone = one_job();
-    let hosts = match TwoHosts::up() {
-        Ok(hosts) => hosts,
-        Err(why) => {
-            println!("skipped: launchers_two_hosts_train_what_one_host_trains: no network namespaces here: {why}");
-            return;
-        }
+    let Some(hosts) = TwoHosts::up_or_skip("launchers_two_hosts_train_what_one_host_trains") else {
+        return;
     };
     let bin = job_bin();
     let one_dir = tempfile::tempdir().unwrap();
@@ -300,12 +315,8 @@ fn launchers_two_hosts_train_what_one_host_trains() {
 #[test]
 fn launchers_lost_host_is_named_and_the_checkpoint_is_complete() {
     let _alone = one_job();
-    let hosts = match TwoHosts::up() {
-        Ok(hosts) => hosts,
-        Err(why) => {
-            println!("skipped: launchers_lost_host_is_named_and_the_checkpoint_is_complete: no network namespaces here: {why}");
-            return;
-        }
+    let Some(hosts) = TwoHosts::up_or_skip("launchers_lost_host_is_named_and_the_checkpoint_is_complete") else {
+        return;
     };
     let trials: u64 = std::env::var("BALLAST_LOST_HOST_TRIALS")
         .ok()
@@ -314,46 +325,14 @@ fn launchers_lost_host_is_named_and_the_checkpoint_is_complete() {
     let limit = std::time::Duration::from_secs(30);
     for trial in 0..trials {
         let dir = tempfile::tempdir().unwrap();
-        let mut cmd = hosts.mpirun(
-            &job_bin(),
-            &[
-                "--initial-plan",
-                "equal",
-                "--no-rebalance",
-                "--micro-batch",
-                "largest",
-                "--steps",
-                "100000",
-                "--checkpoint-dir",
-                "cp",
-                "--checkpoint-every",
-                "5",
-            ],
+        let child = spawn_in(
+            &mut hosts.mpirun(&job_bin(), &checkpointing_job("100000", &[])),
+            dir.path(),
         );
-        let child = cmd
-            .current_dir(dir.path())
-            .env("BALLAST_TIMEOUT_SECS", "5")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
         let cp = dir.path().join("cp");
-        let started = std::time::Instant::now();
-        while std::fs::read_dir(&cp).map_or(true, |mut d| d.next().is_none()) {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(120),
-                "no checkpoint was written"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        wait_for_a_checkpoint(&cp);
         std::thread::sleep(std::time::Duration::from_millis(300 * (trial * 7 % 10)));
-        let victims = hosts.pids("b");
-        assert!(!victims.is_empty(), "host-b runs nothing");
-        // All at once, as a host that dies takes its processes with it.
-        let _ = Command::new("kill")
-            .arg("-9")
-            .args(victims.iter().map(u32::to_string))
-            .status();
+        let victims = hosts.kill("b");
         let killed = std::time::Instant::now();
         let out = wait_with_deadline(child, limit);
         let secs = killed.elapsed().as_secs_f64();
@@ -387,57 +366,19 @@ fn launchers_lost_host_is_named_and_the_checkpoint_is_complete() {
 #[test]
 fn launchers_lost_host_restarts_on_the_other_host() {
     let _alone = one_job();
-    let hosts = match TwoHosts::up() {
-        Ok(hosts) => hosts,
-        Err(why) => {
-            println!("skipped: launchers_lost_host_restarts_on_the_other_host: no network namespaces here: {why}");
-            return;
-        }
+    let Some(hosts) = TwoHosts::up_or_skip("launchers_lost_host_restarts_on_the_other_host") else {
+        return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let job = hosts.mpirun(
-        &job_bin(),
-        &[
-            "--initial-plan",
-            "equal",
-            "--no-rebalance",
-            "--micro-batch",
-            "largest",
-            "--steps",
-            "40",
-            "--checkpoint-dir",
-            "cp",
-            "--checkpoint-every",
-            "5",
-            "--log-every",
-            "1",
-        ],
-    );
-    let child = Command::new(ballast_tests::bin("ballast"))
+    let job = hosts.mpirun(&job_bin(), &checkpointing_job("40", &["--log-every", "1"]));
+    let mut supervised = Command::new(ballast_tests::bin("ballast"));
+    supervised
         .args(["launch", "--max-restarts", "1", "--min-ranks", "2", "--"])
         .arg(job.get_program())
-        .args(job.get_args())
-        .current_dir(dir.path())
-        .env("BALLAST_TIMEOUT_SECS", "5")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let cp = dir.path().join("cp");
-    let started = std::time::Instant::now();
-    while std::fs::read_dir(&cp).map_or(true, |mut d| d.next().is_none()) {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(120),
-            "no checkpoint was written"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let victims = hosts.pids("b");
-    assert!(!victims.is_empty(), "host-b runs nothing");
-    let _ = Command::new("kill")
-        .arg("-9")
-        .args(victims.iter().map(u32::to_string))
-        .status();
+        .args(job.get_args());
+    let child = spawn_in(&mut supervised, dir.path());
+    wait_for_a_checkpoint(&dir.path().join("cp"));
+    hosts.kill("b");
     let out = wait_with_deadline(child, std::time::Duration::from_secs(300));
     let all = text(&out);
     println!("lost host under ballast launch: exit {:?}", out.status.code());
@@ -457,6 +398,48 @@ fn launchers_lost_host_restarts_on_the_other_host() {
         .lines()
         .find(|l| l.starts_with("trained steps") && l.contains("..40 on 2 ranks"));
     assert!(finished.is_some(), "{all}");
+}
+
+/// The ResNet job on the fixed plan for `steps` steps, a checkpoint every 5 into `cp`, then
+/// `more` arguments.
+fn checkpointing_job<'a>(steps: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--initial-plan",
+        "equal",
+        "--no-rebalance",
+        "--micro-batch",
+        "largest",
+        "--steps",
+        steps,
+        "--checkpoint-dir",
+        "cp",
+        "--checkpoint-every",
+        "5",
+    ];
+    args.extend_from_slice(more);
+    args
+}
+
+/// Starts `cmd` in `dir` with a 5 s collective deadline, its output captured.
+fn spawn_in(cmd: &mut Command, dir: &Path) -> std::process::Child {
+    cmd.current_dir(dir)
+        .env("BALLAST_TIMEOUT_SECS", "5")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the job has written a checkpoint into `cp` (at most 120 s).
+fn wait_for_a_checkpoint(cp: &Path) {
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(cp).map_or(true, |mut d| d.next().is_none()) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "no checkpoint was written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// Waits for `child` at most `limit`, killing it past that; returns what it printed.
