@@ -586,20 +586,21 @@ fn threads_words(dir: &Path) -> Vec<String> {
     words
 }
 
+/// The job on 3 rank threads with `fault` injected (`BALLAST_TESTKIT_FAULT`) and a collective
+/// deadline of `timeout_secs`: its exit code and output.
+fn threads_job_with_fault(fault: &str, timeout_secs: &str) -> (i32, String) {
+    let _one = one_job();
+    let dir = tempfile::tempdir().unwrap();
+    let envs = [("BALLAST_TESTKIT_FAULT", fault), ("BALLAST_TIMEOUT_SECS", timeout_secs)];
+    Supervised::spawn(&bin("resnet"), &threads_words(dir.path()), dir.path(), &envs).finish()
+}
+
 /// A rank thread that panics ends the job at once with the lost-rank exit code, naming the
 /// rank, although the collectives' deadline is ten minutes (a timeout would take that long).
 #[test]
 fn a_panicking_rank_thread_ends_the_job_as_a_lost_rank() {
-    let _one = one_job();
-    let dir = tempfile::tempdir().unwrap();
-    let fault = [("BALLAST_TESTKIT_FAULT", "panic:2:7"), ("BALLAST_TIMEOUT_SECS", "600")];
-    let run = Supervised::spawn(&bin("resnet"), &threads_words(dir.path()), dir.path(), &fault);
-    let started = run.started;
-    let (code, all) = run.finish();
-    println!(
-        "threads, rank 2 panics before step 7: exit {code} after {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
+    let (code, all) = threads_job_with_fault("panic:2:7", "600");
+    println!("threads, rank 2 panics before step 7: exit {code}");
     assert_eq!(code, 75, "{all}");
     assert!(
         all.contains("rank 2's thread panicked: rank 2: the fault injected before step 7"),
@@ -613,11 +614,7 @@ fn a_panicking_rank_thread_ends_the_job_as_a_lost_rank() {
 /// thread forever.
 #[test]
 fn a_stuck_rank_thread_ends_the_job_after_the_deadline() {
-    let _one = one_job();
-    let dir = tempfile::tempdir().unwrap();
-    let fault = [("BALLAST_TESTKIT_FAULT", "hang:1:7"), ("BALLAST_TIMEOUT_SECS", "3")];
-    let run = Supervised::spawn(&bin("resnet"), &threads_words(dir.path()), dir.path(), &fault);
-    let (code, all) = run.finish();
+    let (code, all) = threads_job_with_fault("hang:1:7", "3");
     assert_eq!(code, 75, "{all}");
     assert!(all.contains("rank(s) [1] never arrived"), "{all}");
     assert!(

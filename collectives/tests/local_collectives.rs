@@ -129,7 +129,6 @@ fn shard_counts_that_do_not_fit_are_clear_errors() {
 fn a_panicking_rank_is_named_at_once_under_a_raised_deadline() {
     use ballast_collectives::{Communicator, Error};
     let long = std::time::Duration::from_secs(600);
-    let started = std::time::Instant::now();
     let results = local::run_watched(
         3,
         CommOptions::default(),
@@ -144,8 +143,7 @@ fn a_panicking_rank_is_named_at_once_under_a_raised_deadline() {
             comm.barrier()
         },
     );
-    // A timeout would have taken ten minutes; the departure is seen as soon as it happens.
-    assert!(started.elapsed() < long / 2, "waited {:?}", started.elapsed());
+    // The ranks are named as having left (a timeout would be `Error::Timeout`, ten minutes on).
     for (rank, result) in results.iter().enumerate().take(2) {
         match result {
             Ok(Err(Error::RankLeft { left, how, .. })) => {
@@ -194,19 +192,20 @@ fn a_rank_that_returns_early_is_named() {
 
 /// A rank stuck outside the collectives: the others time out naming it, and `grace` later the
 /// watcher hands the stuck rank and the others' results over (here it panics; a job ends the
-/// process) instead of waiting for a thread that does not end.
+/// process) instead of waiting for a thread that does not end. Rank 1 blocks until the
+/// hand-over releases it, so the hand-over cannot wait for it.
 #[test]
 fn a_stuck_rank_is_handed_over_after_the_grace() {
     use ballast_collectives::Communicator;
     use std::{
-        sync::Mutex,
-        time::{Duration, Instant},
+        sync::{mpsc, Mutex},
+        time::Duration,
     };
-    // The stuck ranks, the others' errors, and when they were handed over.
-    type Handover = (Vec<usize>, Vec<String>, Duration);
+    // The stuck ranks and the others' errors.
+    type Handover = (Vec<usize>, Vec<String>);
     let seen: Mutex<Option<Handover>> = Mutex::new(None);
-    let stuck_for = Duration::from_secs(8);
-    let started = Instant::now();
+    let (release, stuck_until) = mpsc::channel::<()>();
+    let stuck_until = Mutex::new(stuck_until);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         local::run_watched(
             3,
@@ -221,12 +220,13 @@ fn a_stuck_rank_is_handed_over_after_the_grace() {
                         _ => format!("{rank}: no error"),
                     })
                     .collect();
-                *seen.lock().unwrap() = Some((stuck.ranks, errors, started.elapsed()));
+                *seen.lock().unwrap() = Some((stuck.ranks, errors));
+                release.send(()).unwrap();
                 panic!("handed over")
             },
             |mut comm| {
                 if comm.rank() == 1 {
-                    std::thread::sleep(stuck_for);
+                    let _ = stuck_until.lock().unwrap().recv();
                     return Ok(());
                 }
                 comm.barrier()
@@ -234,14 +234,11 @@ fn a_stuck_rank_is_handed_over_after_the_grace() {
         )
     }));
     assert!(outcome.is_err(), "the watcher must hand the stuck rank over");
-    let (ranks, errors, handed_at) = seen.lock().unwrap().take().expect("the stuck ranks were handed over");
+    let (ranks, errors) = seen.lock().unwrap().take().expect("the stuck ranks were handed over");
     assert_eq!(ranks, vec![1]);
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert!(
         errors.iter().all(|e| e.contains("rank(s) [1] never arrived")),
         "{errors:?}"
     );
-    // The hand-over came while rank 1 still slept (the scope joined it only afterwards, as
-    // the test's panic unwound).
-    assert!(handed_at < stuck_for, "handed over after {handed_at:?}");
 }

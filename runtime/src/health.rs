@@ -302,11 +302,7 @@ pub fn canary_in(device: &Device, dtype: DType) -> Result<(), Error> {
         Ok(Ok(values)) => values,
         Ok(Err(e)) => return Err(fail(e)),
         Err(payload) => {
-            let text = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_string()))
-                .unwrap_or_else(|| "a panic without a message".into());
+            let text = panic_message(payload.as_ref());
             return Err(fail(with_reports(format!("the backend panicked: {text}"), seen)));
         }
     };
@@ -381,6 +377,16 @@ fn likely_cause(device: &Device, reason: &str) -> String {
     } else {
         "the CPU backend computed a wrong result, which points at a miscompiled binary or a memory fault".into()
     }
+}
+
+/// The text a panic carried (`panic!` with a literal or a formatted message), or a placeholder
+/// for a payload of another type.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 #[cfg(test)]

@@ -10,13 +10,11 @@ pub(super) fn contain_device_oom<T>(run: impl FnOnce() -> T) -> Result<T, String
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
         Ok(done) => Ok(done),
         Err(payload) => {
-            let text = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_string()));
-            match text {
-                Some(text) if names_out_of_memory(&text) => Err(first_line(&text)),
-                _ => std::panic::resume_unwind(payload),
+            let text = crate::health::panic_message(payload.as_ref());
+            if names_out_of_memory(&text) {
+                Err(first_line(&text))
+            } else {
+                std::panic::resume_unwind(payload)
             }
         }
     }

@@ -191,21 +191,18 @@ fn first_summary_and_cause(
     let mut summary = None;
     let mut errors = Vec::new();
     for (rank, r) in results {
-        match r.unwrap_or_else(|panic| Err(panicked(rank, panic.as_ref()))) {
+        let r = r.unwrap_or_else(|panic| {
+            Err(Error::RankPanicked {
+                rank,
+                message: crate::health::panic_message(panic.as_ref()),
+            })
+        });
+        match r {
             Ok(s) => summary = summary.or(Some(s)),
             Err(e) => errors.push(e),
         }
     }
     (summary, errors.into_iter().min_by_key(Error::is_consequence))
-}
-
-fn panicked(rank: usize, panic: &(dyn std::any::Any + Send)) -> Error {
-    let message = panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
-        .unwrap_or_else(|| "a panic without a message".into());
-    Error::RankPanicked { rank, message }
 }
 
 /// Ends the process when ranks as threads are stuck after the job failed: prints the others'
